@@ -1,0 +1,40 @@
+"""Every failure a user can cause has its own exception class.
+
+All of them derive from :class:`ZooError`, so callers can catch one type::
+
+    try:
+        model, path = AutoModel.from_pretrained("acme/typo", mesh)
+    except tunix_zoo.errors.ZooError as e:
+        print(e)
+"""
+
+
+class ZooError(Exception):
+    """Base class of every error tunix_zoo raises on purpose."""
+
+
+class ModelNameError(ZooError, ValueError):
+    """A model id or name is malformed, or explicit naming fields disagree."""
+
+
+class UnknownModelError(ZooError, KeyError):
+    """A family, config id or HF ``model_type`` is not registered."""
+
+    def __str__(self) -> str:  # KeyError would quote the message.
+        return str(self.args[0]) if self.args else ""
+
+
+class ConfigMismatchError(ZooError, ValueError):
+    """A checkpoint's config.json disagrees with the preset the caller named."""
+
+
+class CheckpointError(ZooError):
+    """A checkpoint folder or file is missing, corrupt, or does not fit the model."""
+
+
+class SourceError(ZooError):
+    """A model source (HF Hub, Kaggle, GCS, local folder) cannot provide the files."""
+
+
+class ShardingError(ZooError, ValueError):
+    """A mesh or sharding rule table cannot hold the model."""

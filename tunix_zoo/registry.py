@@ -1,0 +1,196 @@
+"""Families and config presets, registered by decorators.
+
+A family is one model architecture (one ``tunix_zoo/models/<category>`` package);
+a preset is a factory returning that family's config for one published size::
+
+    @register_family(names=("qwen3",), model_types=("qwen3",),
+                     architectures=("Qwen3ForCausalLM",), config_class=Qwen3Config,
+                     param_table=QWEN3_PARAMS)
+    class Qwen3ForCausalLM(DecoderLM): ...
+
+    @register_config("qwen3_0p6b")
+    def qwen3_0p6b() -> Qwen3Config: ...
+
+Third-party packages register the same way; to be found without an explicit import
+they name a module in the entry-point group ``tunix_zoo.families``.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import difflib
+import importlib
+import importlib.metadata
+import logging
+import threading
+from typing import Any, Callable, TypeVar
+
+from tunix_zoo.errors import UnknownModelError
+
+ENTRY_POINT_GROUP = "tunix_zoo.families"
+# Suffixes of instruction-tuned, base or dated variants that share the architecture
+# of the size they follow ("gemma2_2b_it" is "gemma2_2b").
+VARIANT_SUFFIXES = ("_it", "_instruct", "_base", "_chat", "_thinking", "_2507", "_pt")
+
+log = logging.getLogger(__name__)
+T = TypeVar("T")
+
+
+@dataclasses.dataclass(frozen=True)
+class FamilySpec:
+  """Everything the library knows about one registered architecture."""
+
+  category: str
+  names: tuple[str, ...]
+  model_types: tuple[str, ...]
+  architectures: tuple[str, ...]
+  config_class: type
+  model_class: type
+  param_table: Any
+
+
+_families: dict[str, FamilySpec] = {}
+_configs: dict[str, tuple[str, Callable[[], Any]]] = {}
+_loaded = False
+_load_lock = threading.RLock()
+
+
+def register_family(
+    *,
+    names: tuple[str, ...],
+    model_types: tuple[str, ...],
+    architectures: tuple[str, ...],
+    config_class: type,
+    param_table: Any,
+    category: str | None = None,
+) -> Callable[[type[T]], type[T]]:
+  """Class decorator registering a model class as a family.
+
+  ``names`` are the naming families (``("llama3", "llama3p1", "llama3p2")``);
+  ``category`` (default: the first name) is the package holding the config.
+  """
+
+  def decorate(model_class: type[T]) -> type[T]:
+    spec = FamilySpec(
+        category=category or names[0],
+        names=tuple(names),
+        model_types=tuple(model_types),
+        architectures=tuple(architectures),
+        config_class=config_class,
+        model_class=model_class,
+        param_table=param_table,
+    )
+    _families[spec.category] = spec
+    return model_class
+
+  return decorate
+
+
+def register_config(config_id: str, *, family: str | None = None) -> Callable[[T], T]:
+  """Decorator registering a zero-argument factory as the preset ``config_id``.
+
+  The family defaults to the longest registered family name that prefixes the id.
+  """
+
+  def decorate(factory: T) -> T:
+    _configs[config_id] = (family or "", factory)
+    return factory
+
+  return decorate
+
+
+def ensure_loaded() -> None:
+  """Imports the built-in families and the entry-point plug-ins, once."""
+  global _loaded
+  with _load_lock:
+    if _loaded:
+      return
+    _loaded = True
+    importlib.import_module("tunix_zoo.models")
+    for entry_point in importlib.metadata.entry_points(group=ENTRY_POINT_GROUP):
+      try:
+        entry_point.load()
+      except Exception as e:  # A broken plug-in must not break the built-ins.
+        log.warning("tunix_zoo plug-in %r failed to load: %s", entry_point.name, e)
+
+
+def families() -> dict[str, FamilySpec]:
+  """All registered families keyed by config category."""
+  ensure_loaded()
+  return dict(_families)
+
+
+def family_names() -> dict[str, str]:
+  """Maps every naming family (``llama3p1``) to its config category (``llama3``)."""
+  return {name: spec.category for spec in families().values() for name in spec.names}
+
+
+def get_family(name: str) -> FamilySpec:
+  """The family registered under a category or naming family name."""
+  by_name = family_names()
+  if name not in by_name:
+    raise UnknownModelError(_unknown("model family", name, by_name))
+  return _families[by_name[name]]
+
+
+def family_for_hf_config(hf_config: dict[str, Any]) -> FamilySpec:
+  """The family that reads a checkpoint's config.json (by model_type, then architectures)."""
+  specs = families().values()
+  model_type = hf_config.get("model_type")
+  for spec in specs:
+    if model_type in spec.model_types:
+      return spec
+  for arch in hf_config.get("architectures") or ():
+    for spec in specs:
+      if arch in spec.architectures:
+        return spec
+  known = sorted(t for spec in specs for t in spec.model_types)
+  raise UnknownModelError(
+      _unknown("HF model_type", str(model_type), known)
+      + " Only registered architectures load; no remote code is ever run."
+  )
+
+
+def config_ids() -> list[str]:
+  """Every registered preset id, sorted."""
+  ensure_loaded()
+  return sorted(_configs)
+
+
+def resolve_config_id(config_id: str) -> str:
+  """The registered id serving ``config_id``: itself, or it without variant suffixes."""
+  ensure_loaded()
+  candidate = config_id
+  while candidate not in _configs:
+    stripped = next(
+        (candidate[: -len(s)] for s in VARIANT_SUFFIXES if candidate.endswith(s)), None
+    )
+    if stripped is None:
+      raise UnknownModelError(_unknown("config id", config_id, _configs))
+    candidate = stripped
+  return candidate
+
+
+def get_config(config_id: str) -> Any:
+  """A fresh config for a preset id (variants resolve to their architecture's preset)."""
+  return _configs[resolve_config_id(config_id)][1]()
+
+
+def family_of_config(config_id: str) -> FamilySpec:
+  """The family a preset id belongs to."""
+  resolved = resolve_config_id(config_id)
+  explicit = _configs[resolved][0]
+  if explicit:
+    return get_family(explicit)
+  names = family_names()
+  for name in sorted(names, key=len, reverse=True):
+    if resolved.startswith(name + "_"):
+      return _families[names[name]]
+  raise UnknownModelError(f"Config id {config_id!r} belongs to no registered family.")
+
+
+def _unknown(what: str, value: str, known: Any) -> str:
+  known = sorted(known)
+  close = difflib.get_close_matches(value, known, n=1, cutoff=0.5)
+  hint = f" Did you mean {close[0]!r}?" if close else ""
+  return f"Unknown {what} {value!r}.{hint} Known: {', '.join(known)}."
