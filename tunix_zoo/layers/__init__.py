@@ -1,0 +1,1 @@
+"""Shared NNX building blocks: every family is assembled from these."""

@@ -1,0 +1,142 @@
+"""Multi-head attention with GQA, optional q/k/v bias, QK-norm, sliding window,
+logit soft-capping and a KV cache.
+
+The cache of one layer is ``{"k": [B, S, K, H], "v": [B, S, K, H]}``; new keys and
+values are written at the model-wide cache index. Masks are built once per forward
+by the decoder (see :func:`attention_masks`) and shared by all layers.
+
+Example::
+
+    attn = Attention(config, layer=0, rngs=nnx.Rngs(0))
+    out, layer_cache = attn(x, positions, mask, layer_cache=None, cache_index=0)
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+import jax
+import jax.numpy as jnp
+from flax import nnx
+from jax.sharding import Mesh
+
+from tunix_zoo import sharding
+from tunix_zoo.config import DecoderConfig
+from tunix_zoo.layers.basic import Linear, RMSNorm
+from tunix_zoo.layers.rope import apply_rope, inverse_frequencies
+
+LayerCache = dict[str, jax.Array]
+
+
+def attention_masks(
+    query_slots: jax.Array,
+    key_valid: jax.Array,
+    windows: set[int | None],
+    full_mask: jax.Array | None = None,
+) -> dict[int | None, jax.Array]:
+  """Boolean ``[B, T, S]`` masks, one per sliding window size (``None`` = full).
+
+  ``query_slots`` ``[T]`` are the cache slots the queries are written to; key slot
+  ``s`` is visible when it is valid (not padding), not in the future and, for a
+  window ``w``, within ``w`` slots of the query — as transformers counts it.
+  ``full_mask`` (Tunix's ``[B, T, S]`` convention) replaces causal + padding.
+  """
+  key_slots = jnp.arange(key_valid.shape[1])
+  distance = query_slots[:, None] - key_slots[None, :]  # [T, S]
+  if full_mask is None:
+    base = (distance >= 0)[None] & key_valid[:, None, :].astype(bool)
+  else:
+    base = full_mask.astype(bool)
+  return {w: base if w is None else base & (distance < w)[None] for w in windows}
+
+
+def dot_product_attention(
+    q: jax.Array,
+    k: jax.Array,
+    v: jax.Array,
+    mask: jax.Array,
+    scale: float,
+    softcap: float | None = None,
+) -> jax.Array:
+  """Attention of ``q`` ``[B, T, N, H]`` over ``k, v`` ``[B, S, K, H]`` (``N % K == 0``).
+
+  Without soft-capping this is ``jax.nn.dot_product_attention`` (cuDNN flash
+  attention on GPU); soft-capping needs the logits, so it takes a plain XLA path.
+  """
+  if softcap is None:
+    return jax.nn.dot_product_attention(q, k, v, mask=mask[:, None], scale=scale)
+  b, t, n, h = q.shape
+  groups = n // k.shape[2]
+  q = q.reshape(b, t, k.shape[2], groups, h)
+  logits = jnp.einsum("btkgh,bskh->bkgts", q, k).astype(jnp.float32) * scale
+  logits = jnp.tanh(logits / softcap) * softcap
+  logits = jnp.where(mask[:, None, None], logits, jnp.finfo(jnp.float32).min)
+  probs = jax.nn.softmax(logits, axis=-1).astype(v.dtype)
+  return jnp.einsum("bkgts,bskh->btkgh", probs, v).reshape(b, t, n, h)
+
+
+class Attention(nnx.Module):
+  """Self-attention of one decoder layer, configured by the shared DecoderConfig."""
+
+  def __init__(
+      self,
+      config: DecoderConfig,
+      layer: int,
+      *,
+      rngs: nnx.Rngs,
+      dtype: Any = jnp.float32,
+      param_dtype: Any = jnp.float32,
+      mesh: Mesh | None = None,
+      sharding_rules: sharding.Rules | None = None,
+  ):
+    c = config
+    self.num_heads, self.num_kv_heads, self.head_dim = c.num_heads, c.num_kv_heads, c.head_dim
+    self.scale = c.attention_scale
+    self.softcap = c.attn_logit_softcap
+    self.window = c.layer_window(layer)
+    self.rope = c.layer_rope(layer)
+    self.mesh, self.sharding_rules = mesh, sharding_rules
+    kw = dict(rngs=rngs, dtype=dtype, param_dtype=param_dtype)
+    q_dim, kv_dim = c.num_heads * c.head_dim, c.num_kv_heads * c.head_dim
+    self.q_proj = Linear(c.hidden_size, q_dim, ("heads", "embed"), use_bias=c.attention_bias, **kw)
+    self.k_proj = Linear(
+        c.hidden_size, kv_dim, ("kv_heads", "embed"), use_bias=c.attention_bias, **kw
+    )
+    self.v_proj = Linear(
+        c.hidden_size, kv_dim, ("kv_heads", "embed"), use_bias=c.attention_bias, **kw
+    )
+    self.o_proj = Linear(q_dim, c.hidden_size, ("embed", "heads"), **kw)
+    norm_kw = dict(eps=c.norm_eps, offset=c.norm_offset, dtype=dtype, param_dtype=param_dtype)
+    self.q_norm = RMSNorm(c.head_dim, **norm_kw) if c.qk_norm else None
+    self.k_norm = RMSNorm(c.head_dim, **norm_kw) if c.qk_norm else None
+
+  def _heads(self, x: jax.Array, num: int, logical: str) -> jax.Array:
+    x = x.reshape(*x.shape[:2], num, self.head_dim)
+    return sharding.constrain(
+        x, ("batch", None, logical, None), self.mesh, self.sharding_rules, {logical: num}
+    )
+
+  def __call__(
+      self,
+      x: jax.Array,
+      positions: jax.Array,
+      masks: dict[int | None, jax.Array],
+      layer_cache: LayerCache | None,
+      cache_index: jax.Array | int,
+  ) -> tuple[jax.Array, LayerCache | None]:
+    q = self._heads(self.q_proj(x), self.num_heads, "heads")
+    k = self._heads(self.k_proj(x), self.num_kv_heads, "kv_heads")
+    v = self._heads(self.v_proj(x), self.num_kv_heads, "kv_heads")
+    if self.q_norm is not None:
+      q, k = self.q_norm(q), self.k_norm(k)
+    inv_freq = inverse_frequencies(self.rope, self.head_dim)
+    q, k = apply_rope(q, positions, inv_freq), apply_rope(k, positions, inv_freq)
+    if layer_cache is not None:
+      start = (0, cache_index, 0, 0)
+      layer_cache = {
+          "k": jax.lax.dynamic_update_slice(layer_cache["k"], k.astype(layer_cache["k"].dtype), start),
+          "v": jax.lax.dynamic_update_slice(layer_cache["v"], v.astype(layer_cache["v"].dtype), start),
+      }
+      k, v = layer_cache["k"].astype(q.dtype), layer_cache["v"].astype(q.dtype)
+    out = dot_product_attention(q, k, v, masks[self.window], self.scale, self.softcap)
+    return self.o_proj(out.reshape(*out.shape[:2], -1)), layer_cache

@@ -1,0 +1,111 @@
+"""Linear, embedding and RMSNorm layers that keep the checkpoint's parameter layout.
+
+Weights are stored as checkpoints store them (a linear weight is ``[out, in]``) so
+loading and export are slice copies; each parameter carries ``logical_axes`` that
+:mod:`tunix_zoo.sharding` maps onto the mesh.
+
+Example::
+
+    proj = Linear(1024, 2048, ("mlp", "embed"), rngs=nnx.Rngs(0))
+    y = proj(x)  # x: [..., 1024] -> [..., 2048]
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+import jax
+import jax.numpy as jnp
+from flax import nnx
+
+INIT_STDDEV = 0.02
+
+
+def _normal(rngs: nnx.Rngs, shape: tuple[int, ...], dtype: Any) -> jax.Array:
+  return (INIT_STDDEV * jax.random.normal(rngs.params(), shape)).astype(dtype)
+
+
+class Linear(nnx.Module):
+  """``y = x @ weight.T (+ bias)`` with ``weight`` laid out ``[out, in]`` as in HF."""
+
+  def __init__(
+      self,
+      in_features: int,
+      out_features: int,
+      logical_axes: tuple[str | None, str | None],
+      *,
+      use_bias: bool = False,
+      rngs: nnx.Rngs,
+      dtype: Any = jnp.float32,
+      param_dtype: Any = jnp.float32,
+  ):
+    self.dtype = dtype
+    self.weight = nnx.Param(
+        _normal(rngs, (out_features, in_features), param_dtype), logical_axes=logical_axes
+    )
+    self.bias = (
+        nnx.Param(jnp.zeros((out_features,), param_dtype), logical_axes=logical_axes[:1])
+        if use_bias
+        else None
+    )
+
+  def __call__(self, x: jax.Array) -> jax.Array:
+    y = jnp.einsum("...i,oi->...o", x.astype(self.dtype), self.weight[...].astype(self.dtype))
+    if self.bias is not None:
+      y = y + self.bias[...].astype(self.dtype)
+    return y
+
+
+class Embedding(nnx.Module):
+  """Token embedding ``[vocab, hidden]``; ``attend`` reuses it as a tied LM head."""
+
+  def __init__(
+      self,
+      vocab_size: int,
+      hidden_size: int,
+      *,
+      rngs: nnx.Rngs,
+      dtype: Any = jnp.float32,
+      param_dtype: Any = jnp.float32,
+  ):
+    self.dtype = dtype
+    self.weight = nnx.Param(
+        _normal(rngs, (vocab_size, hidden_size), param_dtype), logical_axes=("vocab", "embed")
+    )
+
+  def __call__(self, tokens: jax.Array) -> jax.Array:
+    return jnp.take(self.weight[...], tokens, axis=0).astype(self.dtype)
+
+  def attend(self, x: jax.Array) -> jax.Array:
+    return jnp.einsum("...e,ve->...v", x.astype(self.dtype), self.weight[...].astype(self.dtype))
+
+
+class RMSNorm(nnx.Module):
+  """RMS normalisation computed in float32; ``offset=1`` gives Gemma's ``(1 + w)`` scale.
+
+  With ``offset`` the weight starts at 0, as Gemma checkpoints store it.
+  """
+
+  def __init__(
+      self,
+      dim: int,
+      *,
+      eps: float = 1e-6,
+      offset: float = 0.0,
+      dtype: Any = jnp.float32,
+      param_dtype: Any = jnp.float32,
+  ):
+    self.eps = eps
+    self.offset = offset
+    self.dtype = dtype
+    init = jnp.zeros if offset else jnp.ones
+    self.weight = nnx.Param(init((dim,), param_dtype), logical_axes=("norm",))
+
+  def __call__(self, x: jax.Array) -> jax.Array:
+    x32 = x.astype(jnp.float32)
+    normed = x32 * jax.lax.rsqrt(jnp.mean(jnp.square(x32), axis=-1, keepdims=True) + self.eps)
+    if self.offset:
+      # Gemma scales in float32 before casting back.
+      return (normed * (self.offset + self.weight[...].astype(jnp.float32))).astype(self.dtype)
+    # Llama casts back first, then scales in the compute dtype.
+    return self.weight[...].astype(self.dtype) * normed.astype(self.dtype)

@@ -1,0 +1,228 @@
+"""The decoder-only language model every family is built from.
+
+Call convention (the one Tunix models use, so RL code can call ours)::
+
+    logits, cache = model(tokens)                       # plain causal forward
+    cache = model.init_cache(batch_size=2, max_len=64)
+    logits, cache = model(prompt, cache=cache, attention_mask=prompt_mask)
+    logits, cache = model(next_token, cache=cache)      # one step of decoding
+
+``attention_mask`` is a ``[B, T]`` padding mask (1 = real token) or a full boolean
+``[B, T, S]`` mask; ``positions`` default to the count of real tokens before each one.
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+import jax
+import jax.numpy as jnp
+from flax import nnx
+from jax.sharding import Mesh, NamedSharding, PartitionSpec
+
+from tunix_zoo import sharding
+from tunix_zoo.config import DecoderConfig
+from tunix_zoo.layers.attention import Attention, LayerCache, attention_masks
+from tunix_zoo.layers.basic import Embedding, Linear, RMSNorm
+from tunix_zoo.layers.mlp import GatedMLP
+
+Cache = dict[str, Any]
+
+
+class DecoderLayer(nnx.Module):
+  """Pre-norm attention + MLP; Gemma 2/3 add norms after each ("sandwich")."""
+
+  def __init__(
+      self,
+      config: DecoderConfig,
+      layer: int,
+      *,
+      rngs: nnx.Rngs,
+      dtype: Any = jnp.float32,
+      param_dtype: Any = jnp.float32,
+      mesh: Mesh | None = None,
+      sharding_rules: sharding.Rules | None = None,
+  ):
+    c = config
+    norm = lambda: RMSNorm(  # noqa: E731
+        c.hidden_size, eps=c.norm_eps, offset=c.norm_offset, dtype=dtype, param_dtype=param_dtype
+    )
+    self.pre_attn_norm = norm()
+    self.attn = Attention(
+        c, layer, rngs=rngs, dtype=dtype, param_dtype=param_dtype, mesh=mesh,
+        sharding_rules=sharding_rules,
+    )
+    self.post_attn_norm = norm() if c.sandwich_norms else None
+    self.pre_mlp_norm = norm()
+    self.mlp = self.make_mlp(config, layer, rngs=rngs, dtype=dtype, param_dtype=param_dtype)
+    self.post_mlp_norm = norm() if c.sandwich_norms else None
+
+  def make_mlp(self, config: DecoderConfig, layer: int, **kw: Any) -> nnx.Module:
+    """The feed-forward block of ``layer``; mixture-of-experts families override it."""
+    return GatedMLP(config.hidden_size, config.intermediate_size, config.hidden_act, **kw)
+
+  def __call__(
+      self,
+      x: jax.Array,
+      positions: jax.Array,
+      masks: dict[int | None, jax.Array],
+      layer_cache: LayerCache | None,
+      cache_index: jax.Array | int,
+  ) -> tuple[jax.Array, LayerCache | None]:
+    h, layer_cache = self.attn(self.pre_attn_norm(x), positions, masks, layer_cache, cache_index)
+    if self.post_attn_norm is not None:
+      h = self.post_attn_norm(h)
+    x = x + h
+    h = self.mlp(self.pre_mlp_norm(x))
+    if self.post_mlp_norm is not None:
+      h = self.post_mlp_norm(h)
+    return x + h, layer_cache
+
+
+class DecoderLM(nnx.Module):
+  """Embedding, decoder layers, final norm and LM head (tied or not).
+
+  Families subclass it and change only what differs (see ``tunix_zoo/models``).
+  """
+
+  layer_class: type[DecoderLayer] = DecoderLayer
+
+  def __init__(
+      self,
+      config: DecoderConfig,
+      *,
+      rngs: nnx.Rngs,
+      dtype: Any = jnp.float32,
+      param_dtype: Any = jnp.float32,
+      mesh: Mesh | None = None,
+      sharding_rules: sharding.Rules | None = None,
+  ):
+    c = config
+    self.config = config
+    self.dtype = dtype
+    self.mesh = mesh
+    self.sharding_rules = dict(sharding_rules) if sharding_rules is not None else None
+    kw = dict(rngs=rngs, dtype=dtype, param_dtype=param_dtype)
+    self.embed_tokens = Embedding(c.vocab_size, c.hidden_size, **kw)
+    self.layers = nnx.List([
+        self.layer_class(c, i, **kw, mesh=mesh, sharding_rules=self.sharding_rules)
+        for i in range(c.num_layers)
+    ])
+    self.final_norm = RMSNorm(
+        c.hidden_size, eps=c.norm_eps, offset=c.norm_offset, dtype=dtype, param_dtype=param_dtype
+    )
+    self.lm_head = (
+        None if c.tie_word_embeddings
+        else Linear(c.hidden_size, c.vocab_size, ("vocab", "embed"), **kw)
+    )
+
+  # -- sharding of activations and cache ---------------------------------------------
+  def _spec(self, logical: tuple[str | None, ...], shape: tuple[int, ...]) -> PartitionSpec:
+    counts = {"kv_heads": self.config.num_kv_heads}
+    return sharding.partition_spec(logical, shape, self.mesh, self.sharding_rules, counts)
+
+  def _cache_specs(self, batch: int, max_len: int) -> Cache:
+    kv = self._spec(
+        ("batch", None, "kv_heads", None),
+        (batch, max_len, self.config.num_kv_heads, self.config.head_dim),
+    )
+    return {
+        "layers": [{"k": kv, "v": kv} for _ in range(self.config.num_layers)],
+        "valid": self._spec(("batch", None), (batch, max_len)),
+        "index": PartitionSpec(),
+    }
+
+  def init_cache(self, batch_size: int, max_len: int, dtype: Any = None) -> Cache:
+    """An empty KV cache for ``batch_size`` rows of up to ``max_len`` tokens."""
+    c = self.config
+    dtype = dtype or self.dtype
+    kv_shape = (batch_size, max_len, c.num_kv_heads, c.head_dim)
+    shapes = {
+        "layers": [{"k": (kv_shape, dtype), "v": (kv_shape, dtype)} for _ in range(c.num_layers)],
+        "valid": ((batch_size, max_len), jnp.bool_),
+        "index": ((), jnp.int32),
+    }
+    is_leaf = lambda x: isinstance(x, tuple) and isinstance(x[0], tuple)  # noqa: E731
+    if self.mesh is None:
+      return jax.tree.map(lambda sd: jnp.zeros(*sd), shapes, is_leaf=is_leaf)
+    specs = self._cache_specs(batch_size, max_len)
+    return jax.tree.map(
+        lambda sd, spec: jnp.zeros(*sd, device=NamedSharding(self.mesh, spec)),
+        shapes, specs, is_leaf=is_leaf,
+    )
+
+  # -- forward ------------------------------------------------------------------------
+  def __call__(
+      self,
+      input_tokens: jax.Array,
+      positions: jax.Array | None = None,
+      cache: Cache | None = None,
+      attention_mask: jax.Array | None = None,
+  ) -> tuple[jax.Array, Cache | None]:
+    """Logits ``[B, T, vocab]`` and the updated cache (None when none was given)."""
+    if not sharding.has_explicit_axes(self.mesh):
+      return self._forward(input_tokens, positions, cache, attention_mask)
+    batch, length = input_tokens.shape
+    out_specs = (
+        self._spec(("batch", None, "vocab"), (batch, length, self.config.vocab_size)),
+        None if cache is None else self._cache_specs(batch, cache["valid"].shape[1]),
+    )
+    out_sharding = jax.tree.map(lambda s: NamedSharding(self.mesh, s), out_specs)
+    graphdef, state = nnx.split(self)
+
+    def forward(state, input_tokens, positions, cache, attention_mask):
+      return nnx.merge(graphdef, state)._forward(input_tokens, positions, cache, attention_mask)
+
+    return sharding.run_with_auto_axes(forward, self.mesh, out_sharding)(
+        state, input_tokens, positions, cache, attention_mask
+    )
+
+  def _forward(self, input_tokens, positions, cache, attention_mask):
+    batch, length = input_tokens.shape
+    padding = None
+    if attention_mask is not None and attention_mask.ndim == 2:
+      padding = attention_mask.astype(bool)
+    full_mask = attention_mask if attention_mask is not None and attention_mask.ndim == 3 else None
+    new_valid = jnp.ones((batch, length), bool) if padding is None else padding
+    if cache is None:
+      index = jnp.zeros((), jnp.int32)
+      key_valid = new_valid
+      done = jnp.zeros((batch,), jnp.int32)
+    else:
+      index = cache["index"]
+      key_valid = jax.lax.dynamic_update_slice(cache["valid"], new_valid, (0, index))
+      done = cache["valid"].sum(axis=-1, dtype=jnp.int32)
+    if positions is None:
+      # Real tokens count from 0 in every row, whatever padding precedes them.
+      positions = done[:, None] + jnp.maximum(jnp.cumsum(new_valid, axis=-1) - 1, 0)
+    windows = {layer.attn.window for layer in self.layers}
+    masks = attention_masks(index + jnp.arange(length), key_valid, windows, full_mask)
+
+    x = self.embed(input_tokens)
+    new_layers = []
+    for i, layer in enumerate(self.layers):
+      layer_cache = None if cache is None else cache["layers"][i]
+      x, layer_cache = layer(x, positions, masks, layer_cache, index)
+      x = sharding.constrain(x, ("batch", None, None), self.mesh, self.sharding_rules)
+      new_layers.append(layer_cache)
+    logits = self.logits(self.final_norm(x))
+    if cache is None:
+      return logits, None
+    return logits, {"layers": new_layers, "valid": key_valid, "index": index + length}
+
+  def embed(self, tokens: jax.Array) -> jax.Array:
+    x = self.embed_tokens(tokens)
+    if self.config.scale_embeddings:
+      # Gemma multiplies by sqrt(hidden) rounded to the compute dtype.
+      x = x * jnp.asarray(self.config.hidden_size**0.5, dtype=x.dtype)
+    return sharding.constrain(x, ("batch", None, None), self.mesh, self.sharding_rules)
+
+  def logits(self, x: jax.Array) -> jax.Array:
+    if self.lm_head is None:
+      logits = self.embed_tokens.attend(x)
+    else:
+      logits = self.lm_head(x)
+    cap = self.config.final_logit_softcap
+    if cap is not None:
+      logits = jnp.tanh(logits / cap) * cap
+    return logits

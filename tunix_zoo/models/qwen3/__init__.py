@@ -1,0 +1,3 @@
+"""The qwen3 family: config presets, model, checkpoint key map."""
+
+from tunix_zoo.models.qwen3 import config, model, params  # noqa: F401  (registers)
