@@ -49,29 +49,41 @@ class KeyMap:
   """A family's checkpoint layout.
 
   ``ignored`` are regexes of checkpoint keys that are legitimately left unread (rotary
-  buffers, vision towers of multimodal checkpoints); ``prefixes`` are alternative key
-  prefixes that some publishers put before every key (``language_model.``).
+  buffers, vision towers of multimodal checkpoints); ``aliases`` are ``(prefix,
+  replacement)`` pairs giving other spellings of a key, tried when the key itself is
+  absent (a multimodal checkpoint stores ``model.layers.0...`` as
+  ``language_model.model.layers.0...``).
   """
 
   rules: tuple[Rule, ...]
   ignored: tuple[str, ...] = ()
-  prefixes: tuple[str, ...] = ()
+  aliases: tuple[tuple[str, str], ...] = ()
 
   def __init__(
-      self, rules: Iterable[Rule], ignored: Iterable[str] = (), prefixes: Iterable[str] = ()
+      self,
+      rules: Iterable[Rule],
+      ignored: Iterable[str] = (),
+      aliases: Iterable[tuple[str, str]] = (),
   ):
     object.__setattr__(self, "rules", tuple(rules))
     object.__setattr__(self, "ignored", tuple(ignored))
-    object.__setattr__(self, "prefixes", tuple(prefixes))
+    object.__setattr__(self, "aliases", tuple(aliases))
 
   def extend(
-      self, rules: Iterable[Rule] = (), ignored: Iterable[str] = (), prefixes: Iterable[str] = ()
+      self,
+      rules: Iterable[Rule] = (),
+      ignored: Iterable[str] = (),
+      aliases: Iterable[tuple[str, str]] = (),
   ) -> "KeyMap":
     """A new table with more rules; a new rule for a module path replaces the old one."""
     new_rules = tuple(rules)
     replaced = {r.module for r in new_rules}
     kept = tuple(r for r in self.rules if r.module not in replaced)
-    return KeyMap(kept + new_rules, self.ignored + tuple(ignored), self.prefixes + tuple(prefixes))
+    return KeyMap(kept + new_rules, self.ignored + tuple(ignored), self.aliases + tuple(aliases))
+
+  def spellings(self, key: str) -> list[str]:
+    """``key`` and its aliased spellings, in the order they are tried."""
+    return [key] + [new + key[len(old):] for old, new in self.aliases if key.startswith(old)]
 
   def checkpoint_key(self, module_path: str) -> str:
     """The checkpoint key holding the parameter at ``module_path``."""

@@ -1,0 +1,221 @@
+"""Gemma 3 config (text decoder): Gemma 2 with QK-norm, two ropes and 5:1 local/global.
+
+Five sliding-window layers (rope base 10k) alternate with one full-attention layer
+(rope base 1M, linearly scaled by 8 on 4B/12B/27B); logits are not soft-capped.
+The multimodal checkpoints (``Gemma3ForConditionalGeneration``, ``model_type`` gemma3)
+nest the decoder under ``text_config``; it parses to the same config, with the
+defaults of transformers' ``Gemma3TextConfig`` for every key the nested dict omits.
+
+Example::
+
+    cfg = Gemma3Config.from_hf_config(json.load(open("gemma-3-4b-it/config.json")))
+    cfg.layer_rope(0).theta, cfg.layer_rope(5).theta  # (10000.0, 1000000.0)
+"""
+
+from __future__ import annotations
+
+import dataclasses
+from typing import Any, ClassVar
+
+from tunix_zoo.config import (
+    FULL_ATTENTION,
+    SLIDING_ATTENTION,
+    RopeConfig,
+    read_rope,
+    text_config,
+)
+from tunix_zoo.models.gemma.config import GemmaConfig
+from tunix_zoo.models.gemma2.config import (
+    Gemma2Config,
+    alternating_layer_types,
+    normalized_layer_types,
+)
+from tunix_zoo.registry import register_config
+
+GLOBAL_THETA = 1_000_000.0
+LOCAL_THETA = 10_000.0
+SLIDING_WINDOW_PATTERN = 6
+
+
+@dataclasses.dataclass(frozen=True)
+class Gemma3Config(Gemma2Config):
+  """Gemma 3 text decoder (``Gemma3ForCausalLM``; also read from the multimodal config)."""
+
+  model_type: ClassVar[str] = "gemma3_text"
+  architecture: ClassVar[str] = "Gemma3ForCausalLM"
+  # Every config.json spelling this family reads (the multimodal one nests the decoder).
+  model_types: ClassVar[tuple[str, ...]] = ("gemma3_text", "gemma3")
+  architectures: ClassVar[tuple[str, ...]] = (
+      "Gemma3ForCausalLM",
+      "Gemma3ForConditionalGeneration",
+  )
+  # transformers' Gemma3TextConfig defaults: multimodal config.json files rely on them.
+  hf_defaults: ClassVar[dict[str, Any]] = {
+      **GemmaConfig.hf_defaults,
+      "vocab_size": 262_208,
+      "hidden_size": 2304,
+      "intermediate_size": 9216,
+      "num_hidden_layers": 26,
+      "num_attention_heads": 8,
+      "num_key_value_heads": 4,
+      "max_position_embeddings": 131_072,
+      "rope_theta": GLOBAL_THETA,
+      "rope_local_base_freq": LOCAL_THETA,
+      "query_pre_attn_scalar": 256,
+      "attn_logit_softcapping": None,
+      "final_logit_softcapping": None,
+      "sliding_window": 4096,
+      "sliding_window_pattern": SLIDING_WINDOW_PATTERN,
+  }
+
+  qk_norm: bool = True
+  local_rope: RopeConfig | None = RopeConfig(theta=LOCAL_THETA)
+
+  @classmethod
+  def hf_fields(cls, hf: dict[str, Any]) -> dict[str, Any]:
+    hf = {**cls.hf_defaults, **text_config(hf)}
+    fields = super().hf_fields(hf)
+    rope, local_rope = _read_ropes(hf)
+    fields.update(qk_norm=True, rope=rope, local_rope=local_rope)
+    return fields
+
+  @classmethod
+  def read_layer_types(cls, hf: dict[str, Any], num_layers: int) -> tuple[str, ...]:
+    """``layer_types`` as written, else derived from ``sliding_window_pattern`` as transformers does."""
+    types = hf.get("layer_types") or alternating_layer_types(
+        num_layers, period=int(hf["sliding_window_pattern"])
+    )
+    return normalized_layer_types(types)
+
+  def to_hf_config(self) -> dict[str, Any]:
+    out = super().to_hf_config()
+    local_rope = self.local_rope or self.rope
+    out["rope_local_base_freq"] = local_rope.theta
+    pattern = _pattern_of(self.layer_types, self.num_layers)
+    if pattern is not None:
+      out["sliding_window_pattern"] = pattern
+    if local_rope.kind != "default":
+      # The Hub spelling has no key for a scaled local rope; transformers 5 reads this one.
+      out["rope_parameters"] = {
+          FULL_ATTENTION: {**(self.rope.to_hf() or {"rope_type": "default"}),
+                           "rope_theta": self.rope.theta},
+          SLIDING_ATTENTION: {**local_rope.to_hf(), "rope_theta": local_rope.theta},
+      }
+    return out
+
+
+def _read_ropes(hf: dict[str, Any]) -> tuple[RopeConfig, RopeConfig]:
+  """The global and local ropes, from ``rope_parameters`` per layer type or the Hub keys."""
+  params = hf.get("rope_parameters") or {}
+  if FULL_ATTENTION in params or SLIDING_ATTENTION in params:
+    full = params.get(FULL_ATTENTION) or {}
+    local = params.get(SLIDING_ATTENTION) or {}
+    return (
+        RopeConfig.from_hf(full, float(full.get("rope_theta", hf["rope_theta"]))),
+        RopeConfig.from_hf(local, float(local.get("rope_theta", hf["rope_local_base_freq"]))),
+    )
+  return read_rope(hf), RopeConfig(theta=float(hf["rope_local_base_freq"]))
+
+
+def _pattern_of(layer_types: tuple[str, ...], num_layers: int) -> int | None:
+  """The ``sliding_window_pattern`` that derives ``layer_types``, if one does."""
+  for period in range(1, num_layers + 1):
+    if normalized_layer_types(alternating_layer_types(num_layers, period)) == layer_types:
+      return period
+  return None
+
+
+def _gemma3(**fields: Any) -> Gemma3Config:
+  return Gemma3Config(
+      head_dim=fields.pop("head_dim", 256),
+      query_pre_attn_scalar=fields.pop("query_pre_attn_scalar", 256.0),
+      layer_types=alternating_layer_types(fields["num_layers"], SLIDING_WINDOW_PATTERN),
+      rope=fields.pop("rope", RopeConfig(theta=GLOBAL_THETA)),
+      local_rope=RopeConfig(theta=LOCAL_THETA),
+      **fields,
+  )
+
+
+# The 4B/12B/27B checkpoints are multimodal; their decoder has 64 extra (image) tokens
+# in its vocabulary and a global rope stretched 8x for 128k context.
+_LONG_ROPE = RopeConfig(theta=GLOBAL_THETA, kind="linear", factor=8.0)
+
+
+@register_config("gemma3_270m")
+def gemma3_270m() -> Gemma3Config:
+  """google/gemma-3-270m: 268M parameters."""
+  return _gemma3(
+      vocab_size=262_144,
+      hidden_size=640,
+      num_layers=18,
+      num_heads=4,
+      num_kv_heads=1,
+      intermediate_size=2048,
+      sliding_window=512,
+      max_position_embeddings=32_768,
+  )
+
+
+@register_config("gemma3_1b")
+def gemma3_1b() -> Gemma3Config:
+  """google/gemma-3-1b-pt: 1.0B parameters."""
+  return _gemma3(
+      vocab_size=262_144,
+      hidden_size=1152,
+      num_layers=26,
+      num_heads=4,
+      num_kv_heads=1,
+      intermediate_size=6912,
+      sliding_window=512,
+      max_position_embeddings=32_768,
+  )
+
+
+@register_config("gemma3_4b")
+def gemma3_4b() -> Gemma3Config:
+  """google/gemma-3-4b-pt text decoder: 3.88B parameters (4.3B with the vision tower)."""
+  return _gemma3(
+      vocab_size=262_208,
+      hidden_size=2560,
+      num_layers=34,
+      num_heads=8,
+      num_kv_heads=4,
+      intermediate_size=10_240,
+      sliding_window=1024,
+      max_position_embeddings=131_072,
+      rope=_LONG_ROPE,
+  )
+
+
+@register_config("gemma3_12b")
+def gemma3_12b() -> Gemma3Config:
+  """google/gemma-3-12b-pt text decoder: 11.8B parameters (12.2B with the vision tower)."""
+  return _gemma3(
+      vocab_size=262_208,
+      hidden_size=3840,
+      num_layers=48,
+      num_heads=16,
+      num_kv_heads=8,
+      intermediate_size=15_360,
+      sliding_window=1024,
+      max_position_embeddings=131_072,
+      rope=_LONG_ROPE,
+  )
+
+
+@register_config("gemma3_27b")
+def gemma3_27b() -> Gemma3Config:
+  """google/gemma-3-27b-pt text decoder: 27.0B parameters (27.4B with the vision tower)."""
+  return _gemma3(
+      vocab_size=262_208,
+      hidden_size=5376,
+      num_layers=62,
+      num_heads=32,
+      num_kv_heads=16,
+      head_dim=128,
+      intermediate_size=21_504,
+      query_pre_attn_scalar=168.0,
+      sliding_window=1024,
+      max_position_embeddings=131_072,
+      rope=_LONG_ROPE,
+  )
