@@ -1,0 +1,1 @@
+"""Checkpoint files: safetensors reading and writing, sharded loading, export."""

@@ -1,0 +1,741 @@
+"""Reading and writing safetensors files with numpy alone.
+
+The loader hands ``jax.make_array_from_callback`` a callback that must return host numpy
+for exactly one device's slice of one tensor. ``safetensors``' numpy framework cannot
+read BF16, and its flax/jax frameworks materialise on the default device, so this module
+parses the format itself: an 8-byte little-endian header length, a JSON header naming each
+tensor's dtype, shape and byte range, then the raw little-endian bytes. Slices are copied
+out of a read-only memory map, so host memory stays bounded by the slice::
+
+    with CheckpointFiles("/ckpt/Qwen3-0.6B") as files:
+      shape = files.shape("model.embed_tokens.weight")
+      rows = files.read("model.embed_tokens.weight", (slice(0, 1024), slice(None)))
+
+Writing streams tensors one at a time into HF-named shards::
+
+    with ShardedWriter(out_dir, max_shard_size="5GB") as writer:
+      for key, array in tensors:
+        writer.add(key, array)
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import difflib
+import json
+import math
+import mmap
+import os
+import re
+import shutil
+import struct
+import threading
+from typing import Any, Iterable, Mapping
+
+import ml_dtypes
+import numpy as np
+
+from tunix_zoo.errors import CheckpointError
+
+SINGLE_FILE_NAME = "model.safetensors"
+INDEX_FILE_NAME = "model.safetensors.index.json"
+PICKLE_SUFFIXES = (".bin", ".pt", ".pth", ".ckpt")
+
+SAFETENSORS_DTYPES: dict[str, np.dtype] = {
+    "F64": np.dtype(np.float64),
+    "F32": np.dtype(np.float32),
+    "F16": np.dtype(np.float16),
+    "BF16": np.dtype(ml_dtypes.bfloat16),
+    "F8_E4M3": np.dtype(ml_dtypes.float8_e4m3fn),
+    "F8_E4M3FNUZ": np.dtype(ml_dtypes.float8_e4m3fnuz),
+    "F8_E5M2": np.dtype(ml_dtypes.float8_e5m2),
+    "F8_E5M2FNUZ": np.dtype(ml_dtypes.float8_e5m2fnuz),
+    "F8_E8M0": np.dtype(ml_dtypes.float8_e8m0fnu),
+    "C64": np.dtype(np.complex64),
+    "I64": np.dtype(np.int64),
+    "I32": np.dtype(np.int32),
+    "I16": np.dtype(np.int16),
+    "I8": np.dtype(np.int8),
+    "U64": np.dtype(np.uint64),
+    "U32": np.dtype(np.uint32),
+    "U16": np.dtype(np.uint16),
+    "U8": np.dtype(np.uint8),
+    "BOOL": np.dtype(np.bool_),
+}
+_DTYPE_NAMES = {dtype: name for name, dtype in SAFETENSORS_DTYPES.items()}
+
+# The reference implementation refuses larger headers; so do we, before allocating one.
+MAX_HEADER_BYTES = 100_000_000
+# A slice is copied in blocks of about this many source bytes, and each block's pages are
+# unmapped after the copy, so reading a column slice of a huge tensor does not leave the
+# whole tensor resident.
+_BLOCK_BYTES = 64 << 20
+_WRITE_COPY_BUFFER_BYTES = 16 << 20
+
+_SIZE_UNITS = {
+    "": 1, "b": 1,
+    "kb": 10**3, "mb": 10**6, "gb": 10**9, "tb": 10**12,
+    "kib": 2**10, "mib": 2**20, "gib": 2**30, "tib": 2**40,
+}
+_SIZE_PATTERN = re.compile(r"^\s*(\d+(?:\.\d*)?)\s*([a-z]*)\s*$", re.IGNORECASE)
+
+
+@dataclasses.dataclass(frozen=True)
+class _TensorInfo:
+  dtype: np.dtype
+  shape: tuple[int, ...]
+  start: int  # Absolute offset in the file.
+  nbytes: int
+
+
+def _json_object_without_duplicates(pairs: list[tuple[str, Any]]) -> dict[str, Any]:
+  result = {}
+  for key, value in pairs:
+    if key in result:
+      raise ValueError(f"the key {key!r} appears twice")
+    result[key] = value
+  return result
+
+
+def _is_int(value: Any) -> bool:
+  return isinstance(value, int) and not isinstance(value, bool)
+
+
+def _suggest(key: str, known: Iterable[str]) -> str:
+  close = difflib.get_close_matches(key, list(known), n=3)
+  return f" Did you mean {', '.join(map(repr, close))}?" if close else ""
+
+
+def _parse_header(path: str, file_size: int, raw: bytes) -> tuple[dict[str, _TensorInfo],
+                                                                   dict[str, str]]:
+  """Validates a raw JSON header against the file size; returns tensors and metadata."""
+  redownload = "The file is corrupt or truncated: download or export it again."
+  try:
+    header = json.loads(raw.decode("utf-8"), object_pairs_hook=_json_object_without_duplicates)
+  except ValueError as e:  # Covers UnicodeDecodeError and JSONDecodeError.
+    raise CheckpointError(f"{path}: the safetensors header is not valid JSON ({e}). "
+                          f"{redownload}") from e
+  if not isinstance(header, dict):
+    raise CheckpointError(f"{path}: the safetensors header is a JSON {type(header).__name__}, "
+                          f"not an object. {redownload}")
+  metadata = header.pop("__metadata__", None) or {}
+  if not isinstance(metadata, dict) or not all(
+      isinstance(value, str) for value in metadata.values()):
+    raise CheckpointError(f"{path}: '__metadata__' must map strings to strings, got "
+                          f"{metadata!r}. {redownload}")
+
+  data_start = 8 + len(raw)
+  data_size = file_size - data_start
+  tensors = {}
+  for key, entry in header.items():
+    where = f"{path}: tensor {key!r}"
+    if not isinstance(entry, dict):
+      raise CheckpointError(f"{where} has header entry {entry!r}, not an object. {redownload}")
+    dtype_name, shape, offsets = (entry.get(k) for k in ("dtype", "shape", "data_offsets"))
+    if not isinstance(dtype_name, str) or dtype_name not in SAFETENSORS_DTYPES:
+      raise CheckpointError(
+          f"{where} has dtype {dtype_name!r}, which tunix_zoo cannot read (it reads "
+          f"{', '.join(SAFETENSORS_DTYPES)}). Convert the checkpoint to one of them, "
+          f"e.g. bfloat16.")
+    if not isinstance(shape, list) or not all(_is_int(d) and d >= 0 for d in shape):
+      raise CheckpointError(f"{where} has shape {shape!r}, not a list of sizes. {redownload}")
+    if (not isinstance(offsets, list) or len(offsets) != 2 or
+        not all(_is_int(o) for o in offsets) or not 0 <= offsets[0] <= offsets[1]):
+      raise CheckpointError(f"{where} has data_offsets {offsets!r}, not [begin, end] with "
+                            f"0 <= begin <= end. {redownload}")
+    dtype = SAFETENSORS_DTYPES[dtype_name]
+    expected = math.prod(shape) * dtype.itemsize
+    begin, end = offsets
+    if end - begin != expected:
+      raise CheckpointError(
+          f"{where} spans {end - begin} bytes, but shape {shape} of {dtype_name} needs "
+          f"{expected}. {redownload}")
+    if end > data_size:
+      raise CheckpointError(
+          f"{where} ends at byte {data_start + end}, but the file has only {file_size} "
+          f"bytes. {redownload}")
+    tensors[key] = _TensorInfo(dtype, tuple(shape), data_start + begin, expected)
+  return tensors, metadata
+
+
+def _normalize_index(index: tuple[slice, ...] | None, shape: tuple[int, ...],
+                     where: str) -> tuple[slice, ...]:
+  if index is None:
+    index = ()
+  elif not isinstance(index, tuple):
+    index = (index,)
+  if len(index) > len(shape) or not all(isinstance(s, slice) for s in index):
+    raise ValueError(f"{where}: index {index!r} is not a tuple of at most {len(shape)} "
+                     f"slices for shape {shape}.")
+  return index + (slice(None),) * (len(shape) - len(index))
+
+
+def _release_pages(mapped: mmap.mmap, start: int, end: int) -> None:
+  """Unmaps pages of a read-only file mapping; they stay in the page cache."""
+  aligned = start - start % mmap.PAGESIZE
+  if end > aligned:
+    mapped.madvise(mmap.MADV_DONTNEED, aligned, end - aligned)
+
+
+def _copy_slice(mapped: mmap.mmap, info: _TensorInfo, index: tuple[slice, ...]) -> np.ndarray:
+  source = np.ndarray(info.shape, info.dtype, buffer=mapped, offset=info.start)
+  selected = source[index]
+  out = np.empty(selected.shape, info.dtype)
+  if out.size == 0:
+    return out
+  if source.ndim == 0:
+    out[...] = selected
+    _release_pages(mapped, info.start, info.start + info.nbytes)
+    return out
+  rows = range(*index[0].indices(info.shape[0]))
+  row_bytes = source.strides[0]
+  rows_per_block = max(1, _BLOCK_BYTES // (row_bytes * abs(rows.step)))
+  for begin in range(0, len(rows), rows_per_block):
+    end = min(begin + rows_per_block, len(rows))
+    out[begin:end] = selected[begin:end]
+    first, last = sorted((rows[begin], rows[end - 1]))
+    _release_pages(mapped, info.start + first * row_bytes, info.start + (last + 1) * row_bytes)
+  return out
+
+
+class SafetensorsFile:
+  """One safetensors file: its header, and slices read from a memory map.
+
+  The header is read and validated on construction; the file is mapped on the first
+  ``read``. Reads are thread-safe and each returns a C-contiguous copy of just the slice.
+
+  Example::
+
+      with SafetensorsFile("model.safetensors") as f:
+        for key in f.keys():
+          print(key, f.shape(key), f.dtype(key))
+        top_rows = f.read("lm_head.weight", (slice(0, 128),))
+  """
+
+  def __init__(self, path: str | os.PathLike[str]):
+    self.path = os.fspath(path)
+    try:
+      with open(self.path, "rb") as f:
+        file_size = os.fstat(f.fileno()).st_size
+        length_field = f.read(8)
+        if len(length_field) < 8:
+          raise CheckpointError(
+              f"{self.path} has {file_size} bytes, fewer than the 8-byte length that starts "
+              f"a safetensors file: it is truncated or not a safetensors file. Download or "
+              f"export it again.")
+        (header_length,) = struct.unpack("<Q", length_field)
+        if header_length > min(MAX_HEADER_BYTES, file_size - 8):
+          raise CheckpointError(
+              f"{self.path} starts with a header length of {header_length} bytes, but the "
+              f"file has {file_size} bytes (and headers are at most {MAX_HEADER_BYTES}): it "
+              f"is truncated or not a safetensors file. Download or export it again.")
+        raw_header = f.read(header_length)
+    except OSError as e:
+      raise CheckpointError(f"Cannot read safetensors file {self.path}: {e}") from e
+    self._tensors, self.metadata = _parse_header(self.path, file_size, raw_header)
+    self._file_size = file_size
+    self._mapped: mmap.mmap | None = None
+    self._condition = threading.Condition()
+    self._active_reads = 0
+    self._closed = False
+    self._bytes_read = 0
+
+  def keys(self) -> list[str]:
+    """Tensor names, sorted."""
+    return sorted(self._tensors)
+
+  def __contains__(self, key: object) -> bool:
+    return key in self._tensors
+
+  def shape(self, key: str) -> tuple[int, ...]:
+    return self._info(key).shape
+
+  def dtype(self, key: str) -> np.dtype:
+    """The numpy dtype; BF16 is ``ml_dtypes.bfloat16``."""
+    return self._info(key).dtype
+
+  def nbytes(self, key: str) -> int:
+    return self._info(key).nbytes
+
+  @property
+  def total_bytes(self) -> int:
+    """Bytes of tensor data in the file."""
+    return sum(info.nbytes for info in self._tensors.values())
+
+  @property
+  def bytes_read(self) -> int:
+    """Bytes of all arrays ``read`` has returned so far."""
+    with self._condition:
+      return self._bytes_read
+
+  def read(self, key: str, index: tuple[slice, ...] | None = None) -> np.ndarray:
+    """Returns a C-contiguous copy of ``tensor[index]`` (the whole tensor when None).
+
+    ``index`` is a tuple of slices, as ``jax.make_array_from_callback`` passes; missing
+    trailing dimensions are taken whole.
+    """
+    info = self._info(key)
+    index = _normalize_index(index, info.shape, f"{self.path}: tensor {key!r}")
+    mapped = self._begin_read()
+    nbytes = 0
+    try:
+      out = _copy_slice(mapped, info, index)
+      nbytes = out.nbytes
+    finally:
+      self._end_read(nbytes)
+    return out
+
+  def close(self) -> None:
+    """Waits for reads in flight, then unmaps the file. Further reads raise."""
+    with self._condition:
+      self._closed = True
+      self._condition.wait_for(lambda: self._active_reads == 0)
+      if self._mapped is not None:
+        try:
+          self._mapped.close()
+        except BufferError:
+          pass  # A traceback still holds a view; the map goes when that view does.
+        self._mapped = None
+
+  def __enter__(self) -> SafetensorsFile:
+    return self
+
+  def __exit__(self, *exc_info: object) -> None:
+    self.close()
+
+  def _info(self, key: str) -> _TensorInfo:
+    try:
+      return self._tensors[key]
+    except KeyError:
+      raise CheckpointError(f"{self.path} has no tensor {key!r}."
+                            f"{_suggest(key, self._tensors)}") from None
+
+  def _begin_read(self) -> mmap.mmap:
+    with self._condition:
+      if self._closed:
+        raise ValueError(f"{self.path} was closed; open it again to read.")
+      if self._mapped is None:
+        with open(self.path, "rb") as f:
+          size = os.fstat(f.fileno()).st_size
+          if size != self._file_size:
+            raise CheckpointError(
+                f"{self.path} changed size from {self._file_size} to {size} bytes while "
+                f"open; do not modify checkpoints while loading them.")
+          self._mapped = mmap.mmap(f.fileno(), 0, access=mmap.ACCESS_READ)
+      self._active_reads += 1
+      return self._mapped
+
+  def _end_read(self, nbytes: int) -> None:
+    with self._condition:
+      self._active_reads -= 1
+      self._bytes_read += nbytes
+      self._condition.notify_all()
+
+
+def _no_safetensors_error(folder: str) -> CheckpointError:
+  names = sorted(os.listdir(folder))
+  pickles = [name for name in names if name.endswith(PICKLE_SUFFIXES)]
+  message = f"{folder} holds no *.safetensors files."
+  if pickles:
+    message += (
+        f" It holds PyTorch pickle files ({', '.join(pickles)}); tunix_zoo never reads "
+        f"pickle weights, since loading a pickle can run arbitrary code. Convert them once "
+        f"with transformers: `AutoModelForCausalLM.from_pretrained(folder)"
+        f".save_pretrained(out_dir, safe_serialization=True)`.")
+  else:
+    shown = ", ".join(names[:10]) + (", ..." if len(names) > 10 else "")
+    message += (f" Its files: {shown or '(none)'}. Point at the folder holding "
+                f"{SINGLE_FILE_NAME} or {INDEX_FILE_NAME} and its shards.")
+  return CheckpointError(message)
+
+
+class CheckpointFiles:
+  """Every tensor of a checkpoint folder, whichever file holds it.
+
+  The folder holds ``model.safetensors.index.json`` and its shards, or a single
+  ``model.safetensors``, or (checked in that order) any number of ``*.safetensors`` files
+  without an index. Shards listed by an index are opened on first use; reads are
+  thread-safe.
+
+  Example::
+
+      with CheckpointFiles(folder) as files:
+        for key in files.keys():
+          local = files.read(key, (slice(0, 64),))
+        print(files.bytes_read, "of", files.total_bytes)
+  """
+
+  def __init__(self, folder: str | os.PathLike[str]):
+    self.folder = os.fspath(folder)
+    if not os.path.isdir(self.folder):
+      what = "is not a folder" if os.path.exists(self.folder) else "does not exist"
+      raise CheckpointError(f"Checkpoint folder {self.folder} {what}; pass the folder "
+                            f"holding config.json and the *.safetensors files.")
+    self._lock = threading.Lock()
+    self._open_files: dict[str, SafetensorsFile] = {}
+    self._index_path: str | None = None
+    index_path = os.path.join(self.folder, INDEX_FILE_NAME)
+    if os.path.isfile(index_path):
+      self._index_path = index_path
+      self._file_of_key = self._read_index(index_path)
+    elif os.path.isfile(os.path.join(self.folder, SINGLE_FILE_NAME)):
+      self._file_of_key = self._map_keys([SINGLE_FILE_NAME])
+    else:
+      names = sorted(name for name in os.listdir(self.folder) if name.endswith(".safetensors")
+                     and os.path.isfile(os.path.join(self.folder, name)))
+      if not names:
+        raise _no_safetensors_error(self.folder)
+      self._file_of_key = self._map_keys(names)
+
+  def keys(self) -> list[str]:
+    """Tensor names, sorted."""
+    return sorted(self._file_of_key)
+
+  def __contains__(self, key: object) -> bool:
+    return key in self._file_of_key
+
+  def file_of(self, key: str) -> str:
+    """Path of the file holding ``key``."""
+    return os.path.join(self.folder, self._file_name(key))
+
+  def shape(self, key: str) -> tuple[int, ...]:
+    return self._file_holding(key).shape(key)
+
+  def dtype(self, key: str) -> np.dtype:
+    """The numpy dtype; BF16 is ``ml_dtypes.bfloat16``."""
+    return self._file_holding(key).dtype(key)
+
+  def nbytes(self, key: str) -> int:
+    return self._file_holding(key).nbytes(key)
+
+  def read(self, key: str, index: tuple[slice, ...] | None = None) -> np.ndarray:
+    """Returns a C-contiguous copy of ``tensor[index]``; see ``SafetensorsFile.read``."""
+    return self._file_holding(key).read(key, index)
+
+  @property
+  def total_bytes(self) -> int:
+    """Bytes of tensor data over all keys (opens every file's header)."""
+    return sum(self.nbytes(key) for key in self._file_of_key)
+
+  @property
+  def bytes_read(self) -> int:
+    """Bytes of all arrays ``read`` has returned so far."""
+    with self._lock:
+      files = list(self._open_files.values())
+    return sum(f.bytes_read for f in files)
+
+  def close(self) -> None:
+    with self._lock:
+      files = list(self._open_files.values())
+      self._open_files.clear()
+    for f in files:
+      f.close()
+
+  def __enter__(self) -> CheckpointFiles:
+    return self
+
+  def __exit__(self, *exc_info: object) -> None:
+    self.close()
+
+  def _read_index(self, index_path: str) -> dict[str, str]:
+    try:
+      with open(index_path, "rb") as f:
+        index = json.loads(f.read().decode("utf-8"),
+                           object_pairs_hook=_json_object_without_duplicates)
+    except ValueError as e:
+      raise CheckpointError(f"{index_path} is not valid JSON ({e}); download it again.") from e
+    weight_map = index.get("weight_map") if isinstance(index, dict) else None
+    if not isinstance(weight_map, dict) or not all(
+        isinstance(name, str) for name in weight_map.values()):
+      raise CheckpointError(f"{index_path} has no 'weight_map' object mapping tensor names "
+                            f"to file names; download it again.")
+    for name in set(weight_map.values()):
+      if os.path.isabs(name) or ".." in name.replace("\\", "/").split("/"):
+        raise CheckpointError(f"{index_path} names shard {name!r}, which lies outside the "
+                              f"checkpoint folder; shards must be files in the folder.")
+    missing = sorted(name for name in set(weight_map.values())
+                     if not os.path.isfile(os.path.join(self.folder, name)))
+    if missing:
+      raise CheckpointError(
+          f"{index_path} names {len(missing)} shard(s) missing from {self.folder}: "
+          f"{', '.join(missing)}. The download was probably interrupted: download them again.")
+    return dict(weight_map)
+
+  def _map_keys(self, names: list[str]) -> dict[str, str]:
+    file_of_key: dict[str, str] = {}
+    for name in names:
+      for key in self._open(name).keys():
+        if key in file_of_key:
+          raise CheckpointError(
+              f"Tensor {key!r} is in both {file_of_key[key]} and {name} in {self.folder}, so "
+              f"it is ambiguous which to load. Remove the stray file, or add a "
+              f"{INDEX_FILE_NAME} saying which file holds each tensor.")
+        file_of_key[key] = name
+    return file_of_key
+
+  def _file_name(self, key: str) -> str:
+    try:
+      return self._file_of_key[key]
+    except KeyError:
+      raise CheckpointError(f"{self.folder} has no tensor {key!r}."
+                            f"{_suggest(key, self._file_of_key)}") from None
+
+  def _open(self, name: str) -> SafetensorsFile:
+    with self._lock:
+      if name not in self._open_files:
+        self._open_files[name] = SafetensorsFile(os.path.join(self.folder, name))
+      return self._open_files[name]
+
+  def _file_holding(self, key: str) -> SafetensorsFile:
+    name = self._file_name(key)
+    f = self._open(name)
+    if key not in f:
+      raise CheckpointError(
+          f"{self._index_path} says {name} holds tensor {key!r}, but it does not: the index "
+          f"and the shards come from different versions. Download the checkpoint again.")
+    return f
+
+
+def parse_size(size: int | str) -> int:
+  """Bytes in a size such as ``"5GB"`` (decimal, as HF: 1KB = 1000) or ``"512MiB"``.
+
+  Example::
+
+      parse_size("100KB")  # 100_000
+      parse_size("2GiB")   # 2_147_483_648
+  """
+  if _is_int(size):
+    value = size
+  else:
+    match = _SIZE_PATTERN.match(size) if isinstance(size, str) else None
+    if not match or match.group(2).lower() not in _SIZE_UNITS:
+      raise CheckpointError(
+          f"Cannot read {size!r} as a size; write a number with a unit among "
+          f"B, KB, MB, GB, TB (powers of 1000) or KiB, MiB, GiB, TiB, such as '5GB'.")
+    value = int(float(match.group(1)) * _SIZE_UNITS[match.group(2).lower()])
+  if value <= 0:
+    raise CheckpointError(f"Size {size!r} must be positive.")
+  return value
+
+
+def _file_metadata(metadata: Mapping[str, str] | None) -> dict[str, str]:
+  """Metadata with ``format: pt`` unless given, which transformers needs to load a file."""
+  merged = {"format": "pt", **(metadata or {})}
+  if not all(isinstance(k, str) and isinstance(v, str) for k, v in merged.items()):
+    raise CheckpointError(f"safetensors metadata must map strings to strings, got {merged!r}.")
+  return merged
+
+
+def _prepare_array(key: Any, array: Any) -> tuple[np.ndarray, str]:
+  """A C-contiguous little-endian array and its safetensors dtype name."""
+  if not isinstance(key, str) or key == "__metadata__":
+    raise CheckpointError(f"Cannot write a tensor named {key!r}: names are strings other "
+                          f"than '__metadata__'.")
+  array = np.asarray(array)
+  if array.dtype.byteorder == ">":
+    array = array.astype(array.dtype.newbyteorder("<"))
+  name = _DTYPE_NAMES.get(array.dtype)
+  if name is None:
+    raise CheckpointError(f"Cannot write tensor {key!r}: safetensors has no dtype for "
+                          f"{array.dtype}; cast it to one of "
+                          f"{', '.join(map(str, _DTYPE_NAMES))}.")
+  # Not np.ascontiguousarray, which turns a scalar into shape (1,).
+  return (array if array.flags.c_contiguous else array.copy(order="C")), name
+
+
+def _encode_header(entries: Iterable[tuple[str, str, tuple[int, ...], int, int]],
+                   metadata: Mapping[str, str]) -> bytes:
+  """The length field and JSON header, padded with spaces so tensor data is 8-aligned."""
+  header: dict[str, Any] = {"__metadata__": dict(metadata)} if metadata else {}
+  for key, dtype_name, shape, begin, end in entries:
+    header[key] = {"dtype": dtype_name, "shape": list(shape), "data_offsets": [begin, end]}
+  raw = json.dumps(header, separators=(",", ":")).encode("utf-8")
+  raw += b" " * (-len(raw) % 8)
+  return struct.pack("<Q", len(raw)) + raw
+
+
+def _write_bytes(f: Any, array: np.ndarray) -> None:
+  f.write(memoryview(array.reshape(-1).view(np.uint8)))
+
+
+def _flush_to_disk(f: Any) -> None:
+  f.flush()
+  os.fsync(f.fileno())
+
+
+class _StreamedFile:
+  """One safetensors file written a tensor at a time.
+
+  The header comes first in the file but is known only at the end, so tensor bytes go to
+  a side file and are appended after the header on ``finish``: host memory holds one
+  tensor, at the cost of writing the data twice.
+  """
+
+  def __init__(self, path: str):
+    self.path = path
+    self._data_path = path + ".data"
+    self._data = open(self._data_path, "wb")
+    self.entries: list[tuple[str, str, tuple[int, ...], int, int]] = []
+    self.nbytes = 0
+
+  def add(self, key: str, array: np.ndarray, dtype_name: str) -> None:
+    _write_bytes(self._data, array)
+    self.entries.append((key, dtype_name, array.shape, self.nbytes, self.nbytes + array.nbytes))
+    self.nbytes += array.nbytes
+
+  def finish(self, metadata: Mapping[str, str]) -> None:
+    self._data.close()
+    with open(self.path, "wb") as out, open(self._data_path, "rb") as data:
+      out.write(_encode_header(self.entries, metadata))
+      shutil.copyfileobj(data, out, _WRITE_COPY_BUFFER_BYTES)
+      _flush_to_disk(out)
+    os.remove(self._data_path)
+
+  def abort(self) -> None:
+    self._data.close()
+    for path in (self._data_path, self.path):
+      if os.path.exists(path):
+        os.remove(path)
+
+
+def write_safetensors(path: str | os.PathLike[str],
+                      tensors: Mapping[str, Any] | Iterable[tuple[str, Any]],
+                      metadata: Mapping[str, str] | None = None) -> None:
+  """Writes one safetensors file that ``safetensors`` and transformers read.
+
+  ``tensors`` is a dict, written in one pass, or an iterable of ``(key, array)`` pairs,
+  consumed one array at a time. Metadata defaults to ``{"format": "pt"}``, which
+  transformers requires; given metadata is added to it.
+
+  Example::
+
+      write_safetensors("/tmp/w.safetensors", {"w": np.ones((2, 3), ml_dtypes.bfloat16)})
+  """
+  path = os.fspath(path)
+  metadata = _file_metadata(metadata)
+  if isinstance(tensors, Mapping):
+    prepared = [(key, *_prepare_array(key, array)) for key, array in tensors.items()]
+    entries, offset = [], 0
+    for key, array, dtype_name in prepared:
+      entries.append((key, dtype_name, array.shape, offset, offset + array.nbytes))
+      offset += array.nbytes
+    with open(path, "wb") as f:
+      f.write(_encode_header(entries, metadata))
+      for _, array, _ in prepared:
+        _write_bytes(f, array)
+      _flush_to_disk(f)
+    return
+  streamed = _StreamedFile(path)
+  try:
+    seen = set()
+    for key, array in tensors:
+      if key in seen:
+        raise CheckpointError(f"Tensor {key!r} was given twice for {path}.")
+      seen.add(key)
+      streamed.add(key, *_prepare_array(key, array))
+    streamed.finish(metadata)
+  except BaseException:
+    streamed.abort()
+    raise
+
+
+class ShardedWriter:
+  """Writes tensors one by one into HF-named safetensors shards.
+
+  A new shard starts when the next tensor would push the current one past
+  ``max_shard_size`` (a tensor larger than the limit gets a shard of its own). ``finish``
+  names the shards ``model-00001-of-0000N.safetensors`` and writes
+  ``model.safetensors.index.json``, or names a single shard ``model.safetensors``. Leaving
+  a ``with`` block finishes, or on an exception removes the partial shards. Not
+  thread-safe; atomic replacement of a previous export is the caller's job.
+
+  Example::
+
+      with ShardedWriter(out_dir, max_shard_size="5GB") as writer:
+        for key, array in host_arrays():
+          writer.add(key, array)
+  """
+
+  def __init__(self, out_dir: str | os.PathLike[str], max_shard_size: int | str = "5GB",
+               metadata: Mapping[str, str] | None = None):
+    self.out_dir = os.fspath(out_dir)
+    self.max_shard_size = parse_size(max_shard_size)
+    self._metadata = _file_metadata(metadata)
+    os.makedirs(self.out_dir, exist_ok=True)
+    existing = sorted(name for name in os.listdir(self.out_dir)
+                      if name.endswith(".safetensors") or name == INDEX_FILE_NAME)
+    if existing:
+      raise CheckpointError(
+          f"{self.out_dir} already holds checkpoint files ({', '.join(existing)}); mixing "
+          f"them with new shards would corrupt both. Write into an empty folder.")
+    self._shards: list[_StreamedFile] = []
+    self._shard_of_key: dict[str, int] = {}
+    self._total_size = 0
+    self._total_parameters = 0
+    self._finished = False
+
+  def add(self, key: str, array: Any) -> None:
+    """Writes one tensor; the caller may free ``array`` once this returns."""
+    if self._finished:
+      raise ValueError(f"ShardedWriter for {self.out_dir} is finished; add tensors before "
+                       f"finish().")
+    if key in self._shard_of_key:
+      raise CheckpointError(f"Tensor {key!r} was given twice to the writer for {self.out_dir}.")
+    array, dtype_name = _prepare_array(key, array)
+    current = self._shards[-1] if self._shards else None
+    if current is None or (current.entries and
+                           current.nbytes + array.nbytes > self.max_shard_size):
+      if current is not None:
+        current.finish(self._metadata)
+      current = _StreamedFile(self._pending_path(len(self._shards) + 1))
+      self._shards.append(current)
+    current.add(key, array, dtype_name)
+    self._shard_of_key[key] = len(self._shards)
+    self._total_size += array.nbytes
+    self._total_parameters += array.size
+
+  def finish(self) -> list[str]:
+    """Names the shards, writes the index if sharded; returns the paths written."""
+    if self._finished:
+      raise ValueError(f"ShardedWriter for {self.out_dir} is already finished.")
+    self._finished = True
+    if not self._shards:
+      self._shards.append(_StreamedFile(self._pending_path(1)))
+    self._shards[-1].finish(self._metadata)
+    count = len(self._shards)
+    names = ([SINGLE_FILE_NAME] if count == 1 else
+             [f"model-{i:05d}-of-{count:05d}.safetensors" for i in range(1, count + 1)])
+    written = []
+    for shard, name in zip(self._shards, names):
+      written.append(os.path.join(self.out_dir, name))
+      os.replace(shard.path, written[-1])
+    if count > 1:
+      index = {
+          "metadata": {"total_parameters": self._total_parameters,
+                       "total_size": self._total_size},
+          "weight_map": {key: names[shard - 1]
+                         for key, shard in sorted(self._shard_of_key.items())},
+      }
+      written.append(os.path.join(self.out_dir, INDEX_FILE_NAME))
+      with open(written[-1], "w") as f:
+        f.write(json.dumps(index, indent=2) + "\n")
+        _flush_to_disk(f)
+    return written
+
+  def abort(self) -> None:
+    """Removes the shards written so far."""
+    self._finished = True
+    for shard in self._shards:
+      shard.abort()
+
+  def __enter__(self) -> ShardedWriter:
+    return self
+
+  def __exit__(self, exc_type: type[BaseException] | None, *exc_info: object) -> None:
+    if exc_type is not None:
+      self.abort()
+    elif not self._finished:
+      self.finish()
+
+  def _pending_path(self, number: int) -> str:
+    return os.path.join(self.out_dir, f".model-{number:05d}.safetensors.partial")
