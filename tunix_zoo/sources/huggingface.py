@@ -1,0 +1,181 @@
+"""Hugging Face Hub repos, through huggingface_hub's cache, resume and offline logic.
+
+The repo's file list is read first, so that a repo publishing only pickle weights, or no
+config.json, fails before anything is downloaded; then ``snapshot_download`` fetches the
+safetensors, configs and tokenizer files only::
+
+    folder = fetch("Qwen/Qwen3-0.6B", revision="main")
+    folder = fetch("Qwen/Qwen3-0.6B", local_files_only=True)  # from the cache, no request
+
+``HF_ENDPOINT``, ``HF_HUB_OFFLINE`` and ``HF_TOKEN`` are read at call time, so setting
+them after ``huggingface_hub`` was imported still takes effect.
+"""
+
+from __future__ import annotations
+
+import os
+import pathlib
+import re
+
+import httpx2
+import huggingface_hub
+from huggingface_hub import constants as hf_constants
+from huggingface_hub import errors as hf_errors
+
+from tunix_zoo.errors import SourceError
+from tunix_zoo.sources import _download
+
+SOURCE = "huggingface"
+# Stricter than the Hub's own check: every repo id we accept is also a safe cache path.
+_REPO_PART = r"[A-Za-z0-9][A-Za-z0-9._-]{0,95}"
+_REPO_ID = re.compile(rf"{_REPO_PART}(/{_REPO_PART})?")
+_REVISION = re.compile(r"[A-Za-z0-9][A-Za-z0-9._-]*(/[A-Za-z0-9][A-Za-z0-9._-]*)*")
+_REPO_ID_FIX = ("Pass a Hub repo id such as 'Qwen/Qwen3-0.6B'; for a folder on disk use "
+                "source=ModelSource.LOCAL with model_path=<folder>.")
+
+
+def _truthy(value: str | None) -> bool:
+  return (value or "").strip().lower() in ("1", "true", "yes", "on")
+
+
+def validate_repo_id(repo_id: str) -> str:
+  """Returns ``repo_id`` if it is a plain ``name`` or ``owner/name``, else raises.
+
+  Rejects what could address anything but one Hub repo: URLs, absolute or relative
+  paths, ``..``, ``--``, spaces and other characters the Hub does not allow.
+  """
+  if not isinstance(repo_id, str) or not repo_id:
+    raise _download.source_error(SOURCE, repr(repo_id), "the repo id is empty.", _REPO_ID_FIX)
+  if (not _REPO_ID.fullmatch(repo_id) or ".." in repo_id or "--" in repo_id
+      or repo_id.endswith((".", "-"))):
+    raise _download.source_error(
+        SOURCE, repr(repo_id), "this is not a valid Hub repo id (letters, digits, '-', '_' "
+        "and '.' in 'owner/name'; no '..', '--', spaces, URLs or paths).", _REPO_ID_FIX)
+  return repo_id
+
+
+def _validate_revision(repo_id: str, revision: str) -> str:
+  if len(revision) > 255 or not _REVISION.fullmatch(revision) or ".." in revision:
+    raise _download.source_error(
+        SOURCE, repo_id, f"revision {revision!r} is not a valid branch, tag or commit name.",
+        "Pass a branch ('main'), a tag ('v1.0'), a 40-hex commit or 'refs/pr/N'.")
+  return revision
+
+
+def _is_transient(exc: BaseException) -> bool:
+  chain = list(_download.exception_chain(exc))
+  if any(isinstance(e, (hf_errors.OfflineModeIsEnabled, hf_errors.RepositoryNotFoundError,
+                        hf_errors.RevisionNotFoundError)) for e in chain):
+    return False
+  status = _download.http_status(exc)
+  if status is not None:
+    return status in _download.TRANSIENT_STATUS
+  # A truncated body ends in huggingface_hub's size "consistency check" OSError.
+  return any(isinstance(e, (httpx2.TransportError, ConnectionError, TimeoutError))
+             or "Consistency check failed" in str(e) for e in chain)
+
+
+def _to_source_error(exc: BaseException, repo_id: str, revision: str | None,
+                     endpoint: str, offline: bool) -> SourceError | None:
+  """Translates a huggingface_hub failure into advice; None for unknown errors."""
+  ref = f"{repo_id}@{revision}" if revision else repo_id
+  page = f"{endpoint}/{repo_id}"
+  token_fix = ("Set HF_TOKEN (or run `hf auth login`) or pass token=..., with a token that "
+               f"can read the repo; for gated models accept the license at {page} first.")
+  chain = list(_download.exception_chain(exc))
+  status = _download.http_status(exc)
+  for e in chain:
+    if isinstance(e, hf_errors.GatedRepoError):
+      return _download.source_error(SOURCE, ref, "the repo is gated.", token_fix)
+    if isinstance(e, hf_errors.RevisionNotFoundError):
+      return _download.source_error(
+          SOURCE, ref, f"revision {revision!r} does not exist.",
+          f"Check the branches, tags and commits at {page}, or leave revision unset for "
+          "'main'.")
+    if isinstance(e, hf_errors.RepositoryNotFoundError):
+      problem = ("the Hub answered 401: the repo does not exist, or it is private or gated "
+                 "and no valid token was sent." if status == 401
+                 else "the repo does not exist on the Hub.")
+      return _download.source_error(
+          SOURCE, ref, problem, f"Check the id (see {page}). If the repo is private or "
+          f"gated: {token_fix}")
+  if offline and any(isinstance(e, (hf_errors.LocalEntryNotFoundError,
+                                    hf_errors.OfflineModeIsEnabled)) for e in chain):
+    return _download.source_error(
+        SOURCE, ref, "offline mode (local_files_only=True or HF_HUB_OFFLINE=1) and the repo "
+        "is not complete in the local cache.",
+        "Run once with network access to fill the cache, or unset HF_HUB_OFFLINE / pass "
+        "local_files_only=False.")
+  if status in (401, 403):
+    return _download.source_error(SOURCE, ref, f"the Hub refused access (HTTP {status}).",
+                                  token_fix)
+  if status == 404:
+    return _download.source_error(
+        SOURCE, ref, "the Hub answered 404 for a file of the repo.",
+        f"Check that the repo and revision still exist at {page}.")
+  if _is_transient(exc) or isinstance(exc, hf_errors.LocalEntryNotFoundError):
+    return _download.source_error(
+        SOURCE, ref, f"could not reach the Hub at {endpoint} after {_download.RETRY_ATTEMPTS} "
+        f"tries ({type(exc).__name__}: {str(exc).splitlines()[0] if str(exc) else ''}).",
+        "Check your network and HF_ENDPOINT; if the model is already in the cache, pass "
+        "local_files_only=True or set HF_HUB_OFFLINE=1.")
+  if status is not None:
+    return _download.source_error(SOURCE, ref, f"the Hub answered HTTP {status}.",
+                                  "Retry later; if it persists, check the repo page " + page)
+  return None
+
+
+def fetch(repo_id: str, *, revision: str | None = None, token: str | None = None,
+          download_dir: str | os.PathLike[str] | None = None,
+          local_files_only: bool = False) -> pathlib.Path:
+  """Downloads a Hub repo's safetensors, configs and tokenizer files.
+
+  Args:
+    repo_id: ``owner/name`` on the Hub.
+    revision: branch, tag or commit; the default branch when None.
+    token: Hub token; None uses ``HF_TOKEN`` or the stored login.
+    download_dir: put the files directly in this folder (``local_dir``) instead of the
+      Hugging Face cache.
+    local_files_only: use the cache only, never the network (also when
+      ``HF_HUB_OFFLINE=1``).
+
+  Returns:
+    The folder holding config.json and the ``*.safetensors`` files.
+
+  Raises:
+    SourceError: malformed id or revision, a repo without safetensors or config.json,
+      missing repo/revision, refused access, an unreachable Hub, or offline with a
+      cold cache.
+  """
+  validate_repo_id(repo_id)
+  if revision is not None:
+    _validate_revision(repo_id, revision)
+  endpoint = (os.environ.get("HF_ENDPOINT") or hf_constants.ENDPOINT).rstrip("/")
+  offline = (local_files_only or hf_constants.HF_HUB_OFFLINE
+             or _truthy(os.environ.get("HF_HUB_OFFLINE")))
+  local_dir = (str(pathlib.Path(download_dir).expanduser().resolve())
+               if download_dir is not None else None)
+  what = f"Hub download of {repo_id}"
+  try:
+    if not offline:
+      api = huggingface_hub.HfApi(endpoint=endpoint, token=token)
+      info = _download.retry(lambda: api.model_info(repo_id, revision=revision),
+                             is_transient=_is_transient, what=what)
+      _download.select_files([s.rfilename for s in info.siblings or []],
+                             source=SOURCE, ref=repo_id)
+    path = _download.retry(
+        lambda: huggingface_hub.snapshot_download(
+            repo_id, revision=revision, token=token, local_dir=local_dir,
+            local_files_only=offline, allow_patterns=list(_download.ALLOW_PATTERNS),
+            endpoint=endpoint, tqdm_class=_download.progress_class() if _download.quiet()
+            else None),
+        is_transient=_is_transient, what=what, attempts=1 if offline else
+        _download.RETRY_ATTEMPTS)
+  except SourceError:
+    raise
+  except Exception as e:  # pylint: disable=broad-except
+    error = _to_source_error(e, repo_id, revision, endpoint, offline)
+    if error is None:
+      raise
+    raise error from e
+  return _download.check_folder(pathlib.Path(path), source=SOURCE, ref=repo_id)
