@@ -1,0 +1,11 @@
+"""Test-wide set-up: 8 CPU devices for mesh tests, float32 matmuls."""
+
+import os
+
+# Must precede the first jax import anywhere in the test session.
+os.environ.setdefault("XLA_FLAGS", "--xla_force_host_platform_device_count=8")
+os.environ.setdefault("TUNIX_ZOO_QUIET", "1")
+
+import jax  # noqa: E402
+
+jax.config.update("jax_default_matmul_precision", "highest")

@@ -1,0 +1,140 @@
+"""Every family against HF transformers on tiny random checkpoints.
+
+Tolerance: float32 logits within MAX_ABS = 1e-4 (max absolute difference over real,
+non-padding tokens); greedy decoding with our KV cache must be token-identical to
+transformers' ``generate``.
+"""
+
+from __future__ import annotations
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+from flax import nnx
+from jax.sharding import AxisType
+
+from tests import reference
+from tunix_zoo.automodel import load_folder
+
+MAX_ABS = 1e-4
+NEW_TOKENS = 32
+CASES = sorted(reference.CASES)
+
+
+@pytest.fixture(scope="module")
+def checkpoints(tmp_path_factory):
+  """case -> (folder, torch model), made once for the module."""
+  made = {}
+  for case in CASES:
+    folder = tmp_path_factory.mktemp(case)
+    made[case] = folder, reference.make_checkpoint(case, folder)
+  return made
+
+
+def one_device_mesh():
+  return jax.make_mesh((1, 1), ("fsdp", "tp"), devices=jax.devices()[:1])
+
+
+def mesh_2x4(axis_type):
+  return jax.make_mesh((2, 4), ("fsdp", "tp"), axis_types=(axis_type,) * 2)
+
+
+def greedy(model, tokens, mask, new_tokens):
+  """Greedy decoding with the model's KV cache, one jitted step per token."""
+  step = nnx.jit(lambda m, tok, cache, msk: m(tok, cache=cache, attention_mask=msk))
+  cache = model.init_cache(tokens.shape[0], tokens.shape[1] + new_tokens)
+  logits, cache = step(model, jnp.asarray(tokens), cache, jnp.asarray(mask))
+  out = []
+  for _ in range(new_tokens):
+    nxt = jnp.argmax(logits[:, -1], axis=-1)[:, None]
+    out.append(np.asarray(nxt))
+    logits, cache = step(model, nxt, cache, jnp.ones_like(nxt))
+  return np.concatenate(out, axis=1)
+
+
+def real(mask):
+  return mask.astype(bool)
+
+
+@pytest.mark.parametrize("case", CASES)
+def test_logits_match_transformers(checkpoints, case):
+  folder, torch_model = checkpoints[case]
+  tokens, mask, positions = reference.left_padded_batch()
+  expected = reference.reference_logits(torch_model, tokens, mask, positions)
+  model = load_folder(folder, one_device_mesh())
+  logits, cache = model(jnp.asarray(tokens), attention_mask=jnp.asarray(mask))
+  assert cache is None
+  diff = np.abs(np.asarray(logits) - expected)[real(mask)].max()
+  assert diff <= MAX_ABS, f"{case}: max abs logit diff {diff}"
+  # Explicit positions (Tunix passes them) give the same result.
+  logits2, _ = model(
+      jnp.asarray(tokens), positions=jnp.asarray(positions), attention_mask=jnp.asarray(mask)
+  )
+  np.testing.assert_allclose(np.asarray(logits2), np.asarray(logits), atol=1e-6)
+
+
+@pytest.mark.parametrize("case", CASES)
+def test_greedy_decode_matches_generate(checkpoints, case):
+  folder, torch_model = checkpoints[case]
+  tokens, mask, _ = reference.left_padded_batch(seed=1)
+  expected = reference.reference_greedy(torch_model, tokens, mask, NEW_TOKENS)
+  model = load_folder(folder, one_device_mesh())
+  np.testing.assert_array_equal(greedy(model, tokens, mask, NEW_TOKENS), expected)
+
+
+@pytest.mark.parametrize("case", CASES)
+def test_prefill_then_steps_reproduce_full_sequence(checkpoints, case):
+  folder, _ = checkpoints[case]
+  model = load_folder(folder, one_device_mesh())
+  tokens, mask, _ = reference.left_padded_batch(seed=2)
+  full, _ = model(jnp.asarray(tokens), attention_mask=jnp.asarray(mask))
+  cache = model.init_cache(tokens.shape[0], 16)
+  prefix = 5
+  stepped, cache = model(
+      jnp.asarray(tokens[:, :prefix]), cache=cache, attention_mask=jnp.asarray(mask[:, :prefix])
+  )
+  outs = [np.asarray(stepped)]
+  for t in range(prefix, tokens.shape[1]):
+    step_logits, cache = model(
+        jnp.asarray(tokens[:, t:t + 1]), cache=cache, attention_mask=jnp.asarray(mask[:, t:t + 1])
+    )
+    outs.append(np.asarray(step_logits))
+  stepped = np.concatenate(outs, axis=1)
+  diff = np.abs(stepped - np.asarray(full))[real(mask)].max()
+  assert diff <= MAX_ABS
+
+
+@pytest.mark.parametrize("axis_type", [AxisType.Explicit, AxisType.Auto], ids=["explicit", "auto"])
+@pytest.mark.parametrize("case", CASES)
+def test_mesh_2x4_equals_one_device(checkpoints, case, axis_type):
+  folder, _ = checkpoints[case]
+  tokens, mask, _ = reference.left_padded_batch(seed=3, batch=2)
+  single = load_folder(folder, one_device_mesh())
+  mesh = mesh_2x4(axis_type)
+  sharded = load_folder(folder, mesh)
+  q_proj = sharded.layers[0].attn.q_proj.weight[...]
+  assert q_proj.sharding.mesh == mesh
+  assert q_proj.sharding.spec == jax.sharding.PartitionSpec("tp", "fsdp")
+  assert sharded.embed_tokens.weight[...].sharding.spec[1] == "fsdp"
+  expected, _ = single(jnp.asarray(tokens), attention_mask=jnp.asarray(mask))
+  got, _ = nnx.jit(lambda m, t, k: m(t, attention_mask=k))(
+      sharded, jnp.asarray(tokens), jnp.asarray(mask)
+  )
+  diff = np.abs(np.asarray(got) - np.asarray(expected))[real(mask)].max()
+  assert diff <= MAX_ABS
+  np.testing.assert_array_equal(
+      greedy(sharded, tokens, mask, 8), greedy(single, tokens, mask, 8)
+  )
+
+
+@pytest.mark.parametrize("case", ["llama3", "qwen3", "gemma3"])
+def test_sharded_checkpoint_in_hub_spelling(tmp_path, case):
+  torch_model = reference.make_checkpoint(case, tmp_path, max_shard_size="100KB")
+  reference.to_hub_spelling(tmp_path)
+  assert (tmp_path / "model.safetensors.index.json").exists()
+  tokens, mask, positions = reference.left_padded_batch(seed=4)
+  expected = reference.reference_logits(torch_model, tokens, mask, positions)
+  model = load_folder(tmp_path, one_device_mesh())
+  logits, _ = model(jnp.asarray(tokens), attention_mask=jnp.asarray(mask))
+  assert np.abs(np.asarray(logits) - expected)[real(mask)].max() <= MAX_ABS

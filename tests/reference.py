@@ -1,0 +1,127 @@
+"""Reference checkpoints made on the fly with HF transformers (PyTorch).
+
+Every family gets tiny random configs saved with ``save_pretrained``; norm weights are
+perturbed so a wrong norm formula cannot pass unnoticed.
+"""
+
+from __future__ import annotations
+
+import json
+import pathlib
+from typing import Any
+
+import numpy as np
+
+VOCAB = 131
+LLAMA3_ROPE = {
+    "rope_type": "llama3", "factor": 8.0, "low_freq_factor": 1.0, "high_freq_factor": 4.0,
+    "original_max_position_embeddings": 32,
+}
+SLIDING_WINDOW = 6
+
+# name -> (transformers config class, model class, config kwargs)
+CASES: dict[str, tuple[str, str, dict[str, Any]]] = {
+    "llama3": ("LlamaConfig", "LlamaForCausalLM", dict(
+        num_attention_heads=4, num_key_value_heads=2, rope_scaling=LLAMA3_ROPE,
+        tie_word_embeddings=False)),
+    "llama3_tied_mha": ("LlamaConfig", "LlamaForCausalLM", dict(
+        num_attention_heads=4, num_key_value_heads=4, rope_scaling=LLAMA3_ROPE,
+        tie_word_embeddings=True)),
+    "qwen2p5": ("Qwen2Config", "Qwen2ForCausalLM", dict(
+        num_attention_heads=4, num_key_value_heads=1, tie_word_embeddings=True)),
+    "qwen3": ("Qwen3Config", "Qwen3ForCausalLM", dict(
+        num_attention_heads=8, num_key_value_heads=2, tie_word_embeddings=False,
+        rope_theta=1e6)),
+    "gemma": ("GemmaConfig", "GemmaForCausalLM", dict(
+        num_attention_heads=4, num_key_value_heads=1)),
+    "gemma2": ("Gemma2Config", "Gemma2ForCausalLM", dict(
+        num_attention_heads=4, num_key_value_heads=2, sliding_window=SLIDING_WINDOW,
+        query_pre_attn_scalar=24, attn_logit_softcapping=50.0, final_logit_softcapping=5.0)),
+    "gemma3": ("Gemma3TextConfig", "Gemma3ForCausalLM", dict(
+        num_attention_heads=4, num_key_value_heads=2, sliding_window=SLIDING_WINDOW,
+        query_pre_attn_scalar=24, num_hidden_layers=6,
+        layer_types=["sliding_attention"] * 2 + ["full_attention"]
+        + ["sliding_attention"] * 2 + ["full_attention"],
+        rope_parameters={
+            "full_attention": {"rope_type": "linear", "factor": 8.0, "rope_theta": 1e6},
+            "sliding_attention": {"rope_type": "default", "rope_theta": 1e4},
+        })),
+}
+
+BASE = dict(
+    vocab_size=VOCAB, hidden_size=64, intermediate_size=96, num_hidden_layers=3, head_dim=16,
+    max_position_embeddings=512, pad_token_id=0, bos_token_id=1,
+    # No EOS: generate() must run every requested step, as our loop does.
+    eos_token_id=None,
+)
+
+
+def make_checkpoint(case: str, folder: pathlib.Path, *, seed: int = 0, **save_kwargs: Any):
+  """Saves a random transformers model of ``case`` into ``folder``; returns the model."""
+  import torch
+  import transformers
+
+  config_cls, model_cls, kwargs = CASES[case]
+  config = getattr(transformers, config_cls)(**{**BASE, **kwargs})
+  torch.manual_seed(seed)
+  model = getattr(transformers, model_cls)(config).eval()
+  with torch.no_grad():
+    for name, param in model.named_parameters():
+      if "norm" in name or "bias" in name:
+        param.add_(torch.randn_like(param) * 0.2)
+  model.save_pretrained(folder, safe_serialization=True, **save_kwargs)
+  return model
+
+
+def to_hub_spelling(folder: pathlib.Path) -> None:
+  """Rewrites a transformers-5 config.json into the spelling published checkpoints use."""
+  path = folder / "config.json"
+  cfg = json.loads(path.read_text())
+  rope = cfg.pop("rope_parameters", None) or {}
+  if "full_attention" in rope:
+    local = rope.get("sliding_attention", {})
+    cfg["rope_local_base_freq"] = local.get("rope_theta", 10_000.0)
+    rope = rope["full_attention"]
+  rope = dict(rope)
+  cfg["rope_theta"] = rope.pop("rope_theta", 10_000.0)
+  cfg["rope_scaling"] = None if rope.get("rope_type", "default") == "default" else rope
+  layer_types = cfg.pop("layer_types", None)
+  if layer_types and cfg.get("model_type") == "gemma3_text":
+    cfg["sliding_window_pattern"] = layer_types.index("full_attention") + 1
+  cfg["torch_dtype"] = cfg.pop("dtype", None) or "float32"
+  cfg.pop("_sliding_window_pattern", None)
+  path.write_text(json.dumps(cfg, indent=2))
+
+
+def left_padded_batch(seed: int = 0, batch: int = 3, length: int = 12):
+  """Tokens, a left-padding mask (rows padded by 0, 4 and 7) and HF position ids."""
+  rng = np.random.RandomState(seed)
+  tokens = rng.randint(3, VOCAB, (batch, length))
+  mask = np.ones((batch, length), np.int64)
+  for row, pad in enumerate((0, 4, 7)[:batch]):
+    mask[row, :pad] = 0
+    tokens[row, :pad] = 0
+  positions = np.maximum(np.cumsum(mask, -1) - 1, 0)
+  return tokens, mask, positions
+
+
+def reference_logits(model, tokens, mask, positions) -> np.ndarray:
+  import torch
+
+  with torch.no_grad():
+    return model(
+        input_ids=torch.tensor(tokens), attention_mask=torch.tensor(mask),
+        position_ids=torch.tensor(positions),
+    ).logits.float().numpy()
+
+
+def reference_greedy(model, tokens, mask, new_tokens: int) -> np.ndarray:
+  import torch
+
+  with torch.no_grad():
+    out = model.generate(
+        input_ids=torch.tensor(tokens), attention_mask=torch.tensor(mask),
+        max_new_tokens=new_tokens, do_sample=False,
+        pad_token_id=0,
+    )
+  return out[:, tokens.shape[1]:].numpy()

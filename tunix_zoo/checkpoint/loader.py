@@ -1,0 +1,130 @@
+"""Streams a safetensors checkpoint into an abstract NNX model, already sharded.
+
+For every parameter of the abstract model (built with ``nnx.eval_shape``, so no
+memory), the family's key map names the checkpoint tensor, the sharding rules give its
+``NamedSharding`` on the caller's mesh, and ``jax.make_array_from_callback`` asks for
+each addressable device's slice, read straight from the memory-mapped file. Host memory
+stays bounded by the slices in flight; a process reads only the slices its devices hold.
+
+Example::
+
+    abstract = nnx.eval_shape(lambda: Qwen3ForCausalLM(cfg, rngs=nnx.Rngs(0)))
+    model = load_checkpoint(abstract, "/ckpt", QWEN3_PARAMS, mesh)
+"""
+
+from __future__ import annotations
+
+import concurrent.futures
+import logging
+import os
+from typing import Any, Callable
+
+import jax
+import numpy as np
+from flax import nnx
+from jax.sharding import Mesh
+
+from tunix_zoo import sharding
+from tunix_zoo.checkpoint.keymap import KeyMap
+from tunix_zoo.checkpoint.safetensors_io import CheckpointFiles
+from tunix_zoo.errors import CheckpointError
+
+log = logging.getLogger(__name__)
+
+READ_THREADS = min(8, os.cpu_count() or 1)
+
+
+def module_path(path: tuple[Any, ...]) -> str:
+  """``('layers', 3, 'attn', 'q_proj', 'weight')`` -> ``'layers.3.attn.q_proj.weight'``."""
+  return ".".join(str(p) for p in path)
+
+
+def axis_counts(config: Any) -> dict[str, int]:
+  """Per logical axis, the count a mesh axis must divide (heads, not heads * head_dim)."""
+  return {"heads": config.num_heads, "kv_heads": config.num_kv_heads}
+
+
+def parameter_shardings(
+    abstract: nnx.Module, mesh: Mesh, rules: sharding.Rules | None = None
+) -> dict[str, jax.sharding.NamedSharding]:
+  """Module path -> NamedSharding of every parameter of an (abstract) model."""
+  counts = axis_counts(abstract.config)
+  out = {}
+  for path, var in nnx.to_flat_state(nnx.state(abstract, nnx.Param)):
+    name = module_path(path)
+    axes = var.get_metadata().get("logical_axes") or (None,) * len(var.shape)
+    out[name] = sharding.named_sharding(axes, var.shape, mesh, rules, counts, what=name)
+  return out
+
+
+def load_checkpoint(
+    abstract: nnx.Module,
+    folder: str | os.PathLike,
+    key_map: KeyMap,
+    mesh: Mesh,
+    *,
+    sharding_rules: sharding.Rules | None = None,
+    progress: Callable[[int], None] | None = None,
+) -> nnx.Module:
+  """Fills ``abstract``'s parameters from the checkpoint in ``folder``.
+
+  Raises CheckpointError for missing, unexpected or misshaped tensors. Each parameter
+  is cast to the abstract model's dtype. ``progress`` is called with bytes loaded.
+  """
+  if sharding_rules is not None:
+    sharding.validate_rules(sharding_rules, mesh)
+  graphdef, params, rest = nnx.split(abstract, nnx.Param, ...)
+  shardings = parameter_shardings(abstract, mesh, sharding_rules)
+  flat = nnx.to_flat_state(params)
+  with CheckpointFiles(folder) as ckpt:
+    available = set(ckpt.keys())
+    wanted = {}
+    for path, var in flat:
+      name = module_path(path)
+      key = _find_key(key_map, name, available)
+      if key is None:
+        raise CheckpointError(
+            f"Checkpoint {folder} has no tensor for model parameter {name!r} "
+            f"(looked for {key_map.checkpoint_key(name)!r}). Is this checkpoint of the "
+            f"architecture its config.json names?"
+        )
+      if tuple(ckpt.shape(key)) != tuple(var.shape):
+        raise CheckpointError(
+            f"Tensor {key!r} in {folder} has shape {tuple(ckpt.shape(key))}, but the model "
+            f"expects {tuple(var.shape)} for {name!r}: config.json and weights disagree."
+        )
+      wanted[name] = key
+    tied = getattr(abstract.config, "tie_word_embeddings", False)
+    unexpected = sorted(
+        k for k in available - set(wanted.values())
+        if not key_map.is_ignored(k) and not (tied and k.endswith("lm_head.weight"))
+    )
+    if unexpected:
+      raise CheckpointError(
+          f"Checkpoint {folder} has {len(unexpected)} tensors the model does not use, e.g. "
+          f"{unexpected[:5]}. The config.json may not match the weights (e.g. wrong "
+          "num_hidden_layers), or the family's key map lacks them."
+      )
+
+    def load_one(item):
+      path, var = item
+      name = module_path(path)
+      key, dtype = wanted[name], var.dtype
+
+      def read(index):
+        return np.asarray(ckpt.read(key, index)).astype(dtype, copy=False)
+
+      array = jax.make_array_from_callback(tuple(var.shape), shardings[name], read)
+      if progress is not None:
+        progress(int(np.prod(var.shape)) * np.dtype(dtype).itemsize)
+      return path, array
+
+    with concurrent.futures.ThreadPoolExecutor(READ_THREADS) as pool:
+      loaded = dict(pool.map(load_one, flat))
+  for path, var in flat:
+    var.set_value(loaded[path]) if hasattr(var, "set_value") else setattr(var, "value", loaded[path])
+  return nnx.merge(graphdef, nnx.from_flat_state(flat), rest)
+
+
+def _find_key(key_map: KeyMap, name: str, available: set[str]) -> str | None:
+  return next((k for k in key_map.spellings(key_map.checkpoint_key(name)) if k in available), None)
