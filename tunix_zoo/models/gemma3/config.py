@@ -81,7 +81,7 @@ class Gemma3Config(Gemma2Config):
 
   @classmethod
   def read_layer_types(cls, hf: dict[str, Any], num_layers: int) -> tuple[str, ...]:
-    """``layer_types`` as written, else derived from ``sliding_window_pattern`` as transformers does."""
+    """``layer_types`` as written, else from ``sliding_window_pattern`` as transformers does."""
     types = hf.get("layer_types") or alternating_layer_types(
         num_layers, period=int(hf["sliding_window_pattern"])
     )

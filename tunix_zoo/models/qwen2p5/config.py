@@ -1,0 +1,159 @@
+"""Qwen2.5 config: the Llama decoder with biases on the q, k and v projections.
+
+Qwen2's config.json always carries a ``sliding_window``, but the window applies only
+when ``use_sliding_window`` is true (never, in the published checkpoints), and then
+only to the layers from ``max_window_layers`` on.
+
+Example::
+
+    cfg = Qwen2p5Config.from_hf_config(json.load(open("Qwen2.5-7B/config.json")))
+    cfg.attention_bias, cfg.sliding_window  # (True, None)
+"""
+
+from __future__ import annotations
+
+import dataclasses
+from typing import Any, ClassVar
+
+from tunix_zoo.config import (
+    FULL_ATTENTION,
+    SLIDING_ATTENTION,
+    DecoderConfig,
+    RopeConfig,
+    text_config,
+)
+from tunix_zoo.registry import register_config
+
+
+@dataclasses.dataclass(frozen=True)
+class Qwen2p5Config(DecoderConfig):
+  """Qwen2 / Qwen2.5 (``Qwen2ForCausalLM``)."""
+
+  model_type: ClassVar[str] = "qwen2"
+  architecture: ClassVar[str] = "Qwen2ForCausalLM"
+  # What transformers' Qwen2Config assumes for keys a config.json may leave out.
+  hf_defaults: ClassVar[dict[str, Any]] = {
+      "rms_norm_eps": 1e-6,
+      "rope_theta": 10_000.0,
+      "max_position_embeddings": 32_768,
+      "tie_word_embeddings": False,
+  }
+
+  attention_bias: bool = True
+
+  @classmethod
+  def hf_fields(cls, hf: dict[str, Any]) -> dict[str, Any]:
+    hf = {**cls.hf_defaults, **text_config(hf)}
+    fields = super().hf_fields(hf)
+    # Qwen2 has no switch for it: q/k/v always carry a bias, o never does.
+    fields.update(attention_bias=True, **read_sliding_window(hf, fields["num_layers"]))
+    return fields
+
+  def to_hf_config(self) -> dict[str, Any]:
+    return {**super().to_hf_config(), **sliding_window_hf(self)}
+
+
+def read_sliding_window(
+    hf: dict[str, Any], num_layers: int, *, every_layer: bool = False
+) -> dict[str, Any]:
+  """``sliding_window`` and ``layer_types`` of a Qwen config.json (both spellings).
+
+  The window counts only under ``use_sliding_window``; it then covers the layers from
+  ``max_window_layers`` on (``every_layer``: all of them, as Qwen3-MoE does), unless
+  ``layer_types`` says otherwise.
+  """
+  if not hf.get("use_sliding_window") or not hf.get("sliding_window"):
+    return dict(sliding_window=None, layer_types=())
+  if every_layer:
+    types = (SLIDING_ATTENTION,) * num_layers
+  else:
+    first = hf.get("max_window_layers", 28)
+    types = tuple(hf.get("layer_types") or (
+        SLIDING_ATTENTION if i >= first else FULL_ATTENTION for i in range(num_layers)
+    ))
+  if SLIDING_ATTENTION not in types:
+    return dict(sliding_window=None, layer_types=())
+  return dict(sliding_window=int(hf["sliding_window"]), layer_types=types)
+
+
+def sliding_window_hf(config: DecoderConfig) -> dict[str, Any]:
+  """The Qwen config.json keys that say where the sliding window applies."""
+  if SLIDING_ATTENTION not in config.layer_types:
+    return dict(use_sliding_window=False, sliding_window=None, max_window_layers=config.num_layers)
+  return dict(
+      use_sliding_window=True,
+      sliding_window=config.sliding_window,
+      max_window_layers=config.layer_types.index(SLIDING_ATTENTION),
+      layer_types=list(config.layer_types),
+  )
+
+
+def _qwen2p5(**fields: Any) -> Qwen2p5Config:
+  return Qwen2p5Config(
+      head_dim=fields["hidden_size"] // fields["num_heads"],
+      rope=RopeConfig(theta=1_000_000.0),
+      **fields,
+  )
+
+
+@register_config("qwen2p5_0p5b")
+def qwen2p5_0p5b() -> Qwen2p5Config:
+  """Qwen/Qwen2.5-0.5B: 0.49B parameters."""
+  return _qwen2p5(
+      vocab_size=151_936, hidden_size=896, num_layers=24, num_heads=14, num_kv_heads=2,
+      intermediate_size=4864, max_position_embeddings=32_768, tie_word_embeddings=True,
+  )
+
+
+@register_config("qwen2p5_1p5b")
+def qwen2p5_1p5b() -> Qwen2p5Config:
+  """Qwen/Qwen2.5-1.5B: 1.54B parameters."""
+  return _qwen2p5(
+      vocab_size=151_936, hidden_size=1536, num_layers=28, num_heads=12, num_kv_heads=2,
+      intermediate_size=8960, max_position_embeddings=32_768, tie_word_embeddings=True,
+  )
+
+
+@register_config("qwen2p5_3b")
+def qwen2p5_3b() -> Qwen2p5Config:
+  """Qwen/Qwen2.5-3B: 3.09B parameters."""
+  return _qwen2p5(
+      vocab_size=151_936, hidden_size=2048, num_layers=36, num_heads=16, num_kv_heads=2,
+      intermediate_size=11_008, max_position_embeddings=32_768, tie_word_embeddings=True,
+  )
+
+
+@register_config("qwen2p5_7b")
+def qwen2p5_7b() -> Qwen2p5Config:
+  """Qwen/Qwen2.5-7B: 7.62B parameters."""
+  return _qwen2p5(
+      vocab_size=152_064, hidden_size=3584, num_layers=28, num_heads=28, num_kv_heads=4,
+      intermediate_size=18_944, max_position_embeddings=131_072,
+  )
+
+
+@register_config("qwen2p5_14b")
+def qwen2p5_14b() -> Qwen2p5Config:
+  """Qwen/Qwen2.5-14B: 14.7B parameters."""
+  return _qwen2p5(
+      vocab_size=152_064, hidden_size=5120, num_layers=48, num_heads=40, num_kv_heads=8,
+      intermediate_size=13_824, max_position_embeddings=131_072,
+  )
+
+
+@register_config("qwen2p5_32b")
+def qwen2p5_32b() -> Qwen2p5Config:
+  """Qwen/Qwen2.5-32B: 32.8B parameters."""
+  return _qwen2p5(
+      vocab_size=152_064, hidden_size=5120, num_layers=64, num_heads=40, num_kv_heads=8,
+      intermediate_size=27_648, max_position_embeddings=131_072,
+  )
+
+
+@register_config("qwen2p5_72b")
+def qwen2p5_72b() -> Qwen2p5Config:
+  """Qwen/Qwen2.5-72B: 72.7B parameters."""
+  return _qwen2p5(
+      vocab_size=152_064, hidden_size=8192, num_layers=80, num_heads=64, num_kv_heads=8,
+      intermediate_size=29_568, max_position_embeddings=131_072,
+  )
