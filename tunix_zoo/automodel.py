@@ -219,7 +219,7 @@ def load_folder(
   dtype = dtype or param_dtype
   abstract = nnx.eval_shape(
       lambda: spec.model_class(
-          config, rngs=nnx.Rngs(0), dtype=dtype, param_dtype=param_dtype, mesh=mesh,
+          config, rngs=None, dtype=dtype, param_dtype=param_dtype, mesh=mesh,
           sharding_rules=sharding_rules,
       )
   )

@@ -437,7 +437,7 @@ def model_parameter_count(config_id: str) -> int:
 
 @functools.lru_cache(maxsize=None)
 def _count_parameters(model_class: type, cfg: DecoderConfig) -> int:
-  abstract = nnx.eval_shape(lambda: model_class(cfg, rngs=nnx.Rngs(0)))
+  abstract = nnx.eval_shape(lambda: model_class(cfg, rngs=None))
   return sum(math.prod(x.shape) for x in jax.tree.leaves(nnx.state(abstract, nnx.Param)))
 
 

@@ -83,7 +83,7 @@ class Attention(nnx.Module):
       config: DecoderConfig,
       layer: int,
       *,
-      rngs: nnx.Rngs,
+      rngs: nnx.Rngs | None,
       dtype: Any = jnp.float32,
       param_dtype: Any = jnp.float32,
       mesh: Mesh | None = None,

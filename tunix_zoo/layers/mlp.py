@@ -42,7 +42,7 @@ class GatedMLP(nnx.Module):
       intermediate_size: int,
       act: str,
       *,
-      rngs: nnx.Rngs,
+      rngs: nnx.Rngs | None,
       dtype: Any = jnp.float32,
       param_dtype: Any = jnp.float32,
   ):
