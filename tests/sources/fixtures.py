@@ -103,7 +103,7 @@ def kaggle(kaggle_server: servers.KaggleServer, checkpoint: pathlib.Path,
 
 @pytest.fixture(scope="session")
 def gcs_emulator() -> Iterator[int]:
-  """A ``gcp-storage-emulator`` on a free port, holding ``checkpoint`` under GCS_URL."""
+  """The port of a ``gcp-storage-emulator`` started on 127.0.0.1 for the session."""
   port = servers.free_port()
   proc = servers.start_gcs_emulator(port)
   try:
@@ -115,6 +115,7 @@ def gcs_emulator() -> Iterator[int]:
 
 @pytest.fixture(scope="session")
 def gcs_proxy(gcs_emulator: int, checkpoint: pathlib.Path) -> Iterator[servers.GcsProxy]:
+  """The fault-injecting proxy; ``checkpoint`` is uploaded under GCS_URL."""
   with servers.GcsProxy(gcs_emulator) as proxy:
     upload_to_gcs(proxy, checkpoint, GCS_PREFIX)
     yield proxy

@@ -41,22 +41,38 @@ LOCALHOST = "127.0.0.1"
 
 
 def make_checkpoint(folder: pathlib.Path, *, seed: int = 0) -> pathlib.Path:
-  """Writes a tiny checkpoint: config.json, model.safetensors, tokenizer files.
+  """Writes a complete random one-layer Llama checkpoint in the Hub's (transformers 4) spelling.
 
-  Also writes files that no source may download (pickle weights, a README), so tests
-  can check the allow-list.
+  Besides config.json, model.safetensors and tokenizer files, it writes files that no
+  source may download (pickle weights, a README), so tests can check the allow-list.
   """
   folder.mkdir(parents=True, exist_ok=True)
   rng = np.random.default_rng(seed)
-  config = {"model_type": "llama", "architectures": ["LlamaForCausalLM"], "vocab_size": 32,
-            "hidden_size": 8, "intermediate_size": 16, "num_hidden_layers": 1,
-            "num_attention_heads": 2, "num_key_value_heads": 1, "torch_dtype": "float32"}
+  hidden, heads, kv_heads, head_dim, inter, vocab = 8, 2, 1, 4, 16, 32
+  config = {"model_type": "llama", "architectures": ["LlamaForCausalLM"],
+            "vocab_size": vocab, "hidden_size": hidden, "intermediate_size": inter,
+            "num_hidden_layers": 1, "num_attention_heads": heads,
+            "num_key_value_heads": kv_heads, "head_dim": head_dim, "hidden_act": "silu",
+            "max_position_embeddings": 64, "rms_norm_eps": 1e-5, "rope_theta": 10000.0,
+            "rope_scaling": None, "attention_bias": False, "mlp_bias": False,
+            "tie_word_embeddings": False, "bos_token_id": 1, "eos_token_id": 2,
+            "torch_dtype": "float32"}
+  shapes = {"model.embed_tokens.weight": (vocab, hidden), "lm_head.weight": (vocab, hidden),
+            "model.norm.weight": (hidden,),
+            "model.layers.0.input_layernorm.weight": (hidden,),
+            "model.layers.0.post_attention_layernorm.weight": (hidden,),
+            "model.layers.0.self_attn.q_proj.weight": (heads * head_dim, hidden),
+            "model.layers.0.self_attn.k_proj.weight": (kv_heads * head_dim, hidden),
+            "model.layers.0.self_attn.v_proj.weight": (kv_heads * head_dim, hidden),
+            "model.layers.0.self_attn.o_proj.weight": (hidden, heads * head_dim),
+            "model.layers.0.mlp.gate_proj.weight": (inter, hidden),
+            "model.layers.0.mlp.up_proj.weight": (inter, hidden),
+            "model.layers.0.mlp.down_proj.weight": (hidden, inter)}
   (folder / "config.json").write_text(json.dumps(config, indent=2))
-  save_file({"model.embed_tokens.weight": rng.standard_normal((32, 8), np.float32),
-             "model.norm.weight": rng.standard_normal((8,), np.float32)},
+  save_file({k: rng.standard_normal(v).astype(np.float32) for k, v in shapes.items()},
             str(folder / "model.safetensors"))
   (folder / "tokenizer.json").write_text(json.dumps({"version": "1.0", "model": {
-      "type": "BPE", "vocab": {f"t{i}": i for i in range(32)}, "merges": []}}))
+      "type": "BPE", "vocab": {f"t{i}": i for i in range(vocab)}, "merges": []}}))
   (folder / "tokenizer_config.json").write_text(json.dumps({"model_max_length": 64}))
   (folder / "pytorch_model.bin").write_bytes(b"\x80\x04 pickled weights are never fetched")
   (folder / "README.md").write_text("# tiny\n")
@@ -90,6 +106,7 @@ class Faults:
     self._lock = threading.Lock()
     self._rules: list[_Rule] = []
     self.hits: list[tuple[str, str]] = []
+    self.ranges: list[tuple[str, str]] = []  # (path, Range header) of ranged requests
     self.release = threading.Event()  # ends every stall
     self.stalled = threading.Event()  # set once a stalled body is half sent
 
@@ -111,9 +128,11 @@ class Faults:
     """Sends half the body of matching GETs, then waits for :attr:`release`."""
     self._add("stall", match, "GET", 200, times, skip)
 
-  def take(self, method: str, path: str) -> _Rule | None:
+  def take(self, method: str, path: str, range_header: str | None) -> _Rule | None:
     with self._lock:
       self.hits.append((method, path))
+      if range_header:
+        self.ranges.append((path, range_header))
       for rule in self._rules:
         if rule.match in path and rule.method in (None, method) and rule.times > 0:
           if rule.skip > 0:
@@ -132,6 +151,7 @@ class Faults:
     with self._lock:
       self._rules.clear()
       self.hits.clear()
+      self.ranges.clear()
     self.release.clear()
     self.stalled.clear()
 
@@ -154,7 +174,7 @@ class _Handler(http.server.BaseHTTPRequestHandler):
     self._send(status, body, {**extra, **(headers or {})})
 
   def _dispatch(self, method: str) -> None:
-    rule = self.server.faults.take(method, self.path)
+    rule = self.server.faults.take(method, self.path, self.headers.get("Range"))
     if rule is not None and rule.kind == "status":
       self._error(rule.status, f"injected {rule.status}")
       return

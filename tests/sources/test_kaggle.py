@@ -87,6 +87,20 @@ def test_partial_file_left_in_download_path_is_replaced(kaggle, checkpoint, tmp_
   servers.assert_fetched(kaggle_fetch(model_download_path=str(target)), checkpoint)
 
 
+def test_listing_is_read_across_pages(kaggle, checkpoint, tmp_path):
+  sharded = tmp_path / "sharded"
+  sharded.mkdir()
+  for name in servers.FETCHED:
+    (sharded / name).write_bytes((checkpoint / name).read_bytes())
+  extras = {f"extra_{i:02d}.json": f"{{\"i\": {i}}}".encode() for i in range(30)}
+  for name, data in extras.items():
+    (sharded / name).write_bytes(data)
+  kaggle.add_model("acme/sharded/transformers/s", 1, sharded)
+  folder = kaggle_fetch("acme/sharded/transformers/s")
+  assert all((folder / n).read_bytes() == d for n, d in extras.items())
+  assert kaggle.faults.count("ListModelInstanceVersionFiles") == 2
+
+
 def test_missing_model_is_a_clear_error(kaggle):
   with pytest.raises(SourceError, match=r"\[kaggle\] acme/nope/transformers/x: .*404.*"
                      r"Check the handle"):

@@ -116,6 +116,7 @@ def _download_one(fs: Any, remote: str, folder: pathlib.Path, name: str,
       if not data:
         raise _ChecksumMismatch(f"empty read at byte {offset} of {size}")
       f.write(data)
+      f.flush()  # what reached the OS survives a crash, and the next call resumes after it
       offset += len(data)
       with bar_lock:
         bar.update(len(data))
@@ -148,7 +149,8 @@ def _to_source_error(exc: BaseException, url: str) -> SourceError | None:
   if any(isinstance(e, FileNotFoundError) for e in chain):
     return _download.source_error(
         SOURCE, url, "the bucket or an object of it does not exist (HTTP 404).",
-        "Check the path with `gcloud storage ls " + url + "`.")
+        "Check the path with `gcloud storage ls " + url + "`; if the objects were being "
+        "rewritten, run the call again.")
   if any(isinstance(e, _ChecksumMismatch) for e in chain):
     return _download.source_error(
         SOURCE, url, f"downloaded bytes did not match the listed md5 after "

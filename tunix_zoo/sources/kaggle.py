@@ -47,7 +47,7 @@ _SLUG = re.compile(r"[A-Za-z0-9][A-Za-z0-9._-]*")
 _HANDLE_FIX = ("Pass model_path='owner/model/framework/variation[/version]', e.g. "
                "'google/gemma-3/transformers/gemma-3-1b-it/1'.")
 _MAX_WORKERS = 8  # kagglehub's own cap on parallel file downloads
-_PAGE_SIZE = 100
+_PAGE_SIZE = 25  # what kagglehub itself asks for
 
 
 @dataclasses.dataclass(frozen=True)
