@@ -35,6 +35,8 @@ import urllib.parse
 from typing import Any
 
 import numpy as np
+from kagglehub.enum import to_enum
+from kagglesdk.models.types.model_enums import ModelFramework
 from safetensors.numpy import save_file
 
 LOCALHOST = "127.0.0.1"
@@ -402,8 +404,6 @@ class _KaggleHandler(_Handler):
       self._error(404, "no such route")
 
   def _model(self, body: dict[str, Any]) -> tuple[str, _KaggleModel] | None:
-    from kagglehub.enum import to_enum  # pylint: disable=import-outside-toplevel
-    from kagglesdk.models.types.model_enums import ModelFramework  # pylint: disable=import-outside-toplevel
     for handle, model in self.server.models.items():
       owner, name, framework, variation = handle.split("/")
       if (body.get("ownerSlug"), body.get("modelSlug"), body.get("instanceSlug")) == (

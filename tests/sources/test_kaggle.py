@@ -1,4 +1,4 @@
-"""Kaggle source against a real Kaggle-API server on 127.0.0.1:7777 (``KAGGLE_API_ENVIRONMENT=TEST``)."""
+"""Kaggle source against a Kaggle-API server on 127.0.0.1:7777 (KAGGLE_API_ENVIRONMENT=TEST)."""
 
 from __future__ import annotations
 

@@ -45,13 +45,13 @@ PICKLE_PATTERNS = ("*.bin", "*.pth", "*.pt", "*.ckpt", "*.pkl", "*.pickle")
 _ORBAX_NAMES = frozenset(
     {"_METADATA", "_CHECKPOINT_METADATA", "checkpoint", "manifest.ocdbt", "_sharding"})
 CONVERT_HINT = (
-  "Convert the weights to safetensors first, e.g. load them with transformers and call "
-  "model.save_pretrained(folder, safe_serialization=True), or pick a repo/variation that "
-  "publishes *.safetensors.")
+    "Convert the weights to safetensors first, e.g. load them with transformers and call "
+    "model.save_pretrained(folder, safe_serialization=True), or pick a repo/variation that "
+    "publishes *.safetensors.")
 ORBAX_HINT = (
-  "Flax/orbax checkpoints (Kaggle framework 'flax') are not supported yet; use the "
-  "'transformers' variation of the same model, e.g. "
-  "'google/gemma-3/transformers/gemma-3-1b-it'.")
+    "Flax/orbax checkpoints (Kaggle framework 'flax') are not supported yet; use the "
+    "'transformers' variation of the same model, e.g. "
+    "'google/gemma-3/transformers/gemma-3-1b-it'.")
 
 RETRY_ATTEMPTS = 4
 RETRY_BASE_DELAY_S = 0.5

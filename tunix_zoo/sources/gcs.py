@@ -30,6 +30,7 @@ import threading
 from typing import Any
 
 import aiohttp
+import gcsfs
 import google.auth.exceptions
 import requests
 
@@ -204,8 +205,6 @@ def fetch(url: str, *, download_dir: str | os.PathLike[str] | None = None,
             else _default_folder(bucket, prefix)).resolve()
   if local_files_only:
     return _offline(url, folder)
-  import gcsfs  # pylint: disable=import-outside-toplevel  # slow import; GCS users only
-
   # A fresh instance: fsspec's instance and listing caches would hide changed objects.
   fs = gcsfs.GCSFileSystem(token=token, skip_instance_cache=True, use_listings_cache=False)
   root = f"{bucket}/{prefix}".rstrip("/")

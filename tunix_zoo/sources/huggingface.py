@@ -13,11 +13,11 @@ them after ``huggingface_hub`` was imported still takes effect.
 
 from __future__ import annotations
 
+import importlib
 import os
 import pathlib
 import re
 
-import httpx2
 import huggingface_hub
 from huggingface_hub import constants as hf_constants
 from huggingface_hub import errors as hf_errors
@@ -32,6 +32,24 @@ _REPO_ID = re.compile(rf"{_REPO_PART}(/{_REPO_PART})?")
 _REVISION = re.compile(r"[A-Za-z0-9][A-Za-z0-9._-]*(/[A-Za-z0-9][A-Za-z0-9._-]*)*")
 _REPO_ID_FIX = ("Pass a Hub repo id such as 'Qwen/Qwen3-0.6B'; for a folder on disk use "
                 "source=ModelSource.LOCAL with model_path=<folder>.")
+
+
+def _transport_errors() -> tuple[type[BaseException], ...]:
+  """Network-level failures of whichever HTTP client this huggingface_hub uses.
+
+  huggingface_hub 0.x speaks through requests, 1.x through httpx, 2.x through httpx2.
+  """
+  found: list[type[BaseException]] = [ConnectionError, TimeoutError]
+  for module, names in (("httpx2", ("TransportError",)), ("httpx", ("TransportError",)),
+                        ("requests", ("ConnectionError", "Timeout"))):
+    try:
+      found.extend(getattr(importlib.import_module(module), n) for n in names)
+    except ImportError:
+      pass
+  return tuple(found)
+
+
+_TRANSPORT_ERRORS = _transport_errors()
 
 
 def _truthy(value: str | None) -> bool:
@@ -71,8 +89,8 @@ def _is_transient(exc: BaseException) -> bool:
   if status is not None:
     return status in _download.TRANSIENT_STATUS
   # A truncated body ends in huggingface_hub's size "consistency check" OSError.
-  return any(isinstance(e, (httpx2.TransportError, ConnectionError, TimeoutError))
-             or "Consistency check failed" in str(e) for e in chain)
+  return any(isinstance(e, _TRANSPORT_ERRORS) or "Consistency check failed" in str(e)
+             for e in chain)
 
 
 def _to_source_error(exc: BaseException, repo_id: str, revision: str | None,

@@ -26,7 +26,7 @@ import json
 import os
 import pathlib
 import re
-from typing import Iterator
+from typing import Callable, Iterator, TypeVar
 
 import kagglehub
 import kagglehub.cache
@@ -48,6 +48,7 @@ _HANDLE_FIX = ("Pass model_path='owner/model/framework/variation[/version]', e.g
                "'google/gemma-3/transformers/gemma-3-1b-it/1'.")
 _MAX_WORKERS = 8  # kagglehub's own cap on parallel file downloads
 _PAGE_SIZE = 25  # what kagglehub itself asks for
+T = TypeVar("T")
 
 
 @dataclasses.dataclass(frozen=True)
@@ -66,7 +67,8 @@ class KaggleRef:
 
   @property
   def page(self) -> str:
-    return f"https://www.kaggle.com/models/{self.owner}/{self.model}/{self.framework}/{self.variation}"
+    parts = (self.owner, self.model, self.framework, self.variation)
+    return "https://www.kaggle.com/models/" + "/".join(parts)
 
   def handle(self) -> kagglehub.handle.ModelHandle:
     return kagglehub.handle.ModelHandle(self.owner, self.model, self.framework,
@@ -152,7 +154,7 @@ def _errors(ref: KaggleRef) -> Iterator[None]:
     raise error from e
 
 
-def _retry(fn, ref: KaggleRef, what: str):  # type: ignore[no-untyped-def]
+def _retry(fn: Callable[[], T], ref: KaggleRef, what: str) -> T:
   return _download.retry(fn, is_transient=_is_transient, what=f"Kaggle {what} of {ref}")
 
 
