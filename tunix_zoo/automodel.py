@@ -32,6 +32,7 @@ from tunix_zoo.checkpoint.safetensors_io import CheckpointFiles
 from tunix_zoo.config import DecoderConfig
 from tunix_zoo.errors import CheckpointError, ConfigMismatchError, ZooError
 from tunix_zoo.naming import ModelNaming
+from tunix_zoo.planning import abstract_model
 from tunix_zoo.sources import ModelSource, fetch
 
 log = logging.getLogger(__name__)
@@ -112,7 +113,7 @@ class AutoModel:
       config = registry.get_config(ModelNaming(model_id=config_or_id).model_config_id)
     else:
       config = config_or_id
-    spec = family_for_config(config)
+    spec = registry.family_for_config_class(type(config))
     mesh = mesh or default_mesh()
     key = rngs.params() if isinstance(rngs, nnx.Rngs) else jax.random.key(rngs)
 
@@ -130,17 +131,6 @@ class AutoModel:
     )
     state = jax.jit(lambda: nnx.state(create()), out_shardings=out_shardings)()
     return nnx.merge(graphdef, state)
-
-
-def family_for_config(config: DecoderConfig) -> registry.FamilySpec:
-  """The registered family whose config class ``config`` is."""
-  for spec in registry.families().values():
-    if type(config) is spec.config_class:
-      return spec
-  raise ConfigMismatchError(
-      f"{type(config).__name__} is the config of no registered family; build configs with "
-      "a family's config class or registry.get_config(id)."
-  )
 
 
 def read_hf_config(folder: str | os.PathLike) -> dict[str, Any]:
@@ -217,10 +207,7 @@ def load_folder(
   mesh = mesh or default_mesh()
   param_dtype = param_dtype or checkpoint_dtype(folder)
   dtype = dtype or param_dtype
-  abstract = nnx.eval_shape(
-      lambda: spec.model_class(
-          config, rngs=None, dtype=dtype, param_dtype=param_dtype, mesh=mesh,
-          sharding_rules=sharding_rules,
-      )
+  abstract = abstract_model(
+      config, param_dtype=param_dtype, dtype=dtype, mesh=mesh, sharding_rules=sharding_rules
   )
   return load_checkpoint(abstract, folder, spec.param_table, mesh, sharding_rules=sharding_rules)

@@ -151,6 +151,17 @@ def family_for_hf_config(hf_config: dict[str, Any]) -> FamilySpec:
   )
 
 
+def family_for_config_class(config_class: type) -> FamilySpec:
+  """The family whose config dataclass is ``config_class``."""
+  for spec in families().values():
+    if spec.config_class is config_class:
+      return spec
+  raise UnknownModelError(
+      f"{config_class.__name__} is the config of no registered family; build configs with "
+      "a family's config class or registry.get_config(id)."
+  )
+
+
 def config_ids() -> list[str]:
   """Every registered preset id, sorted."""
   ensure_loaded()

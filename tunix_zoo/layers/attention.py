@@ -106,7 +106,7 @@ class Attention(nnx.Module):
         c.hidden_size, kv_dim, ("kv_heads", "embed"), use_bias=c.attention_bias, **kw
     )
     self.o_proj = Linear(q_dim, c.hidden_size, ("embed", "heads"), **kw)
-    norm_kw = dict(eps=c.norm_eps, offset=c.norm_offset, dtype=dtype, param_dtype=param_dtype)
+    norm_kw = dict(rngs=rngs, eps=c.norm_eps, offset=c.norm_offset, dtype=dtype, param_dtype=param_dtype)
     self.q_norm = RMSNorm(c.head_dim, **norm_kw) if c.qk_norm else None
     self.k_norm = RMSNorm(c.head_dim, **norm_kw) if c.qk_norm else None
 

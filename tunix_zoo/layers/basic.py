@@ -21,14 +21,19 @@ from flax import nnx
 INIT_STDDEV = 0.02
 
 
-def _normal(rngs: nnx.Rngs | None, shape: tuple[int, ...], dtype: Any) -> jax.Array:
-  """Random init; ``rngs=None`` gives zeros, for abstract models about to be loaded.
+def init_value(
+    rngs: nnx.Rngs | None, shape: tuple[int, ...], dtype: Any, fill: float | None = None
+) -> jax.Array | jax.ShapeDtypeStruct:
+  """A parameter's initial value: ``fill`` everywhere, or normal(0, 0.02) when None.
 
-  Tracing ``nnx.Rngs`` draws costs time quadratic in the number of parameters under
-  ``nnx.eval_shape`` (flax 0.12), which made building a 405B abstract model take 16 s.
+  ``rngs=None`` builds an abstract parameter (shape and dtype only) for a model that is
+  about to be loaded: plain Python, no tracing, so a 405B model's structure takes well
+  under a second (``nnx.eval_shape`` with Rngs draws took 16 s).
   """
   if rngs is None:
-    return jnp.zeros(shape, dtype)
+    return jax.ShapeDtypeStruct(shape, jnp.dtype(dtype))
+  if fill is not None:
+    return jnp.full(shape, fill, dtype)
   return (INIT_STDDEV * jax.random.normal(rngs.params(), shape)).astype(dtype)
 
 
@@ -48,10 +53,11 @@ class Linear(nnx.Module):
   ):
     self.dtype = dtype
     self.weight = nnx.Param(
-        _normal(rngs, (out_features, in_features), param_dtype), logical_axes=logical_axes
+        init_value(rngs, (out_features, in_features), param_dtype), logical_axes=logical_axes
     )
     self.bias = (
-        nnx.Param(jnp.zeros((out_features,), param_dtype), logical_axes=logical_axes[:1])
+        nnx.Param(init_value(rngs, (out_features,), param_dtype, fill=0.0),
+                  logical_axes=logical_axes[:1])
         if use_bias
         else None
     )
@@ -77,7 +83,7 @@ class Embedding(nnx.Module):
   ):
     self.dtype = dtype
     self.weight = nnx.Param(
-        _normal(rngs, (vocab_size, hidden_size), param_dtype), logical_axes=("vocab", "embed")
+        init_value(rngs, (vocab_size, hidden_size), param_dtype), logical_axes=("vocab", "embed")
     )
 
   def __call__(self, tokens: jax.Array) -> jax.Array:
@@ -97,6 +103,7 @@ class RMSNorm(nnx.Module):
       self,
       dim: int,
       *,
+      rngs: nnx.Rngs | None,
       eps: float = 1e-6,
       offset: float = 0.0,
       dtype: Any = jnp.float32,
@@ -105,8 +112,8 @@ class RMSNorm(nnx.Module):
     self.eps = eps
     self.offset = offset
     self.dtype = dtype
-    init = jnp.zeros if offset else jnp.ones
-    self.weight = nnx.Param(init((dim,), param_dtype), logical_axes=("norm",))
+    fill = 0.0 if offset else 1.0
+    self.weight = nnx.Param(init_value(rngs, (dim,), param_dtype, fill), logical_axes=("norm",))
 
   def __call__(self, x: jax.Array) -> jax.Array:
     x32 = x.astype(jnp.float32)

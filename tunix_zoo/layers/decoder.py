@@ -45,7 +45,7 @@ class DecoderLayer(nnx.Module):
   ):
     c = config
     norm = lambda: RMSNorm(  # noqa: E731
-        c.hidden_size, eps=c.norm_eps, offset=c.norm_offset, dtype=dtype, param_dtype=param_dtype
+        c.hidden_size, rngs=rngs, eps=c.norm_eps, offset=c.norm_offset, dtype=dtype, param_dtype=param_dtype
     )
     self.pre_attn_norm = norm()
     self.attn = Attention(
@@ -109,7 +109,7 @@ class DecoderLM(nnx.Module):
         for i in range(c.num_layers)
     ])
     self.final_norm = RMSNorm(
-        c.hidden_size, eps=c.norm_eps, offset=c.norm_offset, dtype=dtype, param_dtype=param_dtype
+        c.hidden_size, rngs=rngs, eps=c.norm_eps, offset=c.norm_offset, dtype=dtype, param_dtype=param_dtype
     )
     self.lm_head = (
         None if c.tie_word_embeddings
