@@ -136,3 +136,10 @@ def test_offline_reuses_a_model_download_path(hf_hub, checkpoint, tmp_path: path
   folder = fetch(HF_REPO, model_download_path=str(target), local_files_only=True)
   servers.assert_fetched(folder, checkpoint)
   assert hf_hub.faults.hits == []
+
+
+def test_forbidden_is_a_clear_error(hf_hub):
+  hf_hub.faults.status(403, match="/api/models/")
+  with pytest.raises(SourceError, match=r"\[huggingface\] acme/tiny: the Hub refused access "
+                     r"\(HTTP 403\).*HF_TOKEN"):
+    fetch(HF_REPO)

@@ -156,3 +156,9 @@ def test_unreachable_kaggle_is_a_clear_error(kaggle, monkeypatch):
   with pytest.raises(SourceError, match=r"could not reach Kaggle at http://localhost.*"
                      r"local_files_only=True"):
     kaggle_fetch()
+
+
+def test_forbidden_is_a_clear_error(kaggle):
+  kaggle.faults.status(403, match="ListModelInstanceVersionFiles")
+  with pytest.raises(SourceError, match=r"refused access \(HTTP 403\).*KAGGLE_API_TOKEN"):
+    kaggle_fetch()
