@@ -114,7 +114,9 @@ def load_checkpoint(
       def read(index):
         return np.asarray(ckpt.read(key, index)).astype(dtype, copy=False)
 
-      array = jax.make_array_from_callback(tuple(var.shape), shardings[name], read)
+      array = jax.make_array_from_callback(
+          tuple(var.shape), shardings[name], _once_per_block(read)
+      )
       if progress is not None:
         progress(int(np.prod(var.shape)) * np.dtype(dtype).itemsize)
       return path, array
@@ -128,3 +130,20 @@ def load_checkpoint(
 
 def _find_key(key_map: KeyMap, name: str, available: set[str]) -> str | None:
   return next((k for k in key_map.spellings(key_map.checkpoint_key(name)) if k in available), None)
+
+def _once_per_block(read: Callable[[Any], np.ndarray]) -> Callable[[Any], np.ndarray]:
+  """``read``, called once per distinct block of the array.
+
+  ``make_array_from_callback`` calls back once per addressable device. Devices of this
+  process that hold the same block (the parameter is replicated on a mesh axis within the
+  process) share one read instead of each reading it again.
+  """
+  blocks: dict[tuple[Any, ...], np.ndarray] = {}
+
+  def read_block(index: tuple[slice, ...]) -> np.ndarray:
+    key = tuple((s.start, s.stop, s.step) for s in index)
+    if key not in blocks:
+      blocks[key] = read(index)
+    return blocks[key]
+
+  return read_block
