@@ -72,7 +72,8 @@ def partition_spec(
 
   ``counts`` gives, per logical axis, the number that must divide evenly (e.g. the
   number of heads for a flattened ``heads * head_dim`` dimension); by default the
-  dimension itself. Axes that do not divide are replicated (logged once).
+  dimension itself. Axes that do not divide are replicated (logged once per logical
+  axis and size).
   """
   rules = DEFAULT_RULES if rules is None else rules
   counts = counts or {}
@@ -88,12 +89,15 @@ def partition_spec(
       size *= mesh.shape[a]
     count = counts.get(logical, dim) if logical else dim
     if axes and (count % size or dim % size):
-      key = (what or logical, axes, count)
+      # Once per logical axis and size, not per parameter: every layer's k_proj and
+      # v_proj share the one cause.
+      key = (logical, axes, count)
       if key not in _warned:
         _warned.add(key)
         log.warning(
-            "%s: %s of size %d is not divisible by mesh axes %s (size %d); replicating it.",
-            what or "array", logical, count, axes, size,
+            "%s of size %d is not divisible by mesh axes %s (size %d); replicating every "
+            "such dimension on them (first seen on %s).",
+            logical, count, axes, size, what or "an activation",
         )
       axes = ()
     used.update(axes)
