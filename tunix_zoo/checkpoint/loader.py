@@ -47,7 +47,12 @@ def axis_counts(config: Any) -> dict[str, int]:
 def parameter_shardings(
     abstract: nnx.Module, mesh: Mesh, rules: sharding.Rules | None = None
 ) -> dict[str, jax.sharding.NamedSharding]:
-  """Module path -> NamedSharding of every parameter of an (abstract) model."""
+  """Module path -> NamedSharding of every parameter of an (abstract) model.
+
+  Raises ShardingError when ``rules`` name a mesh axis ``mesh`` lacks.
+  """
+  if rules is not None:
+    sharding.validate_rules(rules, mesh)
   counts = axis_counts(abstract.config)
   out = {}
   for path, var in nnx.to_flat_state(nnx.state(abstract, nnx.Param)):
@@ -71,8 +76,6 @@ def load_checkpoint(
   Raises CheckpointError for missing, unexpected or misshaped tensors. Each parameter
   is cast to the abstract model's dtype. ``progress`` is called with bytes loaded.
   """
-  if sharding_rules is not None:
-    sharding.validate_rules(sharding_rules, mesh)
   graphdef, params, rest = nnx.split(abstract, nnx.Param, ...)
   shardings = parameter_shardings(abstract, mesh, sharding_rules)
   flat = nnx.to_flat_state(params)
