@@ -38,3 +38,11 @@ class SourceError(ZooError):
 
 class ShardingError(ZooError, ValueError):
     """A mesh or sharding rule table cannot hold the model."""
+
+
+class ExportError(ZooError):
+    """A model cannot be written where or how the caller asked (existing folder, bad dtype)."""
+
+
+class TokenizerError(ZooError):
+    """A tokenizer folder lacks tokenizer.json, or its files or chat template are invalid."""
