@@ -15,6 +15,7 @@ Example::
 
 from __future__ import annotations
 
+import functools
 import json
 import logging
 import os
@@ -22,6 +23,7 @@ import pathlib
 from typing import Any
 
 import jax
+import jax.numpy as jnp
 import numpy as np
 from flax import nnx
 from jax.sharding import Mesh
@@ -30,6 +32,7 @@ from tunix_zoo import registry, sharding
 from tunix_zoo.checkpoint.loader import load_checkpoint, module_path, parameter_shardings
 from tunix_zoo.checkpoint.safetensors_io import CheckpointFiles
 from tunix_zoo.config import DecoderConfig
+from tunix_zoo.layers.basic import INIT_STDDEV
 from tunix_zoo.errors import CheckpointError, ConfigMismatchError, ZooError
 from tunix_zoo.naming import ModelNaming
 from tunix_zoo.planning import abstract_model
@@ -113,24 +116,41 @@ class AutoModel:
       config = registry.get_config(ModelNaming(model_id=config_or_id).model_config_id)
     else:
       config = config_or_id
-    spec = registry.family_for_config_class(type(config))
     mesh = mesh or default_mesh()
     key = rngs.params() if isinstance(rngs, nnx.Rngs) else jax.random.key(rngs)
-
-    def create() -> nnx.Module:
-      return spec.model_class(
-          config, rngs=nnx.Rngs(params=key), dtype=dtype, param_dtype=param_dtype, mesh=mesh,
-          sharding_rules=sharding_rules,
-      )
-
-    abstract = nnx.eval_shape(create)
-    graphdef, abstract_state = nnx.split(abstract)
-    shardings = parameter_shardings(abstract, mesh, sharding_rules)
-    out_shardings = nnx.map_state(
-        lambda path, _: shardings.get(module_path(path)), abstract_state
+    abstract = abstract_model(
+        config, param_dtype=param_dtype, dtype=dtype, mesh=mesh, sharding_rules=sharding_rules
     )
-    state = jax.jit(lambda: nnx.state(create()), out_shardings=out_shardings)()
-    return nnx.merge(graphdef, state)
+    return initialise(abstract, key, parameter_shardings(abstract, mesh, sharding_rules))
+
+
+@functools.lru_cache(maxsize=256)
+def _initialiser(shape: tuple[int, ...], dtype: Any, fill: float | None, out_sharding: Any):
+  def init(key: jax.Array) -> jax.Array:
+    if fill is not None:
+      return jnp.full(shape, fill, dtype)
+    return (INIT_STDDEV * jax.random.normal(key, shape, jnp.float32)).astype(dtype)
+
+  return jax.jit(init, out_shardings=out_sharding)
+
+
+def initialise(
+    abstract: nnx.Module, key: jax.Array, shardings: dict[str, jax.sharding.Sharding]
+) -> nnx.Module:
+  """Random parameters for an abstract model, each created directly in its sharding.
+
+  One small jitted initialiser per distinct (shape, dtype, sharding), so a model compiles
+  a handful of them however many layers it has.
+  """
+  graphdef, params, rest = nnx.split(abstract, nnx.Param, ...)
+  flat = nnx.to_flat_state(params)
+  for n, (path, var) in enumerate(flat):
+    init = _initialiser(
+        tuple(var.shape), jnp.dtype(var.dtype), var.get_metadata().get("init_fill"),
+        shardings[module_path(path)],
+    )
+    var.set_value(init(jax.random.fold_in(key, n)))
+  return nnx.merge(graphdef, nnx.from_flat_state(flat), rest)
 
 
 def read_hf_config(folder: str | os.PathLike) -> dict[str, Any]:

@@ -37,6 +37,20 @@ def init_value(
   return (INIT_STDDEV * jax.random.normal(rngs.params(), shape)).astype(dtype)
 
 
+def param(
+    rngs: nnx.Rngs | None,
+    shape: tuple[int, ...],
+    dtype: Any,
+    logical_axes: tuple[str | None, ...],
+    fill: float | None = None,
+) -> nnx.Param:
+  """A parameter with its logical axes; ``init_fill`` metadata records how it starts,
+  so ``AutoModel.from_config`` can initialise it in place on a mesh."""
+  return nnx.Param(
+      init_value(rngs, shape, dtype, fill), logical_axes=logical_axes, init_fill=fill
+  )
+
+
 class Linear(nnx.Module):
   """``y = x @ weight.T (+ bias)`` with ``weight`` laid out ``[out, in]`` as in HF."""
 
@@ -52,14 +66,9 @@ class Linear(nnx.Module):
       param_dtype: Any = jnp.float32,
   ):
     self.dtype = dtype
-    self.weight = nnx.Param(
-        init_value(rngs, (out_features, in_features), param_dtype), logical_axes=logical_axes
-    )
+    self.weight = param(rngs, (out_features, in_features), param_dtype, logical_axes)
     self.bias = (
-        nnx.Param(init_value(rngs, (out_features,), param_dtype, fill=0.0),
-                  logical_axes=logical_axes[:1])
-        if use_bias
-        else None
+        param(rngs, (out_features,), param_dtype, logical_axes[:1], fill=0.0) if use_bias else None
     )
 
   def __call__(self, x: jax.Array) -> jax.Array:
@@ -82,9 +91,7 @@ class Embedding(nnx.Module):
       param_dtype: Any = jnp.float32,
   ):
     self.dtype = dtype
-    self.weight = nnx.Param(
-        init_value(rngs, (vocab_size, hidden_size), param_dtype), logical_axes=("vocab", "embed")
-    )
+    self.weight = param(rngs, (vocab_size, hidden_size), param_dtype, ("vocab", "embed"))
 
   def __call__(self, tokens: jax.Array) -> jax.Array:
     return jnp.take(self.weight[...], tokens, axis=0).astype(self.dtype)
@@ -113,7 +120,7 @@ class RMSNorm(nnx.Module):
     self.offset = offset
     self.dtype = dtype
     fill = 0.0 if offset else 1.0
-    self.weight = nnx.Param(init_value(rngs, (dim,), param_dtype, fill), logical_axes=("norm",))
+    self.weight = param(rngs, (dim,), param_dtype, ("norm",), fill)
 
   def __call__(self, x: jax.Array) -> jax.Array:
     x32 = x.astype(jnp.float32)

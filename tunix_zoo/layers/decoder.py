@@ -178,6 +178,17 @@ class DecoderLM(nnx.Module):
     )
 
   def _forward(self, input_tokens, positions, cache, attention_mask):
+    hidden, cache = self.hidden_states(input_tokens, positions, cache, attention_mask)
+    return self.logits(hidden), cache
+
+  def hidden_states(
+      self,
+      input_tokens: jax.Array,
+      positions: jax.Array | None = None,
+      cache: Cache | None = None,
+      attention_mask: jax.Array | None = None,
+  ) -> tuple[jax.Array, Cache | None]:
+    """The final-norm hidden states ``[B, T, hidden]`` (what ``logits`` projects)."""
     batch, length = input_tokens.shape
     padding = None
     if attention_mask is not None and attention_mask.ndim == 2:
@@ -205,10 +216,10 @@ class DecoderLM(nnx.Module):
       x, layer_cache = layer(x, positions, masks, layer_cache, index)
       x = sharding.constrain(x, ("batch", None, None), self.mesh, self.sharding_rules)
       new_layers.append(layer_cache)
-    logits = self.logits(self.final_norm(x))
+    x = self.final_norm(x)
     if cache is None:
-      return logits, None
-    return logits, {"layers": new_layers, "valid": key_valid, "index": index + length}
+      return x, None
+    return x, {"layers": new_layers, "valid": key_valid, "index": index + length}
 
   def embed(self, tokens: jax.Array) -> jax.Array:
     x = self.embed_tokens(tokens)

@@ -1,0 +1,163 @@
+"""Load benchmark: tunix_zoo vs transformers on the same random real-size checkpoint.
+
+Prints one JSON object: per library, seconds, bytes, GB/s and peak RSS growth, plus the
+warm read throughput of the files themselves (the ceiling for any loader).
+
+    python benchmarks/load.py --model qwen3_0p6b --dir /tmp/qwen3_0p6b_bf16
+    python benchmarks/load.py --model llama3p2_1b --dir /tmp/llama1b --libraries tunix_zoo
+
+Each library loads in its own subprocess so peak RSS is its own. On a CPU host the loaded
+weights themselves live in host memory, so "rss_overhead_bytes" (peak growth minus the
+weights' size) is what the loader costs beyond the model.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import pathlib
+import resource
+import subprocess
+import sys
+import time
+
+import numpy as np
+
+REPO = pathlib.Path(__file__).resolve().parents[1]
+
+
+def make_random_checkpoint(config_id: str, folder: pathlib.Path, dtype: str = "bfloat16",
+                           max_shard_size: str = "2GB", seed: int = 0) -> int:
+  """Writes random weights of a preset's shapes, one tensor at a time; returns bytes."""
+  import ml_dtypes
+  from flax import nnx
+
+  from tunix_zoo import registry
+  from tunix_zoo.checkpoint.loader import module_path
+  from tunix_zoo.checkpoint.safetensors_io import ShardedWriter
+  from tunix_zoo.planning import abstract_model
+
+  config = registry.get_config(config_id)
+  spec = registry.family_for_config_class(type(config))
+  np_dtype = np.dtype(ml_dtypes.bfloat16 if dtype == "bfloat16" else dtype)
+  rng = np.random.default_rng(seed)
+  folder.mkdir(parents=True, exist_ok=True)
+  total = 0
+  with ShardedWriter(folder, max_shard_size=max_shard_size) as writer:
+    for path, var in nnx.to_flat_state(nnx.state(abstract_model(config), nnx.Param)):
+      name = module_path(path)
+      values = (rng.standard_normal(var.shape, np.float32) * 0.02).astype(np_dtype)
+      if name.endswith("norm.weight"):
+        values = np.ones(var.shape, np_dtype)
+      writer.add(spec.param_table.checkpoint_key(name), values)
+      total += values.nbytes
+  hf = config.to_hf_config()
+  hf["torch_dtype"] = dtype
+  (folder / "config.json").write_text(json.dumps(hf, indent=1))
+  return total
+
+
+def read_throughput(folder: pathlib.Path) -> float:
+  """GB/s of reading the safetensors files sequentially (after one warm-up read)."""
+  files = sorted(folder.glob("*.safetensors"))
+  buffer = bytearray(64 << 20)
+  for _ in range(2):
+    start, total = time.perf_counter(), 0
+    for path in files:
+      with open(path, "rb", buffering=0) as f:
+        while n := f.readinto(buffer):
+          total += n
+    seconds = time.perf_counter() - start
+  return total / seconds / 1e9
+
+
+def peak_rss_bytes() -> int:
+  return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024
+
+
+def current_rss_bytes() -> int:
+  with open("/proc/self/statm") as f:
+    return int(f.read().split()[1]) * os.sysconf("SC_PAGE_SIZE")
+
+
+def load_tunix_zoo(folder: str) -> dict:
+  import jax
+
+  from tunix_zoo.automodel import AutoModel
+  from flax import nnx
+
+  jax.numpy.zeros(1).block_until_ready()  # Start the backend before the clock.
+  baseline = current_rss_bytes()
+  mesh = jax.make_mesh((1, len(jax.devices())), ("fsdp", "tp"))
+  start = time.perf_counter()
+  model, _ = AutoModel.from_pretrained(folder, mesh)
+  state = nnx.state(model, nnx.Param)
+  jax.block_until_ready(state)
+  seconds = time.perf_counter() - start
+  nbytes = sum(x.nbytes for x in jax.tree.leaves(state))
+  return dict(seconds=seconds, bytes=nbytes, peak_rss_growth_bytes=peak_rss_bytes() - baseline,
+              device=str(jax.devices()[0].device_kind), devices=len(jax.devices()))
+
+
+def load_transformers(folder: str) -> dict:
+  import torch
+  import transformers
+
+  device = "cuda" if torch.cuda.is_available() else "cpu"
+  baseline = current_rss_bytes()
+  start = time.perf_counter()
+  model = transformers.AutoModelForCausalLM.from_pretrained(folder, dtype=torch.bfloat16)
+  if device == "cuda":
+    # Without accelerate's device_map, transformers loads on the host first.
+    model.to(device)
+    torch.cuda.synchronize()
+  seconds = time.perf_counter() - start
+  nbytes = sum(p.numel() * p.element_size() for p in model.parameters())
+  return dict(seconds=seconds, bytes=nbytes, peak_rss_growth_bytes=peak_rss_bytes() - baseline,
+              device=device)
+
+
+def run_in_subprocess(library: str, folder: pathlib.Path) -> dict:
+  out = subprocess.run(
+      [sys.executable, __file__, "--measure", library, "--dir", str(folder)],
+      check=True, capture_output=True, text=True, cwd=REPO,
+  )
+  result = json.loads(out.stdout.strip().splitlines()[-1])
+  result["gb_per_s"] = result["bytes"] / result["seconds"] / 1e9
+  on_host = result.get("device") == "cpu" or result.get("device", "").lower().startswith("cpu")
+  if on_host:
+    result["rss_overhead_bytes"] = result["peak_rss_growth_bytes"] - result["bytes"]
+  return result
+
+
+def main() -> None:
+  parser = argparse.ArgumentParser(description=__doc__)
+  parser.add_argument("--model", default="qwen3_0p6b")
+  parser.add_argument("--dir", required=True, type=pathlib.Path)
+  parser.add_argument("--libraries", default="tunix_zoo,transformers")
+  parser.add_argument("--measure", choices=["tunix_zoo", "transformers"], help=argparse.SUPPRESS)
+  args = parser.parse_args()
+  if args.measure:
+    loader = load_tunix_zoo if args.measure == "tunix_zoo" else load_transformers
+    print(json.dumps(loader(str(args.dir))))
+    return
+  made = None
+  if not (args.dir / "config.json").exists():
+    start = time.perf_counter()
+    made = make_random_checkpoint(args.model, args.dir)
+    made = dict(bytes=made, seconds=time.perf_counter() - start)
+  report = dict(model=args.model, checkpoint=str(args.dir), made=made,
+                file_read_gb_per_s=read_throughput(args.dir))
+  for library in args.libraries.split(","):
+    report[library] = run_in_subprocess(library, args.dir)
+  if "tunix_zoo" in report and "transformers" in report:
+    report["speedup_vs_transformers"] = (
+        report["transformers"]["seconds"] / report["tunix_zoo"]["seconds"]
+    )
+  print(json.dumps(report, indent=1))
+
+
+if __name__ == "__main__":
+  sys.path.insert(0, str(REPO))
+  main()

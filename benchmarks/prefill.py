@@ -1,0 +1,113 @@
+"""Prefill benchmark: batch x length tokens through the model, last-token logits.
+
+Random weights of a preset's shapes (``AutoModel.from_config``, bf16) on all local
+devices; transformers (torch, sdpa) on the same GPU with the same shapes. Prints JSON.
+
+    python benchmarks/prefill.py --model qwen3_0p6b --batch 8 --length 2048
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import pathlib
+import sys
+import time
+
+PEAK_BF16_FLOPS = 989e12  # H100 SXM dense bf16
+
+
+def prefill_flops(config, parameters: int, batch: int, length: int) -> float:
+  """Model FLOPs of a prefill: 2 x decoder-layer parameters per token, causal attention
+  (QK^T and PV, half the square), and the LM head on the last token of each row."""
+  embed = config.vocab_size * config.hidden_size
+  layer_params = parameters - embed * (1 if config.tie_word_embeddings else 2)
+  attention = 2 * 2 * config.num_layers * config.num_heads * config.head_dim * length / 2
+  return (2 * layer_params + attention) * batch * length + 2 * embed * batch
+
+
+def bench(fn, warmup: int = 2, iters: int = 5) -> tuple[float, float]:
+  start = time.perf_counter()
+  fn()
+  compile_s = time.perf_counter() - start
+  for _ in range(warmup - 1):
+    fn()
+  start = time.perf_counter()
+  for _ in range(iters):
+    fn()
+  return (time.perf_counter() - start) / iters, compile_s
+
+
+def run_tunix_zoo(config_id: str, batch: int, length: int) -> dict:
+  import jax
+  import jax.numpy as jnp
+  from flax import nnx
+
+  from tunix_zoo.automodel import AutoModel
+  from tunix_zoo import registry
+  from tunix_zoo.planning import count_parameters
+
+  config = registry.get_config(config_id)
+  mesh = jax.make_mesh((1, len(jax.devices())), ("fsdp", "tp"),
+                       axis_types=(jax.sharding.AxisType.Auto,) * 2)
+  model = AutoModel.from_config(config, mesh, dtype=jnp.bfloat16, param_dtype=jnp.bfloat16)
+  tokens = jax.random.randint(jax.random.key(0), (batch, length), 0, config.vocab_size)
+
+  @nnx.jit
+  def prefill(model, tokens):
+    hidden, _ = model.hidden_states(tokens)
+    return model.logits(hidden[:, -1:])
+
+  seconds, compile_s = bench(lambda: prefill(model, tokens).block_until_ready())
+  params = count_parameters(config)
+  flops = prefill_flops(config, params, batch, length)
+  return dict(seconds=seconds, compile_seconds=compile_s, tokens_per_s=batch * length / seconds,
+              mfu=flops / seconds / PEAK_BF16_FLOPS, device=jax.devices()[0].device_kind,
+              jax=jax.__version__)
+
+
+def run_transformers(config_id: str, batch: int, length: int) -> dict:
+  import torch
+  import transformers
+
+  from tunix_zoo import registry
+
+  config = registry.get_config(config_id)
+  hf_config = transformers.AutoConfig.for_model(**config.to_hf_config())
+  model = transformers.AutoModelForCausalLM.from_config(
+      hf_config, dtype=torch.bfloat16, attn_implementation="sdpa"
+  ).cuda().eval()
+  tokens = torch.randint(0, config.vocab_size, (batch, length), device="cuda")
+
+  def step():
+    with torch.no_grad():
+      model(input_ids=tokens, logits_to_keep=1).logits.float().sum().item()
+
+  seconds, compile_s = bench(step)
+  params = sum(p.numel() for p in model.parameters())
+  flops = prefill_flops(config, params, batch, length)
+  return dict(seconds=seconds, tokens_per_s=batch * length / seconds,
+              mfu=flops / seconds / PEAK_BF16_FLOPS, torch=torch.__version__)
+
+
+def main() -> None:
+  parser = argparse.ArgumentParser(description=__doc__)
+  parser.add_argument("--model", default="qwen3_0p6b")
+  parser.add_argument("--batch", type=int, default=8)
+  parser.add_argument("--length", type=int, default=2048)
+  parser.add_argument("--libraries", default="tunix_zoo,transformers")
+  args = parser.parse_args()
+  report = dict(model=args.model, batch=args.batch, length=args.length)
+  for library in args.libraries.split(","):
+    runner = run_tunix_zoo if library == "tunix_zoo" else run_transformers
+    report[library] = runner(args.model, args.batch, args.length)
+  if "tunix_zoo" in report and "transformers" in report:
+    report["speedup_vs_transformers"] = (
+        report["tunix_zoo"]["tokens_per_s"] / report["transformers"]["tokens_per_s"]
+    )
+  print(json.dumps(report, indent=1))
+
+
+if __name__ == "__main__":
+  sys.path.insert(0, str(pathlib.Path(__file__).resolve().parents[1]))
+  main()
