@@ -46,3 +46,7 @@ class ExportError(ZooError):
 
 class TokenizerError(ZooError):
     """A tokenizer folder lacks tokenizer.json, or its files or chat template are invalid."""
+
+
+class GenerationError(ZooError, ValueError):
+    """generate() got prompts or sampling settings it cannot use."""

@@ -16,6 +16,7 @@ from jax.sharding import AxisType
 
 from tests import reference
 from tunix_zoo.automodel import load_folder
+from tunix_zoo.generate import generate
 
 MAX_ABS = 1e-4
 NEW_TOKENS = 32
@@ -41,16 +42,8 @@ def mesh_2x4(axis_type):
 
 
 def greedy(model, tokens, mask, new_tokens):
-  """Greedy decoding with the model's KV cache, one jitted step per token."""
-  step = nnx.jit(lambda m, tok, cache, msk: m(tok, cache=cache, attention_mask=msk))
-  cache = model.init_cache(tokens.shape[0], tokens.shape[1] + new_tokens)
-  logits, cache = step(model, jnp.asarray(tokens), cache, jnp.asarray(mask))
-  out = []
-  for _ in range(new_tokens):
-    nxt = jnp.argmax(logits[:, -1], axis=-1)[:, None]
-    out.append(np.asarray(nxt))
-    logits, cache = step(model, nxt, cache, jnp.ones_like(nxt))
-  return np.concatenate(out, axis=1)
+  """Greedy decoding with the model's KV cache: a jitted prefill, then one on-device loop."""
+  return generate(model, tokens, new_tokens, attention_mask=mask).tokens
 
 
 def real(mask):
