@@ -80,9 +80,10 @@ def partition_spec(
   used: set[str] = set()
   spec: list[MeshAxes] = []
   for dim, logical in zip(shape, logical_axes):
+    # Axes of size 1 shard nothing; leaving them out keeps Explicit types simple.
     axes = tuple(
         a for a in _mesh_axes(rules.get(logical) if logical else None)
-        if a in mesh.shape and a not in used
+        if a in mesh.shape and mesh.shape[a] > 1 and a not in used
     )
     size = 1
     for a in axes:

@@ -8,6 +8,7 @@ import pathlib
 import pytest
 
 from tests.sources import servers
+from tunix_zoo import progress
 from tunix_zoo.errors import SourceError
 from tunix_zoo.sources import ModelSource, _download, fetch
 
@@ -127,11 +128,11 @@ def test_retry_gives_up_after_the_last_attempt():
 
 def test_quiet_mode_silences_progress_bars(monkeypatch, capsys):
   monkeypatch.setenv("TUNIX_ZOO_QUIET", "1")
-  with _download.progress_class()(total=3, desc="quiet-bar") as bar:
+  with progress.progress_class()(total=3, desc="quiet-bar") as bar:
     bar.update(3)
   assert "quiet-bar" not in capsys.readouterr().err
   monkeypatch.setenv("TUNIX_ZOO_QUIET", "0")
-  with _download.progress_class()(total=3, desc="loud-bar") as bar:
+  with progress.progress_class()(total=3, desc="loud-bar") as bar:
     bar.update(3)
   assert "loud-bar" in capsys.readouterr().err
 

@@ -22,8 +22,8 @@ import tempfile
 import time
 from typing import Any, Callable, Iterable, Iterator, TypeVar
 
-import tqdm.auto
 
+from tunix_zoo.progress import quiet
 from tunix_zoo.errors import SourceError
 
 log = logging.getLogger(__name__)
@@ -61,24 +61,6 @@ TRANSIENT_STATUS = frozenset({408, 429, 500, 502, 503, 504})
 def source_error(source: str, ref: str, problem: str, fix: str) -> SourceError:
   """Builds the one message shape every source uses: who, what went wrong, what to do."""
   return SourceError(f"[{source}] {ref}: {problem} {fix}".strip())
-
-
-def quiet() -> bool:
-  """Whether progress bars are off (``TUNIX_ZOO_QUIET=1``)."""
-  return os.environ.get("TUNIX_ZOO_QUIET", "").strip().lower() in ("1", "true", "yes", "on")
-
-
-class _SilentTqdm(tqdm.auto.tqdm):
-  """A tqdm that never draws: handed to libraries that accept a progress-bar class."""
-
-  def __init__(self, *args: Any, **kwargs: Any) -> None:
-    kwargs["disable"] = True
-    super().__init__(*args, **kwargs)
-
-
-def progress_class() -> type[tqdm.auto.tqdm]:
-  """The tqdm class to draw download progress with, silent under ``TUNIX_ZOO_QUIET=1``."""
-  return _SilentTqdm if quiet() else tqdm.auto.tqdm
 
 
 @contextlib.contextmanager

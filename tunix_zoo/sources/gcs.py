@@ -34,6 +34,7 @@ import gcsfs
 import google.auth.exceptions
 import requests
 
+from tunix_zoo import progress
 from tunix_zoo.errors import SourceError
 from tunix_zoo.sources import _download
 
@@ -220,7 +221,7 @@ def fetch(url: str, *, download_dir: str | os.PathLike[str] | None = None,
     todo = [n for n in names if not _is_complete(folder, n, identities[n])]
     total = sum(identities[n]["size"] for n in todo)
     bar_lock = threading.Lock()
-    with _download.progress_class()(total=total, unit="B", unit_scale=True,
+    with progress.progress_class()(total=total, unit="B", unit_scale=True,
                                      desc=f"Downloading {len(todo)} files from {url}") as bar, \
         concurrent.futures.ThreadPoolExecutor(_MAX_WORKERS) as pool:
       _download.wait_all([pool.submit(

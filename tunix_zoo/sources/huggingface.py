@@ -22,6 +22,7 @@ import huggingface_hub
 from huggingface_hub import constants as hf_constants
 from huggingface_hub import errors as hf_errors
 
+from tunix_zoo import progress
 from tunix_zoo.errors import SourceError
 from tunix_zoo.sources import _download
 
@@ -185,7 +186,7 @@ def fetch(repo_id: str, *, revision: str | None = None, token: str | None = None
         lambda: huggingface_hub.snapshot_download(
             repo_id, revision=revision, token=token, local_dir=local_dir,
             local_files_only=offline, allow_patterns=list(_download.ALLOW_PATTERNS),
-            endpoint=endpoint, tqdm_class=_download.progress_class() if _download.quiet()
+            endpoint=endpoint, tqdm_class=progress.progress_class() if progress.quiet()
             else None),
         is_transient=_is_transient, what=what, attempts=1 if offline else
         _download.RETRY_ATTEMPTS)
