@@ -1,0 +1,353 @@
+"""Writes a tunix_zoo model back out as a Hugging Face checkpoint folder.
+
+The folder holds safetensors named by the same key map the loader reads (so export then
+load is exact by construction), a ``config.json`` transformers reads, and optionally the
+tokenizer files of the checkpoint the model came from::
+
+    model = load_folder("/ckpt/Qwen3-0.6B", mesh)
+    ...  # fine-tune
+    save_pretrained(model, "/ckpt/qwen3-sft", dtype=jnp.bfloat16, source_dir="/ckpt/Qwen3-0.6B")
+    AutoModelForCausalLM.from_pretrained("/ckpt/qwen3-sft")  # transformers reads it as is
+
+Memory: parameters are copied to the host one at a time, shard by shard, so host memory
+holds about one parameter (plus the writer's copy buffer) whatever the model's size.
+
+Atomicity: everything is written into a hidden staging folder next to ``out_dir`` (same
+filesystem) and renamed into place at the end, so ``out_dir`` either does not exist or
+is complete. An exception removes the staging folder; a hard kill can leave only a
+hidden ``.<name>.partial-*`` folder, which never passes for a checkpoint.
+
+Several processes (multi-host): every process must call ``save_pretrained`` with the same
+arguments, as with any collective. A tensor whose shards on process 0's devices already
+cover it is copied from those shards; any other tensor is gathered with
+``multihost_utils.process_allgather``, one tensor at a time, which is a collective every
+process joins (it briefly holds that one tensor whole on every device and host). Only
+process 0 touches the filesystem; it decides whether ``out_dir`` may
+be written and whether the export succeeded, and broadcasts both, so every process
+raises or returns together and none returns before the folder exists.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+import logging
+import os
+import pathlib
+import shutil
+import uuid
+from typing import Any
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+from flax import nnx
+from jax.experimental import multihost_utils
+
+from tunix_zoo import registry
+from tunix_zoo.checkpoint.loader import module_path
+from tunix_zoo.checkpoint.safetensors_io import SAFETENSORS_DTYPES, ShardedWriter, parse_size
+from tunix_zoo.errors import ExportError
+
+log = logging.getLogger(__name__)
+
+__all__ = ["save_pretrained", "TOKENIZER_FILES"]
+
+# Files of a checkpoint folder that belong with the weights but are not made from them.
+TOKENIZER_FILES = (
+    "tokenizer.json",
+    "tokenizer_config.json",
+    "special_tokens_map.json",
+    "generation_config.json",
+    "tokenizer.model",
+)
+# Chat templates as transformers 5 saves them: one file, and named ones in a folder.
+TEMPLATE_PATTERNS = ("*.jinja", "additional_chat_templates/*.jinja")
+
+
+def save_pretrained(
+    model: nnx.Module,
+    out_dir: str | os.PathLike[str],
+    *,
+    dtype: Any = None,
+    max_shard_size: int | str = "5GB",
+    source_dir: str | os.PathLike[str] | None = None,
+    overwrite: bool = False,
+) -> pathlib.Path:
+  """Writes ``model`` to ``out_dir`` as an HF checkpoint; returns the folder's path.
+
+  Args:
+    model: a tunix_zoo model (anything ``AutoModel`` returns), on any mesh.
+    out_dir: the folder to create. An existing empty folder is filled; a non-empty one is
+      replaced only with ``overwrite=True``.
+    dtype: the dtype of the written floating-point weights (e.g. ``jnp.bfloat16``); by
+      default each parameter keeps its own.
+    max_shard_size: the largest safetensors file, e.g. ``"5GB"`` or ``"512MiB"``; larger
+      checkpoints are split into ``model-0000i-of-0000N.safetensors`` plus
+      ``model.safetensors.index.json``.
+    source_dir: a checkpoint folder whose tokenizer, chat template and generation
+      config files are copied along (the ones that exist).
+    overwrite: replace a non-empty ``out_dir``.
+
+  Raises:
+    ExportError: ``out_dir`` is a file or a non-empty folder (without ``overwrite``),
+      ``source_dir`` is not a folder, or ``dtype`` cannot be written.
+
+  Example::
+
+      save_pretrained(model, "/ckpt/my-sft", dtype=jnp.bfloat16, source_dir=original_folder)
+  """
+  out = pathlib.Path(out_dir).absolute()
+  target_dtype = _target_dtype(dtype)
+  max_shard_size = parse_size(max_shard_size)
+  config = getattr(model, "config", None)
+  if config is None or not hasattr(config, "to_hf_config"):
+    raise ExportError(
+        f"save_pretrained exports tunix_zoo models, which carry a .config; got "
+        f"{type(model).__name__}. Load or build the model with AutoModel."
+    )
+  tensors = _export_tensors(model, target_dtype)
+  hf_config = {**config.to_hf_config(), **_dtype_fields(tensors)}
+  source = pathlib.Path(source_dir).absolute() if source_dir is not None else None
+
+  staging, writer, problem = None, None, None
+  if jax.process_index() == 0:
+    try:
+      staging, writer = _prepare_staging(out, overwrite, source, hf_config, max_shard_size)
+    except Exception as e:
+      problem = e
+  if not _all_agree(problem is None):
+    raise problem or ExportError(f"Process 0 cannot export to {out}; see its error.")
+  try:
+    failure = _stream_tensors(tensors, writer)
+    if failure is not None:
+      raise failure
+    if writer is not None:
+      writer.finish()
+      _move_into_place(staging, out)
+  except BaseException as e:
+    if writer is not None:
+      writer.abort()
+      shutil.rmtree(staging, ignore_errors=True)
+    if isinstance(e, Exception):
+      _all_agree(False)  # The other processes wait for this verdict below.
+    raise
+  if not _all_agree(True):
+    raise ExportError(f"Exporting to {out} failed on process 0; see its error.")
+  log.info("Exported %d parameters to %s", len(tensors), out)
+  return out
+
+
+@dataclasses.dataclass(frozen=True)
+class _ExportTensor:
+  """One model parameter and where it goes."""
+
+  key: str
+  value: Any
+  dtype: np.dtype  # as written
+
+
+def _export_tensors(model: nnx.Module, target_dtype: np.dtype | None) -> list[_ExportTensor]:
+  """Every parameter with the checkpoint key the loader reads it from."""
+  key_map = registry.family_for_config_class(type(model.config)).param_table
+  tensors = []
+  for path, var in nnx.to_flat_state(nnx.state(model, nnx.Param)):
+    value = var.get_value()
+    tensors.append(_ExportTensor(
+        key=key_map.checkpoint_key(module_path(path)),
+        value=value,
+        dtype=_written_dtype(np.dtype(value.dtype), target_dtype),
+    ))
+  return tensors
+
+
+def _stream_tensors(tensors: list[_ExportTensor], writer: ShardedWriter | None) -> Exception | None:
+  """Copies each tensor to the host and hands it to ``writer``, one tensor at a time.
+
+  Every process runs this (gathers can be collectives); only process 0 has a writer.
+  With several processes a write error is returned rather than raised, after joining
+  every remaining gather, so that the other processes finish too.
+  """
+  failure: Exception | None = None
+  for tensor in tensors:
+    host = _host_copy(tensor.value, tensor.dtype, assemble=writer is not None and failure is None)
+    if host is not None:
+      try:
+        writer.add(tensor.key, host)
+      except Exception as e:
+        if jax.process_count() == 1:
+          raise
+        failure = e
+    # Freed before the next tensor is copied, so only one is ever held.
+    del host
+  return failure
+
+
+def _target_dtype(dtype: Any) -> np.dtype | None:
+  if dtype is None:
+    return None
+  try:
+    target = np.dtype(dtype)
+  except TypeError as e:
+    raise ExportError(f"dtype {dtype!r} is not a dtype; pass e.g. jnp.bfloat16.") from e
+  if not jnp.issubdtype(target, jnp.floating) or target not in SAFETENSORS_DTYPES.values():
+    raise ExportError(
+        f"Cannot export weights as {target}: pass a floating dtype safetensors holds, such "
+        "as jnp.bfloat16, jnp.float16 or jnp.float32."
+    )
+  return target
+
+
+def _written_dtype(dtype: np.dtype, target: np.dtype | None) -> np.dtype:
+  """The dtype a parameter is written in: ``target`` for floating ones, else its own."""
+  return target if target is not None and jnp.issubdtype(dtype, jnp.floating) else dtype
+
+
+def _dtype_fields(tensors: list[_ExportTensor]) -> dict[str, str]:
+  """config.json's dtype keys: the dtype holding most bytes, in both spellings."""
+  by_dtype: dict[np.dtype, int] = {}
+  for tensor in tensors:
+    nbytes = int(np.prod(tensor.value.shape)) * tensor.dtype.itemsize
+    by_dtype[tensor.dtype] = by_dtype.get(tensor.dtype, 0) + nbytes
+  name = max(by_dtype, key=by_dtype.get).name if by_dtype else "float32"
+  # transformers 4 reads "torch_dtype", transformers 5 "dtype".
+  return {"torch_dtype": name, "dtype": name}
+
+
+def _prepare_staging(
+    out: pathlib.Path,
+    overwrite: bool,
+    source: pathlib.Path | None,
+    hf_config: dict[str, Any],
+    max_shard_size: int,
+) -> tuple[pathlib.Path, ShardedWriter]:
+  """Checks ``out``, then makes the staging folder with everything but the weights.
+
+  Everything that can fail before the weights is done here, while the other processes
+  wait for the verdict rather than for gathers.
+  """
+  if source is not None and not source.is_dir():
+    raise ExportError(
+        f"source_dir {source} is not a folder; pass the checkpoint folder holding the "
+        "tokenizer files, or leave source_dir out."
+    )
+  if out.exists() and not out.is_dir():
+    raise ExportError(f"{out} exists and is not a folder; choose another out_dir.")
+  if out.is_dir() and any(out.iterdir()) and not overwrite:
+    raise ExportError(
+        f"{out} already exists and is not empty; pass overwrite=True to replace it, or "
+        "choose another out_dir."
+    )
+  out.parent.mkdir(parents=True, exist_ok=True)
+  staging = out.parent / f".{out.name}.partial-{uuid.uuid4().hex[:12]}"
+  staging.mkdir()  # Not tempfile.mkdtemp: its 0700 mode would end up on out_dir.
+  try:
+    _write_json(staging / "config.json", hf_config)
+    if source is not None:
+      _copy_tokenizer_files(source, staging)
+    return staging, ShardedWriter(staging, max_shard_size)
+  except BaseException:
+    shutil.rmtree(staging, ignore_errors=True)
+    raise
+
+
+def _all_agree(ok: bool) -> bool:
+  """Process 0's ``ok``, on every process (a collective when there are several)."""
+  if jax.process_count() == 1:
+    return ok
+  return bool(multihost_utils.broadcast_one_to_all(np.asarray(ok)))
+
+
+def _host_copy(value: Any, dtype: np.dtype, *, assemble: bool) -> np.ndarray | None:
+  """The whole of ``value`` as host numpy of ``dtype`` when ``assemble``; else None.
+
+  Every process must call this for the same tensors in the same order: when process 0's
+  devices do not hold all of a tensor, gathering it is a collective.
+  """
+  if not isinstance(value, jax.Array):
+    return np.asarray(value).astype(dtype, copy=False) if assemble else None
+  if not _process_zero_covers(value):
+    gathered = multihost_utils.process_allgather(value, tiled=True)
+    return np.asarray(gathered).astype(dtype, copy=False) if assemble else None
+  if not assemble:
+    return None
+  out = np.empty(value.shape, dtype)
+  copied = set()
+  for shard in value.addressable_shards:
+    block = _block(shard.index, value.shape)
+    if block not in copied:  # Replicas of a block hold the same data; copy it once.
+      copied.add(block)
+      out[shard.index] = np.asarray(shard.data)
+  return out
+
+
+def _process_zero_covers(value: jax.Array) -> bool:
+  """Whether the devices of process 0 together hold every element of ``value``.
+
+  Decided from the sharding alone, so every process reaches the same answer. The blocks
+  of a sharding are equal or disjoint, so distinct blocks cover the array exactly when
+  their sizes add up to its size.
+  """
+  if value.is_fully_addressable:
+    return True
+  blocks = {
+      _block(index, value.shape)
+      for device, index in value.sharding.devices_indices_map(value.shape).items()
+      if device.process_index == 0
+  }
+  covered = sum(int(np.prod([stop - start for start, stop in block])) for block in blocks)
+  return covered == int(np.prod(value.shape))
+
+
+def _block(index: tuple[slice, ...], shape: tuple[int, ...]) -> tuple[tuple[int, int], ...]:
+  return tuple(s.indices(dim)[:2] for s, dim in zip(index, shape))
+
+
+def _move_into_place(staging: pathlib.Path, out: pathlib.Path) -> None:
+  """Renames ``staging`` to ``out``, retiring a previous ``out`` (checked replaceable)."""
+  if not out.is_dir() or not any(out.iterdir()):
+    os.replace(staging, out)  # Atomic; replaces an empty folder on POSIX.
+  else:
+    retired = out.parent / f".{out.name}.replaced-{uuid.uuid4().hex[:12]}"
+    os.replace(out, retired)
+    try:
+      os.replace(staging, out)
+    except BaseException:
+      os.replace(retired, out)
+      raise
+    shutil.rmtree(retired, ignore_errors=True)
+  _sync_folder(out.parent)
+
+
+def _sync_folder(folder: pathlib.Path) -> None:
+  """Makes a rename in ``folder`` durable (a no-op where folders cannot be opened)."""
+  try:
+    fd = os.open(folder, os.O_RDONLY)
+  except OSError:
+    return
+  try:
+    os.fsync(fd)
+  except OSError:
+    pass  # Some filesystems refuse fsync on folders; the rename itself has happened.
+  finally:
+    os.close(fd)
+
+
+def _write_json(path: pathlib.Path, content: dict[str, Any]) -> None:
+  with open(path, "w", encoding="utf-8") as f:
+    f.write(json.dumps(content, indent=2, sort_keys=True) + "\n")
+    f.flush()
+    os.fsync(f.fileno())
+
+
+def _copy_tokenizer_files(source: pathlib.Path, staging: pathlib.Path) -> None:
+  names = [name for name in TOKENIZER_FILES if (source / name).is_file()]
+  names += sorted(
+      str(path.relative_to(source)) for pattern in TEMPLATE_PATTERNS
+      for path in source.glob(pattern) if path.is_file()
+  )
+  if not names:
+    log.warning("%s holds no tokenizer files; the export has none.", source)
+  for name in names:
+    (staging / name).parent.mkdir(parents=True, exist_ok=True)
+    shutil.copyfile(source / name, staging / name)
