@@ -2,9 +2,13 @@
 
 Example::
 
+    tunix-zoo run tiny-demo                      # offline: a tiny model the project trains
+    tunix-zoo run Qwen/Qwen3-0.6B --prompt "Hello" --max-new-tokens 32 --mesh 1x8
+    tunix-zoo test qwen3_0p6b --steps 3          # forward + backward kick test
+    tunix-zoo export Qwen/Qwen3-0.6B /tmp/out --dtype bfloat16
+    tunix-zoo download Qwen/Qwen3-0.6B
     tunix-zoo list
     tunix-zoo info qwen3_8b --mesh 1x8 --dtype bfloat16
-    tunix-zoo info Qwen/Qwen3-0.6B
 """
 
 from __future__ import annotations
@@ -13,7 +17,8 @@ import argparse
 import json
 import os
 import sys
-from typing import Sequence
+import time
+from typing import Any, Sequence
 
 from tunix_zoo import registry
 from tunix_zoo.config import DecoderConfig
@@ -38,7 +43,11 @@ def human_bytes(n: int) -> str:
 
 
 def resolve_config(model: str) -> tuple[str, DecoderConfig]:
-  """A preset id, an HF id naming one, or a local checkpoint folder -> (label, config)."""
+  """A preset id, an HF id naming one, a local checkpoint folder or ``tiny-demo``."""
+  from tunix_zoo.demo import DEMO_ID, demo_checkpoint
+
+  if model == DEMO_ID:
+    model = str(demo_checkpoint())
   if os.path.isdir(model):
     from tunix_zoo.automodel import read_hf_config
 
@@ -96,6 +105,126 @@ def cmd_info(args: argparse.Namespace) -> int:
   return 0
 
 
+def make_mesh(text: str | None):
+  """The ``(fsdp, tp)`` mesh of ``--mesh AxB``; by default 1 x all local devices."""
+  import jax
+
+  from tunix_zoo.planning import parse_mesh
+
+  shape = parse_mesh(text) if text else (1, len(jax.local_devices()))
+  if shape[0] * shape[1] > len(jax.devices()):
+    from tunix_zoo.errors import ShardingError
+
+    raise ShardingError(
+        f"--mesh {text} needs {shape[0] * shape[1]} devices; {len(jax.devices())} are visible."
+    )
+  return jax.make_mesh(shape, ("fsdp", "tp"))
+
+
+def source_kwargs(args: argparse.Namespace) -> dict[str, Any]:
+  return dict(
+      model_source=args.source, model_path=args.model_path,
+      model_download_path=args.download_dir, revision=args.revision,
+  )
+
+
+def load(args: argparse.Namespace):
+  """(model, folder) for the command's MODEL argument; ``tiny-demo`` is built locally."""
+  from tunix_zoo.automodel import AutoModel
+  from tunix_zoo.demo import DEMO_ID, demo_checkpoint
+
+  mesh = make_mesh(args.mesh)
+  dtype = args.dtype
+  if args.model == DEMO_ID:
+    return AutoModel.from_pretrained(str(demo_checkpoint()), mesh, param_dtype=dtype)
+  return AutoModel.from_pretrained(args.model, mesh, param_dtype=dtype, **source_kwargs(args))
+
+
+def cmd_run(args: argparse.Namespace) -> int:
+  from tunix_zoo.demo import DEMO_ID, DEMO_PROMPT
+  from tunix_zoo.generate import generate
+  from tunix_zoo.tokenizer import Tokenizer
+
+  start = time.perf_counter()
+  model, folder = load(args)
+  load_seconds = time.perf_counter() - start
+  tokenizer = Tokenizer.from_pretrained(folder)
+  prompt = args.prompt if args.prompt is not None else (
+      DEMO_PROMPT if args.model == DEMO_ID else "Hello")
+  if args.chat:
+    prompt = tokenizer.apply_chat_template([{"role": "user", "content": prompt}])
+  out = generate(
+      model, [prompt], args.max_new_tokens, temperature=args.temperature, top_k=args.top_k,
+      top_p=args.top_p, seed=args.seed, tokenizer=tokenizer,
+      pad_id=tokenizer.pad_id if tokenizer.pad_id is not None else 0,
+  )
+  print(prompt + out.text[0])
+  print(
+      f"\n[load {load_seconds:.2f} s | compile {out.compile_seconds:.2f} s | prefill "
+      f"{out.prefill_tokens_per_second:,.0f} tok/s | decode "
+      f"{out.decode_tokens_per_second:,.1f} tok/s | {int(out.lengths[0])} new tokens]",
+      file=sys.stderr,
+  )
+  return 0
+
+
+def cmd_test(args: argparse.Namespace) -> int:
+  import jax
+  import optax
+
+  from tunix_zoo.automodel import AutoModel
+  from tunix_zoo.training import train
+
+  if args.load:
+    model, _ = load(args)
+  else:
+    _, config = resolve_config(args.model)
+    dtype = args.dtype or "float32"
+    model = AutoModel.from_config(config, make_mesh(args.mesh), param_dtype=dtype, dtype=dtype,
+                                  rngs=args.seed)
+  vocab = model.config.vocab_size
+  # One fixed random batch: a model that learns must drive its loss down on it.
+  batch = jax.random.randint(jax.random.key(args.seed), (args.batch_size, args.seq_len + 1),
+                             0, vocab)
+  losses = train(model, iter(lambda: batch, None), optax.sgd(args.learning_rate),
+                 steps=args.steps)
+  for step, loss in enumerate(losses):
+    print(f"step {step}: loss {loss:.4f}")
+  fell = losses[-1] < losses[0]
+  print(f"loss {'fell' if fell else 'did NOT fall'}: {losses[0]:.4f} -> {losses[-1]:.4f}")
+  return 0 if fell else 1
+
+
+def cmd_export(args: argparse.Namespace) -> int:
+  from tunix_zoo.checkpoint.export import save_pretrained
+
+  model, folder = load(args)
+  out = save_pretrained(model, args.out_dir, dtype=args.out_dtype, source_dir=folder,
+                        overwrite=args.overwrite)
+  print(out)
+  return 0
+
+
+def cmd_download(args: argparse.Namespace) -> int:
+  from tunix_zoo.sources import fetch
+
+  kwargs = source_kwargs(args)
+  print(fetch(args.model, source=kwargs.pop("model_source"), **kwargs))
+  return 0
+
+
+def add_model_arguments(p: argparse.ArgumentParser, *, mesh: bool = True) -> None:
+  p.add_argument("model", help="HF id, config id, Kaggle/GCS name (with --model-path), folder")
+  p.add_argument("--source", default="huggingface",
+                 choices=["huggingface", "kaggle", "gcs", "local"])
+  p.add_argument("--model-path", help="Kaggle handle, gs:// path or local folder")
+  p.add_argument("--download-dir", help="download into this folder instead of the cache")
+  p.add_argument("--revision", help="HF branch, tag or commit")
+  if mesh:
+    p.add_argument("--mesh", help="FSDPxTP, e.g. 1x8 (default 1 x all local devices)")
+    p.add_argument("--dtype", default=None, help="parameter dtype (default: the checkpoint's)")
+
+
 def build_parser() -> argparse.ArgumentParser:
   parser = argparse.ArgumentParser(
       prog="tunix-zoo", description="HF checkpoints as sharded Flax NNX models."
@@ -110,6 +239,38 @@ def build_parser() -> argparse.ArgumentParser:
   p.add_argument("--dtype", default="bfloat16", help="parameter dtype (default bfloat16)")
   p.add_argument("--json", action="store_true")
   p.set_defaults(run=cmd_info)
+
+  p = sub.add_parser("run", help="load a model and generate text (tiny-demo works offline)")
+  add_model_arguments(p)
+  p.add_argument("--prompt")
+  p.add_argument("--chat", action="store_true", help="wrap the prompt in the chat template")
+  p.add_argument("--max-new-tokens", type=int, default=48)
+  p.add_argument("--temperature", type=float, default=0.0)
+  p.add_argument("--top-k", type=int)
+  p.add_argument("--top-p", type=float)
+  p.add_argument("--seed", type=int, default=0)
+  p.set_defaults(run=cmd_run)
+
+  p = sub.add_parser("test", help="kick test: a few forward+backward SGD steps, loss must fall")
+  add_model_arguments(p)
+  p.add_argument("--load", action="store_true", help="load the checkpoint (default: random)")
+  p.add_argument("--batch-size", type=int, default=2)
+  p.add_argument("--seq-len", type=int, default=128)
+  p.add_argument("--steps", type=int, default=3)
+  p.add_argument("--learning-rate", type=float, default=0.5)
+  p.add_argument("--seed", type=int, default=0)
+  p.set_defaults(run=cmd_test)
+
+  p = sub.add_parser("export", help="load MODEL and write it as an HF safetensors checkpoint")
+  add_model_arguments(p)
+  p.add_argument("out_dir")
+  p.add_argument("--out-dtype", help="dtype of the written weights, e.g. bfloat16")
+  p.add_argument("--overwrite", action="store_true")
+  p.set_defaults(run=cmd_export)
+
+  p = sub.add_parser("download", help="fetch a checkpoint into the cache and print its folder")
+  add_model_arguments(p, mesh=False)
+  p.set_defaults(run=cmd_download)
   return parser
 
 

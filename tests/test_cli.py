@@ -1,0 +1,88 @@
+"""The real ``tunix-zoo`` console script, run in subprocesses."""
+
+from __future__ import annotations
+
+import json
+import os
+import shutil
+import subprocess
+
+import pytest
+
+from tunix_zoo.demo import DEMO_TEXT
+
+pytestmark = pytest.mark.slow
+
+
+@pytest.fixture(scope="module")
+def env(tmp_path_factory):
+  cache = tmp_path_factory.mktemp("cache")
+  return {**os.environ, "TUNIX_ZOO_CACHE": str(cache), "TUNIX_ZOO_QUIET": "1",
+          "XLA_FLAGS": "--xla_force_host_platform_device_count=8"}
+
+
+def tunix_zoo(env, *args, check=True):
+  executable = shutil.which("tunix-zoo")
+  assert executable, "the console script is installed by `pip install -e .`"
+  result = subprocess.run([executable, *args], env=env, capture_output=True, text=True,
+                          timeout=600)
+  if check:
+    assert result.returncode == 0, result.stderr
+  return result
+
+
+def test_run_tiny_demo_offline_continues_the_text(env):
+  result = tunix_zoo(env, "run", "tiny-demo", "--max-new-tokens", "24")
+  assert result.stdout.startswith("JAX is a Python library for accelerator-oriented")
+  assert DEMO_TEXT.replace("\\\n", "").startswith(result.stdout.strip()[:60])
+  assert "prefill" in result.stderr and "decode" in result.stderr
+
+
+def test_kick_test_loss_falls(env):
+  result = tunix_zoo(env, "test", "tiny-demo", "--steps", "3", "--seq-len", "32")
+  assert "loss fell" in result.stdout
+  losses = [float(line.split()[-1]) for line in result.stdout.splitlines()
+            if line.startswith("step")]
+  assert len(losses) == 3 and losses[-1] < losses[0]
+
+
+def test_kick_test_of_a_preset_on_a_mesh(env):
+  result = tunix_zoo(env, "test", "tiny-demo", "--load", "--mesh", "2x4", "--steps", "2",
+                     "--seq-len", "16")
+  assert "loss fell" in result.stdout
+
+
+def test_export_writes_a_loadable_checkpoint(env, tmp_path):
+  out = tmp_path / "exported"
+  result = tunix_zoo(env, "export", "tiny-demo", str(out), "--out-dtype", "bfloat16")
+  assert result.stdout.strip() == str(out)
+  config = json.loads((out / "config.json").read_text())
+  assert config["model_type"] == "qwen3"
+  assert (out / "tokenizer.json").exists()
+  again = tunix_zoo(env, "run", str(out), "--max-new-tokens", "4", "--prompt", "JAX is")
+  assert again.stdout.startswith("JAX is")
+
+
+def test_download_local_prints_the_folder(env, tmp_path):
+  folder = tunix_zoo(env, "download", "tiny", "--source", "local", "--model-path",
+                     os.path.join(env["TUNIX_ZOO_CACHE"], "tiny-demo"))
+  assert folder.stdout.strip().endswith("tiny-demo")
+
+
+def test_list_and_info(env):
+  listing = json.loads(tunix_zoo(env, "list", "--json").stdout)
+  ids = {row["config_id"] for row in listing}
+  assert {"qwen3_0p6b", "gemma3_1b", "llama3p1_405b", "qwen2p5_72b", "gemma_7b"} <= ids
+  info = json.loads(tunix_zoo(env, "info", "qwen3_8b", "--mesh", "1x8", "--json").stdout)
+  assert info["parameters"] == 8_190_735_360
+  assert info["bytes_total"] == 2 * 8_190_735_360
+  # Every matmul weight splits 8 ways on tp; only norms are replicated.
+  assert info["bytes_total"] / 8 <= info["bytes_per_device"] < info["bytes_total"] / 8 * 1.01
+
+
+def test_bad_ids_exit_2_with_a_suggestion(env):
+  result = tunix_zoo(env, "info", "Qwen/Qwen4-8B", check=False)
+  assert result.returncode == 2
+  assert "Did you mean 'qwen3'" in result.stderr
+  result = tunix_zoo(env, "info", "qwen3_8b", "--mesh", "0x8", check=False)
+  assert result.returncode == 2 and "1x8" in result.stderr
