@@ -3,8 +3,9 @@
 It joins a ``jax.distributed`` cluster on 127.0.0.1, loads a checkpoint onto the global
 ``(2, 4)`` ``("fsdp", "tp")`` mesh for each axis type, and writes what the parent checks
 into ``--out``: which tensor slices it read, which slices its devices hold, the checkpoint
-bytes it read, and the global logits of a jitted forward. With ``--export`` it then exports
-the last model it loaded (every process calls ``save_pretrained``; process 0 writes).
+bytes it read, and the global logits of a jitted forward. Then it exports the
+last model it loaded to ``--export`` (every process calls ``save_pretrained``; process 0
+writes).
 
 Run as ``python -m tests.multiprocess_worker --process-id 0 --port 12345 ...`` with
 ``XLA_FLAGS=--xla_force_host_platform_device_count=4`` in the environment.
@@ -30,6 +31,7 @@ from jax.sharding import AxisType, NamedSharding, PartitionSpec
 from tunix_zoo import registry
 from tunix_zoo.automodel import load_folder, read_hf_config
 from tunix_zoo.checkpoint import loader
+from tunix_zoo.checkpoint.export import save_pretrained
 from tunix_zoo.checkpoint.loader import module_path
 from tunix_zoo.checkpoint.safetensors_io import CheckpointFiles
 
@@ -105,6 +107,7 @@ def main() -> None:
   parser.add_argument("--checkpoint", required=True)
   parser.add_argument("--inputs", required=True, help="npz with tokens and mask")
   parser.add_argument("--out", required=True)
+  parser.add_argument("--export", required=True, help="folder to export the last model to")
   args = parser.parse_args()
 
   jax.config.update("jax_cpu_collectives_implementation", "gloo")
@@ -134,6 +137,7 @@ def main() -> None:
     }
     np.save(out / f"logits_{name}_{args.process_id}.npy",
             global_logits(model, mesh, inputs["tokens"], inputs["mask"]))
+  save_pretrained(model, args.export)
   (out / f"result_{args.process_id}.json").write_text(json.dumps(result))
   jax.distributed.shutdown()
 

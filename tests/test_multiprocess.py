@@ -5,8 +5,9 @@ Two worker processes (tests/multiprocess_worker.py) with 4 CPU devices each form
 process 0 holds row 0 (fsdp=0) and process 1 row 1. They load one checkpoint for each axis
 type (Explicit and Auto). This file checks what they report: every process read exactly
 the blocks its devices hold, each distinct block once (a fully replicated tensor once, a
-block shared by several of its devices once); and the jitted global forward equals the
-single-process logits.
+block shared by several of its devices once); the jitted global forward equals the
+single-process logits; and an export from the two processes is one complete checkpoint
+that loads back bit-exactly.
 
 The qwen3 reference case has 8 heads (sharded on tp=4), 2 KV heads and a vocabulary of
 131 (neither divides tp=4, so those are replicated on tp and sharded on fsdp only).
@@ -26,6 +27,7 @@ import time
 import jax
 import numpy as np
 import pytest
+from flax import nnx
 
 from tests import reference
 from tunix_zoo.automodel import load_folder
@@ -60,6 +62,8 @@ def cluster(tmp_path_factory):
   reference.make_checkpoint(CASE, checkpoint)
   tokens, mask, _ = reference.left_padded_batch(seed=3, batch=2)
   np.savez(root / "inputs.npz", tokens=tokens, mask=mask)
+  exports = root / "exports"
+  exports.mkdir()
   env = {
       **os.environ,
       "XLA_FLAGS": "--xla_force_host_platform_device_count=4",
@@ -76,7 +80,7 @@ def cluster(tmp_path_factory):
             [sys.executable, "-m", "tests.multiprocess_worker", "--process-id", str(i),
              "--num-processes", str(NUM_PROCESSES), "--port", str(port),
              "--checkpoint", str(checkpoint), "--inputs", str(root / "inputs.npz"),
-             "--out", str(root)],
+             "--out", str(root), "--export", str(exports / "model")],
             cwd=REPO_ROOT, env=env, stdout=log_file, stderr=subprocess.STDOUT,
         ))
     deadline = time.monotonic() + WORKER_TIMEOUT_S
@@ -96,7 +100,7 @@ def cluster(tmp_path_factory):
     pytest.fail(f"workers exited with {codes}\n{log_tails(logs)}")
   results = [json.loads((root / f"result_{i}.json").read_text()) for i in range(NUM_PROCESSES)]
   return {"root": root, "checkpoint": checkpoint, "tokens": tokens, "mask": mask,
-          "results": results}
+          "results": results, "exports": exports}
 
 
 @pytest.fixture(scope="module")
@@ -157,3 +161,18 @@ def test_global_forward_equals_single_process(cluster, single, axis_type):
     diff = np.abs(got - np.asarray(expected))[real].max()
     assert diff <= MAX_ABS, f"process {process}: max abs logit diff {diff}"
 
+
+def test_export_from_two_processes_is_one_exact_checkpoint(cluster, single):
+  exported = cluster["exports"] / "model"
+  # One folder, no staging leftovers from either process.
+  assert sorted(p.name for p in cluster["exports"].iterdir()) == ["model"]
+  with CheckpointFiles(exported) as got, CheckpointFiles(cluster["checkpoint"]) as original:
+    assert got.keys() == original.keys()
+    for key in original.keys():
+      np.testing.assert_array_equal(got.read(key), original.read(key), err_msg=key)
+  mesh = jax.make_mesh((1, 1), ("fsdp", "tp"), devices=jax.devices()[:1])
+  reloaded = dict(nnx.to_flat_state(nnx.state(load_folder(exported, mesh), nnx.Param)))
+  params = dict(nnx.to_flat_state(nnx.state(single, nnx.Param)))
+  assert reloaded.keys() == params.keys()
+  for path, param in params.items():
+    np.testing.assert_array_equal(reloaded[path][...], param[...], err_msg=str(path))

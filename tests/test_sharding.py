@@ -123,9 +123,11 @@ def test_a_mesh_axis_is_used_at_most_once():
 
 
 def test_axes_of_size_one_and_absent_axes_are_harmless():
-  # Size-1 axes divide anything.
+  # Size-1 axes shard nothing, so specs leave them out.
   spec = sharding.partition_spec(("vocab", "embed"), (131, 64), abstract_mesh(1, 1))
-  assert spec == P("tp", "fsdp")
+  assert spec == P(None, None)
+  spec = sharding.partition_spec(("heads", "embed"), (128, 64), abstract_mesh(8, 1))
+  assert spec == P(None, "fsdp")
   fsdp_only = AbstractMesh((8,), ("fsdp",), axis_types=(AxisType.Auto,))
   # Default rules name tp; a mesh without it shards on what it has.
   assert sharding.partition_spec(("heads", "embed"), (128, 64), fsdp_only) == P(None, "fsdp")
