@@ -74,9 +74,10 @@ def run_transformers(config_id: str, batch: int, length: int) -> dict:
 
   config = registry.get_config(config_id)
   hf_config = transformers.AutoConfig.for_model(**config.to_hf_config())
-  model = transformers.AutoModelForCausalLM.from_config(
-      hf_config, dtype=torch.bfloat16, attn_implementation="sdpa"
-  ).cuda().eval()
+  with torch.device("cuda"):  # Initialise on the GPU: CPU init of 8B takes minutes.
+    model = transformers.AutoModelForCausalLM.from_config(
+        hf_config, dtype=torch.bfloat16, attn_implementation="sdpa"
+    ).eval()
   tokens = torch.randint(0, config.vocab_size, (batch, length), device="cuda")
 
   def step():

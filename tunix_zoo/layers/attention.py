@@ -54,17 +54,29 @@ def dot_product_attention(
     q: jax.Array,
     k: jax.Array,
     v: jax.Array,
-    mask: jax.Array,
+    mask: jax.Array | None,
     scale: float,
     softcap: float | None = None,
+    window: int | None = None,
 ) -> jax.Array:
   """Attention of ``q`` ``[B, T, N, H]`` over ``k, v`` ``[B, S, K, H]`` (``N % K == 0``).
 
-  Without soft-capping this is ``jax.nn.dot_product_attention`` (cuDNN flash
-  attention on GPU); soft-capping needs the logits, so it takes a plain XLA path.
+  ``mask`` is a boolean ``[B, T, S]``; None means plain causal attention over a sequence
+  without padding or cache (limited to ``window`` keys when given), which lets
+  ``jax.nn.dot_product_attention`` use cuDNN flash attention on GPU. Soft-capping needs
+  the logits, so it takes a plain XLA path.
   """
   if softcap is None:
+    if mask is None:
+      local = None if window is None else (window - 1, 0)
+      return jax.nn.dot_product_attention(
+          q, k, v, scale=scale, is_causal=True, local_window_size=local
+      )
     return jax.nn.dot_product_attention(q, k, v, mask=mask[:, None], scale=scale)
+  if mask is None:
+    distance = jnp.arange(q.shape[1])[:, None] - jnp.arange(k.shape[1])[None, :]
+    allowed = (distance >= 0) & (True if window is None else distance < window)
+    mask = jnp.broadcast_to(allowed, (q.shape[0],) + allowed.shape)
   b, t, n, h = q.shape
   groups = n // k.shape[2]
   q = q.reshape(b, t, k.shape[2], groups, h)
@@ -120,7 +132,7 @@ class Attention(nnx.Module):
       self,
       x: jax.Array,
       positions: jax.Array,
-      masks: dict[int | None, jax.Array],
+      masks: dict[int | None, jax.Array | None],
       layer_cache: LayerCache | None,
       cache_index: jax.Array | int,
   ) -> tuple[jax.Array, LayerCache | None]:
@@ -138,5 +150,7 @@ class Attention(nnx.Module):
           "v": jax.lax.dynamic_update_slice(layer_cache["v"], v.astype(layer_cache["v"].dtype), start),
       }
       k, v = layer_cache["k"].astype(q.dtype), layer_cache["v"].astype(q.dtype)
-    out = dot_product_attention(q, k, v, masks[self.window], self.scale, self.softcap)
+    out = dot_product_attention(
+        q, k, v, masks[self.window], self.scale, self.softcap, self.window
+    )
     return self.o_proj(out.reshape(*out.shape[:2], -1)), layer_cache

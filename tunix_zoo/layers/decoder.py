@@ -9,6 +9,13 @@ Call convention (the one Tunix models use, so RL code can call ours)::
 
 ``attention_mask`` is a ``[B, T]`` padding mask (1 = real token) or a full boolean
 ``[B, T, S]`` mask; ``positions`` default to the count of real tokens before each one.
+
+``remat`` trades compute for activation memory in training: ``"layer"`` keeps only each
+decoder layer's input and recomputes the layer in the backward pass, ``"attention"``
+recomputes the attention blocks only; ``"none"`` (the default) saves everything::
+
+    model = Qwen3ForCausalLM(config, rngs=nnx.Rngs(0), remat="layer")
+    model.remat = "none"  # may be changed between traces
 """
 
 from __future__ import annotations
@@ -22,11 +29,39 @@ from jax.sharding import Mesh, NamedSharding, PartitionSpec
 
 from tunix_zoo import sharding
 from tunix_zoo.config import DecoderConfig
+from tunix_zoo.errors import RematError
 from tunix_zoo.layers.attention import Attention, LayerCache, attention_masks
 from tunix_zoo.layers.basic import Embedding, Linear, RMSNorm
 from tunix_zoo.layers.mlp import GatedMLP
 
 Cache = dict[str, Any]
+REMAT_MODES = ("none", "layer", "attention")
+
+
+def check_remat(mode: str) -> str:
+  """``mode`` when it is one of :data:`REMAT_MODES`; else raises RematError."""
+  if mode not in REMAT_MODES:
+    raise RematError(f"remat={mode!r} is not a remat mode; choose one of {', '.join(REMAT_MODES)}.")
+  return mode
+
+
+def rematerialised(
+    block: nnx.Module,
+    x: jax.Array,
+    positions: jax.Array,
+    masks: dict[int | None, jax.Array],
+    layer_cache: LayerCache | None,
+    cache_index: jax.Array | int,
+) -> tuple[jax.Array, LayerCache | None]:
+  """``block(x, positions, masks, layer_cache, cache_index)`` under ``nnx.remat``: only its
+  inputs are saved for the backward pass, which recomputes the rest."""
+  # The masks' keys mix None and ints, which pytrees cannot sort: pass the values only.
+  windows = tuple(masks)
+
+  def run(block, x, positions, mask_values, layer_cache, cache_index):
+    return block(x, positions, dict(zip(windows, mask_values)), layer_cache, cache_index)
+
+  return nnx.remat(run)(block, x, positions, tuple(masks.values()), layer_cache, cache_index)
 
 
 class DecoderLayer(nnx.Module):
@@ -65,11 +100,18 @@ class DecoderLayer(nnx.Module):
       self,
       x: jax.Array,
       positions: jax.Array,
-      masks: dict[int | None, jax.Array],
+      masks: dict[int | None, jax.Array | None],
       layer_cache: LayerCache | None,
       cache_index: jax.Array | int,
+      remat_attention: bool = False,
   ) -> tuple[jax.Array, LayerCache | None]:
-    h, layer_cache = self.attn(self.pre_attn_norm(x), positions, masks, layer_cache, cache_index)
+    """The layer's output and updated cache; ``remat_attention`` recomputes the attention
+    block in the backward pass instead of saving its activations."""
+    args = (self.pre_attn_norm(x), positions, masks, layer_cache, cache_index)
+    if remat_attention:
+      h, layer_cache = rematerialised(self.attn, *args)
+    else:
+      h, layer_cache = self.attn(*args)
     if self.post_attn_norm is not None:
       h = self.post_attn_norm(h)
     x = x + h
@@ -96,9 +138,11 @@ class DecoderLM(nnx.Module):
       param_dtype: Any = jnp.float32,
       mesh: Mesh | None = None,
       sharding_rules: sharding.Rules | None = None,
+      remat: str = "none",
   ):
     c = config
     self.config = config
+    self.remat = check_remat(remat)
     self.dtype = dtype
     self.mesh = mesh
     self.sharding_rules = dict(sharding_rules) if sharding_rules is not None else None
@@ -207,13 +251,22 @@ class DecoderLM(nnx.Module):
       # Real tokens count from 0 in every row, whatever padding precedes them.
       positions = done[:, None] + jnp.maximum(jnp.cumsum(new_valid, axis=-1) - 1, 0)
     windows = {layer.attn.window for layer in self.layers}
-    masks = attention_masks(index + jnp.arange(length), key_valid, windows, full_mask)
+    if cache is None and attention_mask is None:
+      # Plain causal: no mask array, so attention can take the flash-attention kernels.
+      masks = dict.fromkeys(windows)
+    else:
+      masks = attention_masks(index + jnp.arange(length), key_valid, windows, full_mask)
 
     x = self.embed(input_tokens)
     new_layers = []
     for i, layer in enumerate(self.layers):
       layer_cache = None if cache is None else cache["layers"][i]
-      x, layer_cache = layer(x, positions, masks, layer_cache, index)
+      if check_remat(self.remat) == "layer":
+        x, layer_cache = rematerialised(layer, x, positions, masks, layer_cache, index)
+      else:
+        x, layer_cache = layer(
+            x, positions, masks, layer_cache, index, remat_attention=self.remat == "attention"
+        )
       x = sharding.constrain(x, ("batch", None, None), self.mesh, self.sharding_rules)
       new_layers.append(layer_cache)
     x = self.final_norm(x)

@@ -1,0 +1,116 @@
+"""Decode benchmark: tokens/s with a KV cache, and the fraction of the HBM roofline.
+
+Random weights of a preset's shapes (bf16). tunix_zoo decodes with ``generate`` (one
+jitted while_loop); transformers with ``model.generate`` (eager, sdpa, dynamic cache).
+Roofline: per step every weight and the whole KV cache buffer are read once; the
+step's floor is those bytes over the measured device copy bandwidth. Prints JSON.
+
+    python benchmarks/decode.py --model qwen3_0p6b --batch 1 --new-tokens 256
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import pathlib
+import sys
+import time
+
+
+def copy_bandwidth_bytes_per_s() -> float:
+  """Device memory bandwidth from a large jitted copy, counting read + write."""
+  import jax
+  import jax.numpy as jnp
+
+  x = jnp.ones((1 << 30,), jnp.float32)  # 4 GiB
+  copy = jax.jit(lambda a: a + 1)
+  copy(x).block_until_ready()
+  start = time.perf_counter()
+  for _ in range(5):
+    y = copy(x)
+  y.block_until_ready()
+  return 2 * x.nbytes * 5 / (time.perf_counter() - start)
+
+
+def run_tunix_zoo(config_id: str, batch: int, prompt: int, new_tokens: int) -> dict:
+  import jax
+  import jax.numpy as jnp
+  import numpy as np
+
+  from tunix_zoo import registry
+  from tunix_zoo.automodel import AutoModel
+  from tunix_zoo.generate import generate
+  from tunix_zoo.planning import count_parameters
+
+  config = registry.get_config(config_id)
+  mesh = jax.make_mesh((1, len(jax.devices())), ("fsdp", "tp"),
+                       axis_types=(jax.sharding.AxisType.Auto,) * 2)
+  model = AutoModel.from_config(config, mesh, dtype=jnp.bfloat16, param_dtype=jnp.bfloat16)
+  tokens = np.random.default_rng(0).integers(3, config.vocab_size, (batch, prompt))
+  generate(model, tokens, new_tokens)  # Compile.
+  out = generate(model, tokens, new_tokens)
+  step_seconds = out.decode_seconds / (new_tokens - 1)
+  weight_bytes = 2 * count_parameters(config)
+  cache_len = prompt + new_tokens
+  cache_bytes = 2 * 2 * config.num_layers * batch * cache_len * config.num_kv_heads * config.head_dim
+  bandwidth = copy_bandwidth_bytes_per_s()
+  floor = (weight_bytes + cache_bytes) / bandwidth
+  return dict(
+      decode_tokens_per_s=out.decode_tokens_per_second, step_ms=1e3 * step_seconds,
+      roofline_step_ms=1e3 * floor, roofline_fraction=floor / step_seconds,
+      copy_bandwidth_tb_s=bandwidth / 1e12, compile_seconds=out.compile_seconds,
+      prefill_tokens_per_s=out.prefill_tokens_per_second,
+      device=jax.devices()[0].device_kind, jax=jax.__version__,
+  )
+
+
+def run_transformers(config_id: str, batch: int, prompt: int, new_tokens: int) -> dict:
+  import torch
+  import transformers
+
+  from tunix_zoo import registry
+
+  config = registry.get_config(config_id)
+  hf_config = transformers.AutoConfig.for_model(**config.to_hf_config())
+  with torch.device("cuda"):  # Initialise on the GPU: CPU init of 8B takes minutes.
+    model = transformers.AutoModelForCausalLM.from_config(
+        hf_config, dtype=torch.bfloat16, attn_implementation="sdpa"
+    ).eval()
+  tokens = torch.randint(3, config.vocab_size, (batch, prompt), device="cuda")
+
+  def run(n):
+    with torch.no_grad():
+      model.generate(tokens, max_new_tokens=n, min_new_tokens=n, do_sample=False,
+                     pad_token_id=0)
+    torch.cuda.synchronize()
+
+  run(4)
+  start = time.perf_counter()
+  run(1)
+  one = time.perf_counter() - start  # prefill + first token
+  start = time.perf_counter()
+  run(new_tokens)
+  seconds = time.perf_counter() - start - one
+  step = seconds / (new_tokens - 1)
+  return dict(decode_tokens_per_s=batch / step, step_ms=1e3 * step, torch=torch.__version__)
+
+
+def main() -> None:
+  parser = argparse.ArgumentParser(description=__doc__)
+  parser.add_argument("--model", default="qwen3_0p6b")
+  parser.add_argument("--batch", type=int, default=1)
+  parser.add_argument("--prompt", type=int, default=128)
+  parser.add_argument("--new-tokens", type=int, default=256)
+  parser.add_argument("--libraries", default="tunix_zoo,transformers")
+  args = parser.parse_args()
+  report = dict(model=args.model, batch=args.batch, prompt=args.prompt,
+                new_tokens=args.new_tokens)
+  for library in args.libraries.split(","):
+    runner = run_tunix_zoo if library == "tunix_zoo" else run_transformers
+    report[library] = runner(args.model, args.batch, args.prompt, args.new_tokens)
+  print(json.dumps(report, indent=1))
+
+
+if __name__ == "__main__":
+  sys.path.insert(0, str(pathlib.Path(__file__).resolve().parents[1]))
+  main()
