@@ -40,7 +40,7 @@ def main() -> None:
   parser.add_argument("--steps", type=int, default=20, help="timed calls")
   args = parser.parse_args()
   sys.path.insert(0, str(pathlib.Path(__file__).resolve().parents[1]))
-  from tunix_zoo.layers.moe import MoE, route
+  from tunix_zoo.layers.moe import MoE, grouped_matmul_kernel, route
 
   name = "small" if args.small else "qwen3_30b_a3b"
   hidden, width, experts, top_k, batch, seq = SHAPES[name]
@@ -79,6 +79,8 @@ def main() -> None:
       "benchmark": "moe_layer",
       "shapes": name,
       "dispatch": args.dispatch,
+      "grouped_matmul": grouped_matmul_kernel(dtype, (experts, width, hidden))
+      if args.dispatch == "ragged" else None,
       "device": jax.devices()[0].device_kind,
       "dtype": dtype.name,
       "hidden": hidden, "expert_width": width, "experts": experts, "top_k": top_k,

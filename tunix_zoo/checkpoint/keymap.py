@@ -4,12 +4,24 @@ A rule pairs a checkpoint key template with a module path template; ``{i}`` stan
 a layer number. The same table drives loading (module path -> checkpoint key) and
 export (the reverse), so a round trip is exact by construction.
 
+A placeholder that only the checkpoint template names (``{e}``) makes a *stacked* rule:
+the parameter's leading axis gathers one checkpoint tensor per index, as a model holds
+its experts ``[experts, out, in]`` while checkpoints store one tensor per expert. The
+loader reads slice ``e`` of the parameter from key ``e`` of :meth:`KeyMap.stacked_keys`;
+export writes ``param[e]`` under the same key, so the split is exact.
+
 Example::
 
-    table = KeyMap([Rule("model.layers.{i}.self_attn.q_proj.weight",
-                         "layers.{i}.attn.q_proj.weight")])
+    table = KeyMap([
+        Rule("model.layers.{i}.self_attn.q_proj.weight", "layers.{i}.attn.q_proj.weight"),
+        Rule("model.layers.{i}.mlp.experts.{e}.up_proj.weight",
+             "layers.{i}.mlp.experts.up_proj"),
+    ])
     table.checkpoint_key("layers.3.attn.q_proj.weight")
     # 'model.layers.3.self_attn.q_proj.weight'
+    table.stacked_keys("layers.3.mlp.experts.up_proj", 2)
+    # ['model.layers.3.mlp.experts.0.up_proj.weight', 'model.layers.3.mlp.experts.1.up_proj.weight']
+    table.stacked_keys("layers.3.attn.q_proj.weight", 64)  # None: one checkpoint tensor
 """
 
 from __future__ import annotations
@@ -34,14 +46,28 @@ def _pattern(template: str) -> re.Pattern[str]:
 
 @dataclasses.dataclass(frozen=True)
 class Rule:
-  """One checkpoint key template and the module path template it fills."""
+  """One checkpoint key template and the module path template it fills.
+
+  ``stack`` is the placeholder only ``checkpoint`` names (None for a plain rule): it
+  indexes the parameter's leading axis.
+  """
 
   checkpoint: str
   module: str
+  stack: str | None = dataclasses.field(init=False, default=None)
 
   def __post_init__(self) -> None:
     object.__setattr__(self, "_checkpoint_re", _pattern(self.checkpoint))
     object.__setattr__(self, "_module_re", _pattern(self.module))
+    in_checkpoint = set(_PLACEHOLDER.findall(self.checkpoint))
+    in_module = set(_PLACEHOLDER.findall(self.module))
+    # A table is code, not user input: a malformed rule is a bug in the family.
+    if in_module - in_checkpoint or len(in_checkpoint - in_module) > 1:
+      raise ValueError(
+          f"Rule {self.checkpoint!r} -> {self.module!r}: every module placeholder must be in "
+          "the checkpoint template, which may name at most one more (the stacked axis)."
+      )
+    object.__setattr__(self, "stack", next(iter(in_checkpoint - in_module), None))
 
 
 @dataclasses.dataclass(frozen=True)
@@ -85,23 +111,54 @@ class KeyMap:
     """``key`` and its aliased spellings, in the order they are tried."""
     return [key] + [new + key[len(old):] for old, new in self.aliases if key.startswith(old)]
 
-  def checkpoint_key(self, module_path: str) -> str:
-    """The checkpoint key holding the parameter at ``module_path``."""
+  def _rule_for(self, module_path: str) -> tuple[Rule, dict[str, str]]:
     for rule in self.rules:
       match = rule._module_re.match(module_path)
       if match:
-        return rule.checkpoint.format(**match.groupdict())
+        return rule, match.groupdict()
     raise CheckpointError(
         f"No checkpoint key is mapped to model parameter {module_path!r}; the family's "
         "params.py table is missing a rule for it."
     )
 
+  def checkpoint_key(self, module_path: str) -> str:
+    """The checkpoint key holding the parameter at ``module_path``.
+
+    For a stacked parameter, the key template with the stacked placeholder left in
+    (``'model.layers.0.mlp.experts.{e}.up_proj.weight'``); see :meth:`stacked_keys`.
+    """
+    rule, values = self._rule_for(module_path)
+    if rule.stack is not None:
+      values[rule.stack] = "{" + rule.stack + "}"
+    return rule.checkpoint.format(**values)
+
+  def stacked_keys(self, module_path: str, size: int) -> list[str] | None:
+    """The keys of a stacked parameter's ``size`` slices along its leading axis.
+
+    None when the parameter is one checkpoint tensor (:meth:`checkpoint_key`).
+    """
+    rule, values = self._rule_for(module_path)
+    if rule.stack is None:
+      return None
+    return [rule.checkpoint.format(**values, **{rule.stack: n}) for n in range(size)]
+
   def module_path(self, checkpoint_key: str) -> str | None:
-    """The module path a checkpoint key fills, or None when no rule maps it."""
+    """The module path a checkpoint key fills, or None when no rule maps it.
+
+    A key of a stacked rule fills one slice of that path (:meth:`stack_index`).
+    """
     for rule in self.rules:
       match = rule._checkpoint_re.match(checkpoint_key)
       if match:
         return rule.module.format(**match.groupdict())
+    return None
+
+  def stack_index(self, checkpoint_key: str) -> int | None:
+    """The slice of a stacked parameter a checkpoint key fills; None for other keys."""
+    for rule in self.rules:
+      match = rule._checkpoint_re.match(checkpoint_key)
+      if match:
+        return None if rule.stack is None else int(match[rule.stack])
     return None
 
   def is_ignored(self, checkpoint_key: str) -> bool:

@@ -81,25 +81,35 @@ def load_checkpoint(
   flat = nnx.to_flat_state(params)
   with CheckpointFiles(folder) as ckpt:
     available = set(ckpt.keys())
-    wanted = {}
+    # Module path -> its checkpoint keys: one, or one per slice of a stacked parameter.
+    wanted: dict[str, list[str]] = {}
+    stacked: set[str] = set()
     for path, var in flat:
       name = module_path(path)
-      key = _find_key(key_map, name, available)
-      if key is None:
-        raise CheckpointError(
-            f"Checkpoint {folder} has no tensor for model parameter {name!r} "
-            f"(looked for {key_map.checkpoint_key(name)!r}). Is this checkpoint of the "
-            f"architecture its config.json names?"
-        )
-      if tuple(ckpt.shape(key)) != tuple(var.shape):
-        raise CheckpointError(
-            f"Tensor {key!r} in {folder} has shape {tuple(ckpt.shape(key))}, but the model "
-            f"expects {tuple(var.shape)} for {name!r}: config.json and weights disagree."
-        )
-      wanted[name] = key
+      per_slice = key_map.stacked_keys(name, var.shape[0]) if var.shape else None
+      shape = tuple(var.shape) if per_slice is None else tuple(var.shape[1:])
+      keys = []
+      for wanted_key in per_slice or [key_map.checkpoint_key(name)]:
+        key = _find_key(key_map, wanted_key, available)
+        if key is None:
+          raise CheckpointError(
+              f"Checkpoint {folder} has no tensor for model parameter {name!r} "
+              f"(looked for {wanted_key!r}). Is this checkpoint of the "
+              f"architecture its config.json names?"
+          )
+        if tuple(ckpt.shape(key)) != shape:
+          raise CheckpointError(
+              f"Tensor {key!r} in {folder} has shape {tuple(ckpt.shape(key))}, but the model "
+              f"expects {shape} for {name!r}: config.json and weights disagree."
+          )
+        keys.append(key)
+      wanted[name] = keys
+      if per_slice is not None:
+        stacked.add(name)
     tied = getattr(abstract.config, "tie_word_embeddings", False)
+    used = {key for keys in wanted.values() for key in keys}
     unexpected = sorted(
-        k for k in available - set(wanted.values())
+        k for k in available - used
         if not key_map.is_ignored(k) and not (tied and k.endswith("lm_head.weight"))
     )
     if unexpected:
@@ -112,14 +122,21 @@ def load_checkpoint(
     def load_one(item):
       path, var = item
       name = module_path(path)
-      key, dtype = wanted[name], var.dtype
+      keys, dtype, shape = wanted[name], var.dtype, tuple(var.shape)
 
       def read(index):
-        return np.asarray(ckpt.read(key, index)).astype(dtype, copy=False)
+        if name not in stacked:
+          return np.asarray(ckpt.read(keys[0], index)).astype(dtype, copy=False)
+        # Gather the device's slice of the stack one checkpoint tensor at a time, so
+        # host memory holds the slice plus one tensor's part of it.
+        index = tuple(index) + (slice(None),) * (len(shape) - len(index))
+        # The slice's shape, from a zero-stride view (nothing allocated).
+        out = np.empty(np.broadcast_to(np.empty((), dtype), shape)[index].shape, dtype)
+        for n, row in enumerate(range(*index[0].indices(shape[0]))):
+          out[n] = ckpt.read(keys[row], index[1:])
+        return out
 
-      array = jax.make_array_from_callback(
-          tuple(var.shape), shardings[name], _once_per_block(read)
-      )
+      array = jax.make_array_from_callback(shape, shardings[name], _once_per_block(read))
       if progress is not None:
         progress(int(np.prod(var.shape)) * np.dtype(dtype).itemsize)
       return path, array
@@ -131,8 +148,9 @@ def load_checkpoint(
   return nnx.merge(graphdef, nnx.from_flat_state(flat), rest)
 
 
-def _find_key(key_map: KeyMap, name: str, available: set[str]) -> str | None:
-  return next((k for k in key_map.spellings(key_map.checkpoint_key(name)) if k in available), None)
+def _find_key(key_map: KeyMap, key: str, available: set[str]) -> str | None:
+  return next((k for k in key_map.spellings(key) if k in available), None)
+
 
 def _once_per_block(read: Callable[[Any], np.ndarray]) -> Callable[[Any], np.ndarray]:
   """``read``, called once per distinct block of the array.

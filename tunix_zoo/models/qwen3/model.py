@@ -1,22 +1,95 @@
-"""Qwen3 (dense): the shared decoder with per-head RMSNorm on queries and keys.
+"""Qwen3, dense and mixture-of-experts: the shared decoder with per-head RMSNorm on q and k.
+
+One class serves ``Qwen3ForCausalLM`` and ``Qwen3MoeForCausalLM``: in a Qwen3-MoE model
+the layers ``config.is_sparse_layer`` names replace the MLP by a router over
+``num_experts`` gated MLPs (:class:`tunix_zoo.layers.moe.MoE`); the others keep a dense
+MLP of ``intermediate_size``.
 
 Example::
 
     model = Qwen3ForCausalLM(registry.get_config("qwen3_0p6b"), rngs=nnx.Rngs(0))
+    logits, cache = model(tokens)
+    # Mixture of experts: the router logits, for the auxiliary load-balancing loss.
+    logits, _, router_logits = moe_model.forward_with_router_logits(tokens, attention_mask=mask)
+    aux = load_balancing_loss(router_logits, cfg.num_experts, cfg.num_experts_per_tok, mask)
 """
 
-from tunix_zoo.layers.decoder import DecoderLM
+from __future__ import annotations
+
+from typing import Any
+
+import jax
+from flax import nnx
+from jax.sharding import NamedSharding
+
+from tunix_zoo import sharding
+from tunix_zoo.layers.decoder import Cache, DecoderLayer, DecoderLM
+from tunix_zoo.layers.moe import MoE, collect_router_logits
 from tunix_zoo.models.qwen3.config import Qwen3Config
 from tunix_zoo.models.qwen3.params import QWEN3_PARAMS
 from tunix_zoo.registry import register_family
 
 
+class Qwen3DecoderLayer(DecoderLayer):
+  """A Qwen3 layer: mixture of experts where the config says so, else a dense MLP."""
+
+  def make_mlp(self, config: Qwen3Config, layer: int, **kw: Any) -> nnx.Module:
+    if not config.is_sparse_layer(layer):
+      return super().make_mlp(config, layer, **kw)
+    return MoE(
+        config.hidden_size, config.moe_intermediate_size, num_experts=config.num_experts,
+        top_k=config.num_experts_per_tok, act=config.hidden_act,
+        norm_topk_prob=config.norm_topk_prob, **kw,
+    )
+
+
 @register_family(
     names=("qwen3",),
-    model_types=("qwen3",),
-    architectures=("Qwen3ForCausalLM",),
+    model_types=Qwen3Config.model_types,
+    architectures=Qwen3Config.architectures,
     config_class=Qwen3Config,
     param_table=QWEN3_PARAMS,
 )
 class Qwen3ForCausalLM(DecoderLM):
-  """Qwen3 dense decoder (``Qwen3ForCausalLM``)."""
+  """Qwen3 dense (``Qwen3ForCausalLM``) and Qwen3-MoE (``Qwen3MoeForCausalLM``)."""
+
+  layer_class = Qwen3DecoderLayer
+
+  def forward_with_router_logits(
+      self,
+      input_tokens: jax.Array,
+      positions: jax.Array | None = None,
+      cache: Cache | None = None,
+      attention_mask: jax.Array | None = None,
+  ) -> tuple[jax.Array, Cache | None, tuple[jax.Array, ...]]:
+    """``__call__``'s logits and cache, and each sparse layer's router logits.
+
+    The router logits are ``[B, T, num_experts]`` in the compute dtype, one per sparse
+    layer in layer order (what transformers returns with ``output_router_logits``);
+    :func:`tunix_zoo.layers.moe.load_balancing_loss` turns them into the auxiliary loss.
+    A dense model returns none.
+    """
+
+    def forward(model: Qwen3ForCausalLM, *args: Any):
+      with collect_router_logits() as router_logits:
+        logits, new_cache = model._forward(*args)
+      return logits, new_cache, tuple(router_logits)
+
+    args = (input_tokens, positions, cache, attention_mask)
+    if not sharding.has_explicit_axes(self.mesh):
+      return forward(self, *args)
+    c = self.config
+    batch, length = input_tokens.shape
+    sparse_layers = sum(c.is_sparse_layer(i) for i in range(c.num_layers))
+    out_specs = (
+        self._spec(("batch", None, "vocab"), (batch, length, c.vocab_size)),
+        None if cache is None else self._cache_specs(batch, cache["valid"].shape[1]),
+        (self._spec(("batch", None, None), (batch, length, c.num_experts)),) * sparse_layers,
+    )
+    out_sharding = jax.tree.map(lambda s: NamedSharding(self.mesh, s), out_specs)
+    graphdef, state = nnx.split(self)
+
+    def run(state, *args):
+      return forward(nnx.merge(graphdef, state), *args)
+
+    return sharding.run_with_auto_axes(run, self.mesh, out_sharding)(state, *args)

@@ -1,0 +1,378 @@
+"""Qwen3-MoE against transformers on tiny random checkpoints.
+
+Every case is a ``Qwen3MoeForCausalLM`` saved with ``save_pretrained`` (one tensor per
+expert) and loaded with ``load_folder``. Tolerances as tests/models/test_parity.py:
+float32 logits within 1e-4 over real tokens of a left-padded batch, greedy decoding
+token-identical to ``generate``; the auxiliary load-balancing loss equals transformers'
+``aux_loss``; the grouped (``ragged_dot``) and gathered expert paths equal the dense
+reference.
+"""
+
+from __future__ import annotations
+
+import functools
+import json
+import pathlib
+from typing import Any
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+from flax import nnx
+from jax.sharding import AxisType, PartitionSpec
+
+from tests import reference
+from tests.models.test_parity import MAX_ABS, greedy, mesh_2x4, one_device_mesh
+from tunix_zoo.automodel import load_folder
+from tunix_zoo.checkpoint.keymap import Rule
+from tunix_zoo.checkpoint.safetensors_io import CheckpointFiles
+from tunix_zoo.errors import CheckpointError
+from tunix_zoo.layers.moe import (
+    GATHER_MAX_COPIES_PER_EXPERT,
+    MoE,
+    experts_dense,
+    experts_gathered,
+    experts_ragged,
+    grouped_matmul,
+    grouped_matmul_kernel,
+    load_balancing_loss,
+    route,
+)
+from tunix_zoo.models.qwen3.params import QWEN3_PARAMS
+
+NEW_TOKENS = 24
+# name -> Qwen3MoeConfig kwargs beyond reference.BASE.
+CASES: dict[str, dict[str, Any]] = {
+    # Layer 1 dense among sparse ones (mlp_only_layers), probabilities not renormalised.
+    "e6_k2_mlp_only": dict(
+        num_hidden_layers=3, num_experts=6, num_experts_per_tok=2, mlp_only_layers=[1],
+        norm_topk_prob=False,
+    ),
+    # Every second layer sparse (decoder_sparse_step=2), renormalised top-3 of 16.
+    "e16_k3_step2_norm": dict(
+        num_hidden_layers=4, num_experts=16, num_experts_per_tok=3, decoder_sparse_step=2,
+        norm_topk_prob=True,
+    ),
+    # An expert count the mesh's fsdp axis (2) does not divide; tied embeddings.
+    "e5_k4_tied": dict(
+        num_hidden_layers=2, num_experts=5, num_experts_per_tok=4, norm_topk_prob=True,
+        tie_word_embeddings=True,
+    ),
+}
+
+
+def make_checkpoint(case: str, folder: pathlib.Path, **save_kwargs: Any):
+  """Saves a random Qwen3-MoE of ``case`` into ``folder``; returns the torch model."""
+  import torch
+  import transformers
+
+  config = transformers.Qwen3MoeConfig(**{
+      **reference.BASE, "num_attention_heads": 4, "num_key_value_heads": 2,
+      "moe_intermediate_size": 24, "rope_theta": 1e6, "tie_word_embeddings": False,
+      "router_aux_loss_coef": 0.01, **CASES[case],
+  })
+  torch.manual_seed(0)
+  model = transformers.Qwen3MoeForCausalLM(config).eval()
+  with torch.no_grad():
+    for name, param in model.named_parameters():
+      if "norm" in name:
+        param.add_(torch.randn_like(param) * 0.2)
+      elif name.endswith("mlp.gate.weight"):
+        # Decisive routing: near-uniform router probabilities would make the top-k
+        # choice hinge on rounding.
+        param.mul_(5.0)
+  model.save_pretrained(folder, safe_serialization=True, **save_kwargs)
+  return model
+
+
+@pytest.fixture(scope="module")
+def checkpoints(tmp_path_factory):
+  """case -> (folder, torch model), made once for the module."""
+  made = {}
+  for case in CASES:
+    folder = tmp_path_factory.mktemp(case)
+    made[case] = folder, make_checkpoint(case, folder)
+  return made
+
+
+@pytest.fixture(scope="module")
+def models(checkpoints):
+  """case -> our model of the case's checkpoint on one device, loaded once."""
+  return {case: load_folder(folder, one_device_mesh()) for case, (folder, _) in checkpoints.items()}
+
+
+_jitted_forward = nnx.jit(lambda m, t, k: m.forward_with_router_logits(t, attention_mask=k))
+
+
+def forward_with_router_logits(model, tokens: np.ndarray, mask: np.ndarray):
+  """Jitted: compiling the whole forward is faster than running it op by op."""
+  return _jitted_forward(model, jnp.asarray(tokens), jnp.asarray(mask))
+
+
+def real(mask: np.ndarray) -> np.ndarray:
+  return mask.astype(bool)
+
+
+def sparse_layers(model) -> list[int]:
+  return [i for i, layer in enumerate(model.layers) if isinstance(layer.mlp, MoE)]
+
+
+@pytest.mark.parametrize("case", sorted(CASES))
+def test_logits_and_aux_loss_match_transformers(checkpoints, models, case):
+  import torch
+
+  _, torch_model = checkpoints[case]
+  model = models[case]
+  cfg = model.config
+  assert sparse_layers(model) == [i for i in range(cfg.num_layers) if cfg.is_sparse_layer(i)]
+  assert 0 < len(sparse_layers(model)) <= cfg.num_layers
+  tokens, mask, positions = reference.left_padded_batch()
+  with torch.no_grad():
+    expected = torch_model(
+        input_ids=torch.tensor(tokens), attention_mask=torch.tensor(mask),
+        position_ids=torch.tensor(positions), output_router_logits=True,
+    )
+  logits, cache, router_logits = forward_with_router_logits(model, tokens, mask)
+  assert cache is None
+  diff = np.abs(np.asarray(logits) - expected.logits.numpy())[real(mask)].max()
+  assert diff <= MAX_ABS, f"{case}: max abs logit diff {diff}"
+  plain, _ = nnx.jit(lambda m, t, k: m(t, attention_mask=k))(
+      model, jnp.asarray(tokens), jnp.asarray(mask)
+  )
+  np.testing.assert_allclose(np.asarray(plain), np.asarray(logits), atol=1e-6)
+
+  assert len(router_logits) == len(expected.router_logits)
+  for ours, theirs in zip(router_logits, expected.router_logits):
+    assert ours.shape == tokens.shape + (cfg.num_experts,)
+    # Padding rows' hidden states mean nothing (and differ); the loss masks them.
+    theirs = theirs.numpy().reshape(ours.shape)
+    np.testing.assert_allclose(np.asarray(ours)[real(mask)], theirs[real(mask)], atol=MAX_ABS)
+  aux = load_balancing_loss(
+      router_logits, cfg.num_experts, cfg.num_experts_per_tok, jnp.asarray(mask)
+  )
+  np.testing.assert_allclose(float(aux), float(expected.aux_loss), rtol=1e-5)
+
+
+@pytest.mark.parametrize("case", sorted(CASES))
+def test_greedy_decode_matches_generate(checkpoints, models, case):
+  _, torch_model = checkpoints[case]
+  tokens, mask, _ = reference.left_padded_batch(seed=1)
+  expected = reference.reference_greedy(torch_model, tokens, mask, NEW_TOKENS)
+  np.testing.assert_array_equal(greedy(models[case], tokens, mask, NEW_TOKENS), expected)
+
+
+def test_one_row_decode_gathers_experts_and_matches_generate(checkpoints, models):
+  _, torch_model = checkpoints["e16_k3_step2_norm"]
+  model = models["e16_k3_step2_norm"]
+  cfg = model.config
+  # One token's copies are few enough for Experts to gather their matrices.
+  assert cfg.num_experts_per_tok <= GATHER_MAX_COPIES_PER_EXPERT * cfg.num_experts
+  tokens, mask, _ = reference.left_padded_batch(seed=5, batch=1)
+  expected = reference.reference_greedy(torch_model, tokens, mask, NEW_TOKENS)
+  np.testing.assert_array_equal(greedy(model, tokens, mask, NEW_TOKENS), expected)
+
+
+def test_load_balancing_loss_equals_transformers_function():
+  import torch
+  from transformers.models.qwen3_moe.modeling_qwen3_moe import load_balancing_loss_func
+
+  rng = np.random.RandomState(0)
+  logits = [rng.randn(3 * 7, 10).astype(np.float32) for _ in range(3)]
+  mask = (rng.rand(3, 7) > 0.3).astype(np.int64)
+  for attention_mask in (None, mask):
+    expected = load_balancing_loss_func(
+        tuple(torch.tensor(x) for x in logits), 10, 4,
+        None if attention_mask is None else torch.tensor(attention_mask),
+    )
+    ours = load_balancing_loss(
+        [jnp.asarray(x).reshape(3, 7, 10) for x in logits], 10, 4,
+        None if attention_mask is None else jnp.asarray(attention_mask),
+    )
+    np.testing.assert_allclose(float(ours), float(expected), rtol=1e-6)
+
+
+@pytest.mark.parametrize("experts_fn", [experts_ragged, experts_gathered], ids=lambda f: f.__name__)
+@pytest.mark.parametrize("dtype", [jnp.float32, jnp.bfloat16], ids=["f32", "bf16"])
+def test_grouped_experts_equal_dense_reference(dtype, experts_fn):
+  """Outputs and gradients, with some experts chosen by no token."""
+  num_experts, top_k, hidden, ffn, tokens = 12, 3, 32, 16, 10
+  keys = jax.random.split(jax.random.key(0), 5)
+  x = jax.random.normal(keys[0], (tokens, hidden), dtype)
+  gate, up = (0.3 * jax.random.normal(k, (num_experts, ffn, hidden), dtype) for k in keys[1:3])
+  down = 0.3 * jax.random.normal(keys[3], (num_experts, hidden, ffn), dtype)
+  # Biased router: a few experts take most tokens, several take none.
+  bias = jnp.linspace(3.0, -3.0, num_experts)
+  weights, experts = route(jax.random.normal(keys[4], (tokens, num_experts)) + bias, top_k,
+                           norm_topk_prob=False)
+  assert len(np.unique(np.asarray(experts))) < num_experts
+
+  def loss(fn, x, weights, gate, up, down):
+    return jnp.sum(fn(x, weights, experts, gate, up, down, "silu").astype(jnp.float32) ** 2)
+
+  def assert_close(ours: jax.Array, reference: jax.Array) -> None:
+    ours, reference = np.asarray(ours, np.float32), np.asarray(reference, np.float32)
+    # bfloat16 keeps 8 bits: compare against the scale of the values.
+    tolerance = 1e-5 if dtype == jnp.float32 else 2e-2
+    np.testing.assert_allclose(ours, reference, atol=tolerance * np.abs(reference).max())
+
+  args = (x, weights, gate, up, down)
+  ours = jax.jit(experts_fn, static_argnums=6)(x, weights, experts, gate, up, down, "silu")
+  assert ours.dtype == dtype
+  assert_close(ours, experts_dense(x, weights, experts, gate, up, down, "silu"))
+  grads = jax.jit(jax.grad(lambda *a: loss(experts_fn, *a), argnums=range(5)))(*args)
+  grads_dense = jax.jit(jax.grad(lambda *a: loss(experts_dense, *a), argnums=range(5)))(*args)
+  for grad, grad_dense in zip(grads, grads_dense, strict=True):
+    assert_close(grad, grad_dense)
+
+
+@pytest.mark.skipif(
+    grouped_matmul_kernel(jnp.bfloat16, (8, 128, 256)) != "mosaic_gpu",
+    reason="the Mosaic GPU grouped matmul runs on one Hopper GPU only",
+)
+def test_mosaic_gpu_grouped_matmul_equals_ragged_dot():
+  """Forward and both gradients, with empty groups and a group spanning several tiles."""
+  rows, groups, out_features, in_features = 1000, 8, 128, 256
+  keys = jax.random.split(jax.random.key(0), 3)
+  lhs = jax.random.normal(keys[0], (rows, in_features), jnp.bfloat16)
+  rhs = (0.1 * jax.random.normal(keys[1], (groups, out_features, in_features))).astype(
+      jnp.bfloat16
+  )
+  sizes = jnp.array([0, 300, 1, 0, 129, 70, 200, 300], jnp.int32)
+  cotangent = jax.random.normal(keys[2], (rows, out_features), jnp.bfloat16)
+
+  def reference(lhs, rhs):
+    dims = jax.lax.RaggedDotDimensionNumbers((([1], [2]), ([], [])), [0], [0])
+    return jax.lax.ragged_dot_general(
+        lhs, rhs, sizes, dims, preferred_element_type=jnp.float32
+    ).astype(lhs.dtype)
+
+  ours, ours_vjp = jax.vjp(lambda a, b: grouped_matmul(a, b, sizes), lhs, rhs)
+  theirs, theirs_vjp = jax.vjp(reference, lhs, rhs)
+  for a, b in zip((ours, *ours_vjp(cotangent)), (theirs, *theirs_vjp(cotangent)), strict=True):
+    a, b = np.asarray(a, np.float32), np.asarray(b, np.float32)
+    np.testing.assert_allclose(a, b, atol=2e-2 * np.abs(b).max())
+
+
+def test_moe_module_routes_as_the_dense_path():
+  moe = MoE(32, 16, num_experts=8, top_k=3, act="silu", norm_topk_prob=True, rngs=nnx.Rngs(0))
+  x = jax.random.normal(jax.random.key(1), (2, 10, 32))
+  weights, experts = route(moe.gate(x).reshape(20, 8), top_k=3, norm_topk_prob=True)
+  dense = moe.experts.dense(x.reshape(20, 32), weights, experts).reshape(x.shape)
+  np.testing.assert_allclose(np.asarray(moe(x)), np.asarray(dense), atol=1e-6)
+
+
+def test_expert_stacks_hold_the_checkpoint_tensors_bit_exactly(checkpoints, models):
+  """Each stack's slice ``e`` is the tensor that ``stacked_keys`` names, so export splits it."""
+  folder, _ = checkpoints["e6_k2_mlp_only"]
+  model = models["e6_k2_mlp_only"]
+  with CheckpointFiles(folder) as ckpt:
+    for i in sparse_layers(model):
+      for proj in ("gate_proj", "up_proj", "down_proj"):
+        path = f"layers.{i}.mlp.experts.{proj}"
+        stack = np.asarray(getattr(model.layers[i].mlp.experts, proj)[...])
+        keys = QWEN3_PARAMS.stacked_keys(path, stack.shape[0])
+        assert keys == [f"model.layers.{i}.mlp.experts.{e}.{proj}.weight" for e in range(6)]
+        for e, key in enumerate(keys):
+          assert QWEN3_PARAMS.module_path(key) == path
+          assert QWEN3_PARAMS.stack_index(key) == e
+          np.testing.assert_array_equal(stack[e], ckpt.read(key))
+    assert QWEN3_PARAMS.stacked_keys("layers.0.mlp.gate.weight", 6) is None
+    np.testing.assert_array_equal(
+        np.asarray(model.layers[0].mlp.gate.weight[...]),
+        ckpt.read(QWEN3_PARAMS.checkpoint_key("layers.0.mlp.gate.weight")),
+    )
+
+
+MESH_BATCH = reference.left_padded_batch(seed=3, batch=2)[:2]
+
+
+@pytest.fixture(scope="module")
+def one_device_outputs(models):
+  """case -> logits, router logits and 8 greedy tokens of MESH_BATCH on one device."""
+
+  @functools.cache
+  def outputs(case: str):
+    tokens, mask = MESH_BATCH
+    logits, _, router = forward_with_router_logits(models[case], tokens, mask)
+    return np.asarray(logits), [np.asarray(r) for r in router], greedy(models[case], *MESH_BATCH, 8)
+
+  return outputs
+
+
+@pytest.mark.parametrize(
+    "case, axis_type",
+    [
+        ("e6_k2_mlp_only", AxisType.Explicit),
+        ("e6_k2_mlp_only", AxisType.Auto),
+        ("e5_k4_tied", AxisType.Explicit),
+    ],
+    ids=["e6_explicit", "e6_auto", "e5_explicit"],
+)
+def test_mesh_2x4_equals_one_device(checkpoints, one_device_outputs, case, axis_type):
+  folder, _ = checkpoints[case]
+  mesh = mesh_2x4(axis_type)
+  sharded = load_folder(folder, mesh)
+  moe = sharded.layers[sparse_layers(sharded)[0]].mlp
+  # Expert stacks shard over fsdp when it divides the expert count, else fsdp moves on
+  # to the embedding axis.
+  if sharded.config.num_experts % 2 == 0:
+    gate_spec, down_spec = PartitionSpec("fsdp", "tp", None), PartitionSpec("fsdp", None, "tp")
+  else:
+    gate_spec, down_spec = PartitionSpec(None, "tp", "fsdp"), PartitionSpec(None, "fsdp", "tp")
+  assert moe.experts.gate_proj[...].sharding.spec == gate_spec
+  assert moe.experts.down_proj[...].sharding.spec == down_spec
+  assert moe.experts.up_proj[...].sharding.mesh == mesh
+
+  tokens, mask = MESH_BATCH
+  expected, expected_router, expected_tokens = one_device_outputs(case)
+  got, _, router = forward_with_router_logits(sharded, tokens, mask)
+  assert np.abs(np.asarray(got) - expected)[real(mask)].max() <= MAX_ABS
+  for ours, theirs in zip(router, expected_router, strict=True):
+    np.testing.assert_allclose(np.asarray(ours), theirs, atol=MAX_ABS)
+  np.testing.assert_array_equal(greedy(sharded, tokens, mask, 8), expected_tokens)
+
+
+def test_sharded_checkpoint_in_hub_spelling(tmp_path):
+  torch_model = make_checkpoint("e16_k3_step2_norm", tmp_path, max_shard_size="20KB")
+  reference.to_hub_spelling(tmp_path)
+  assert (tmp_path / "model.safetensors.index.json").exists()
+  tokens, mask, positions = reference.left_padded_batch(seed=4)
+  expected = reference.reference_logits(torch_model, tokens, mask, positions)
+  model = load_folder(tmp_path, one_device_mesh())
+  logits, _, _ = forward_with_router_logits(model, tokens, mask)
+  assert np.abs(np.asarray(logits) - expected)[real(mask)].max() <= MAX_ABS
+
+
+@pytest.mark.parametrize(
+    "change, message",
+    [
+        # transformers 5 writes num_local_experts; published configs num_experts.
+        ({"num_local_experts": 5}, r"mlp\.gate\.weight.* has shape \(6, 64\)"),
+        ({"num_experts": 7, "num_local_experts": 7}, r"looked for .*experts\.6\.\w+_proj"),
+        ({"moe_intermediate_size": 12}, "has shape"),
+    ],
+    ids=["fewer_experts", "more_experts", "expert_width"],
+)
+def test_config_disagreeing_with_expert_tensors_is_refused(checkpoints, tmp_path, change, message):
+  folder, _ = checkpoints["e6_k2_mlp_only"]
+  for path in folder.iterdir():
+    (tmp_path / path.name).symlink_to(path)
+  config = json.loads((folder / "config.json").read_text())
+  (tmp_path / "config.json").unlink()
+  (tmp_path / "config.json").write_text(json.dumps({**config, **change}))
+  with pytest.raises(CheckpointError, match=message):
+    load_folder(tmp_path, one_device_mesh())
+
+
+@pytest.mark.parametrize(
+    "checkpoint, module",
+    [
+        ("model.layers.{i}.mlp.experts.{e}.up_proj.weight", "layers.{j}.mlp.experts.up_proj"),
+        ("model.layers.{i}.mlp.experts.{e}.{p}.weight", "layers.{i}.mlp.up_proj"),
+    ],
+    ids=["module_only_placeholder", "two_stacked_axes"],
+)
+def test_malformed_stacked_rule_is_refused(checkpoint, module):
+  with pytest.raises(ValueError, match="stacked axis"):
+    Rule(checkpoint, module)
