@@ -8,6 +8,7 @@ into tunix_zoo bit for bit.
 from __future__ import annotations
 
 import collections
+import dataclasses
 import json
 import os
 import pathlib
@@ -23,10 +24,12 @@ from flax import nnx
 from jax.sharding import AxisType
 
 from tests import reference
+from tests.models import test_qwen3_moe
 from tunix_zoo import registry
 from tunix_zoo.automodel import load_folder
 from tunix_zoo.checkpoint import export
 from tunix_zoo.checkpoint.export import save_pretrained
+from tunix_zoo.checkpoint.keymap import Rule
 from tunix_zoo.checkpoint.loader import module_path
 from tunix_zoo.checkpoint.safetensors_io import INDEX_FILE_NAME, CheckpointFiles, ShardedWriter
 from tunix_zoo.errors import ExportError
@@ -255,6 +258,40 @@ def test_copies_tokenizer_files_from_source_dir(sources, tmp_path):
   for name, text in files.items():
     assert (out / name).read_text() == text
   assert json.loads((out / "config.json").read_text())["model_type"] == "qwen3"
+
+
+def test_stacked_parameter_is_written_one_tensor_per_row(sources, tmp_path, monkeypatch):
+  """A stacked rule (as for MoE experts) splits the leading axis; the loader restacks it."""
+  model = load_folder(sources["llama3"], one_device_mesh())
+  spec = registry.family_for_config_class(type(model.config))
+  rows_table = spec.param_table.extend([Rule("model.embed_tokens.row.{e}", "embed_tokens.weight")])
+  monkeypatch.setitem(registry._families, spec.category,
+                      dataclasses.replace(spec, param_table=rows_table))
+  out = save_pretrained(model, tmp_path / "export", max_shard_size="40KB")
+  embedding = np.asarray(model.embed_tokens.weight[...])
+  with CheckpointFiles(out) as files:
+    assert "model.embed_tokens.weight" not in files
+    for row in (0, reference.VOCAB - 1):
+      np.testing.assert_array_equal(files.read(f"model.embed_tokens.row.{row}"), embedding[row])
+  assert_bit_equal(flat_params(load_folder(out, one_device_mesh())), flat_params(model))
+
+
+@pytest.mark.parametrize("case", sorted(test_qwen3_moe.CASES))
+def test_qwen3_moe_exports_one_tensor_per_expert_from_a_2x4_mesh(tmp_path, case):
+  source = tmp_path / "source"
+  test_qwen3_moe.make_checkpoint(case, source)
+  mesh = jax.make_mesh((2, 4), ("fsdp", "tp"), axis_types=(AxisType.Explicit,) * 2)
+  model = load_folder(source, mesh)
+  out = save_pretrained(model, tmp_path / "export", max_shard_size="40KB")
+  with CheckpointFiles(out) as exported, CheckpointFiles(source) as original:
+    assert exported.keys() == original.keys()
+    for key in exported.keys():
+      assert exported.read(key).tobytes() == original.read(key).tobytes(), key
+  tokens, mask, positions = reference.left_padded_batch()
+  expected = reference.reference_logits(load_in_transformers(out), tokens, mask, positions)
+  logits, _ = load_folder(out, one_device_mesh())(
+      jnp.asarray(tokens), attention_mask=jnp.asarray(mask))
+  assert np.abs(np.asarray(logits) - expected)[mask.astype(bool)].max() <= MAX_ABS
 
 
 @pytest.mark.parametrize("spec, covered", [

@@ -142,19 +142,23 @@ def save_pretrained(
 class _ExportTensor:
   """One model parameter and where it goes."""
 
-  key: str
+  # One key, or (stacked) one per row of the leading axis, e.g. one per expert.
+  keys: tuple[str, ...]
+  stacked: bool
   value: Any
   dtype: np.dtype  # as written
 
 
 def _export_tensors(model: nnx.Module, target_dtype: np.dtype | None) -> list[_ExportTensor]:
-  """Every parameter with the checkpoint key the loader reads it from."""
+  """Every parameter with the checkpoint keys the loader reads it from."""
   key_map = registry.family_for_config_class(type(model.config)).param_table
   tensors = []
   for path, var in nnx.to_flat_state(nnx.state(model, nnx.Param)):
-    value = var.get_value()
+    name, value = module_path(path), var.get_value()
+    per_row = key_map.stacked_keys(name, value.shape[0]) if value.shape else None
     tensors.append(_ExportTensor(
-        key=key_map.checkpoint_key(module_path(path)),
+        keys=tuple(per_row or [key_map.checkpoint_key(name)]),
+        stacked=per_row is not None,
         value=value,
         dtype=_written_dtype(np.dtype(value.dtype), target_dtype),
     ))
@@ -173,7 +177,9 @@ def _stream_tensors(tensors: list[_ExportTensor], writer: ShardedWriter | None) 
     host = _host_copy(tensor.value, tensor.dtype, assemble=writer is not None and failure is None)
     if host is not None:
       try:
-        writer.add(tensor.key, host)
+        pieces = zip(tensor.keys, host) if tensor.stacked else [(tensor.keys[0], host)]
+        for key, piece in pieces:
+          writer.add(key, piece)
       except Exception as e:
         if jax.process_count() == 1:
           raise
