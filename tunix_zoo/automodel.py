@@ -73,13 +73,15 @@ class AutoModel:
       revision: str | None = None,
       token: str | None = None,
       local_files_only: bool = False,
+      remat: str = "none",
   ) -> tuple[nnx.Module, str]:
     """Fetches a checkpoint and loads it onto ``mesh``; returns ``(model, local_path)``.
 
     The checkpoint's config.json decides the architecture (so fine-tunes with any id
     load); when ``model_id`` also names a registered preset, the two must agree.
     ``param_dtype`` defaults to the checkpoint's dtype and ``dtype`` (compute) to
-    ``param_dtype``.
+    ``param_dtype``. ``remat`` (``"none"``, ``"layer"``, ``"attention"``) chooses what
+    the backward pass recomputes instead of saving.
     """
     source = ModelSource(model_source)
     if (
@@ -93,7 +95,7 @@ class AutoModel:
     )
     model = load_folder(
         folder, mesh, preset_id=model_id, dtype=dtype, param_dtype=param_dtype,
-        sharding_rules=sharding_rules,
+        sharding_rules=sharding_rules, remat=remat,
     )
     return model, str(folder)
 
@@ -106,11 +108,12 @@ class AutoModel:
       dtype: Any = np.float32,
       param_dtype: Any = np.float32,
       sharding_rules: sharding.Rules | None = None,
+      remat: str = "none",
   ) -> nnx.Module:
     """A randomly initialised model, created directly in its sharding on ``mesh``.
 
     ``config_or_id`` is a config dataclass or a preset id (``"qwen3_0p6b"``, or an HF
-    id such as ``"Qwen/Qwen3-0.6B"`` that names one).
+    id such as ``"Qwen/Qwen3-0.6B"`` that names one). ``remat`` as in ``from_pretrained``.
     """
     if isinstance(config_or_id, str):
       config = registry.get_config(ModelNaming(model_id=config_or_id).model_config_id)
@@ -119,7 +122,8 @@ class AutoModel:
     mesh = mesh or default_mesh()
     key = rngs.params() if isinstance(rngs, nnx.Rngs) else jax.random.key(rngs)
     abstract = abstract_model(
-        config, param_dtype=param_dtype, dtype=dtype, mesh=mesh, sharding_rules=sharding_rules
+        config, param_dtype=param_dtype, dtype=dtype, mesh=mesh, sharding_rules=sharding_rules,
+        remat=remat,
     )
     return initialise(abstract, key, parameter_shardings(abstract, mesh, sharding_rules))
 
@@ -211,6 +215,7 @@ def load_folder(
     dtype: Any = None,
     param_dtype: Any = None,
     sharding_rules: sharding.Rules | None = None,
+    remat: str = "none",
 ) -> nnx.Module:
   """Loads a local HF checkpoint folder (config.json + safetensors) onto ``mesh``."""
   hf_config = read_hf_config(folder)
@@ -228,6 +233,7 @@ def load_folder(
   param_dtype = param_dtype or checkpoint_dtype(folder)
   dtype = dtype or param_dtype
   abstract = abstract_model(
-      config, param_dtype=param_dtype, dtype=dtype, mesh=mesh, sharding_rules=sharding_rules
+      config, param_dtype=param_dtype, dtype=dtype, mesh=mesh, sharding_rules=sharding_rules,
+      remat=remat,
   )
   return load_checkpoint(abstract, folder, spec.param_table, mesh, sharding_rules=sharding_rules)

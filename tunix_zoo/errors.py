@@ -50,3 +50,12 @@ class TokenizerError(ZooError):
 
 class GenerationError(ZooError, ValueError):
     """generate() got prompts or sampling settings it cannot use."""
+
+
+class RematError(ZooError, ValueError):
+    """A remat (activation rematerialisation) mode is not one the models offer."""
+
+
+class LoraError(ZooError, ValueError):
+    """LoRA adapters cannot be applied, merged or saved as asked (e.g. a module path
+    regex matching no projection)."""
