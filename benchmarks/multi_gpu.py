@@ -27,6 +27,8 @@ def main() -> None:
   from benchmarks.load import make_random_checkpoint
   from tunix_zoo import AutoModel
 
+  # Compare shardings, not TF32 rounding: full float32 matmuls.
+  jax.config.update("jax_default_matmul_precision", "highest")
   if not (args.dir / "config.json").exists():
     make_random_checkpoint(args.model, args.dir, dtype="float32")
   n = len(jax.devices())
