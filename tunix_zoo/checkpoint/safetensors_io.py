@@ -70,6 +70,7 @@ MAX_HEADER_BYTES = 100_000_000
 # unmapped after the copy, so reading a column slice of a huge tensor does not leave the
 # whole tensor resident.
 _BLOCK_BYTES = 64 << 20
+_ALIGNMENT = 64
 _WRITE_COPY_BUFFER_BYTES = 16 << 20
 
 _SIZE_UNITS = {
@@ -177,10 +178,22 @@ def _release_pages(mapped: mmap.mmap, start: int, end: int) -> None:
     mapped.madvise(mmap.MADV_DONTNEED, aligned, end - aligned)
 
 
+def _aligned_empty(shape: tuple[int, ...], dtype: np.dtype) -> np.ndarray:
+  """An uninitialised array whose data starts on a 64-byte boundary.
+
+  JAX's CPU client adopts such buffers without copying (it copies unaligned ones), so a
+  slice read for a CPU device is never held twice.
+  """
+  nbytes = int(np.prod(shape, dtype=np.int64)) * dtype.itemsize
+  raw = np.empty(nbytes + _ALIGNMENT, np.uint8)
+  offset = (-raw.ctypes.data) % _ALIGNMENT
+  return raw[offset:offset + nbytes].view(dtype).reshape(shape)
+
+
 def _copy_slice(mapped: mmap.mmap, info: _TensorInfo, index: tuple[slice, ...]) -> np.ndarray:
   source = np.ndarray(info.shape, info.dtype, buffer=mapped, offset=info.start)
   selected = source[index]
-  out = np.empty(selected.shape, info.dtype)
+  out = _aligned_empty(selected.shape, np.dtype(info.dtype))
   if out.size == 0:
     return out
   if source.ndim == 0:
