@@ -36,6 +36,7 @@ from tunix_zoo.layers.basic import INIT_STDDEV
 from tunix_zoo.errors import CheckpointError, ConfigMismatchError, ZooError
 from tunix_zoo.naming import ModelNaming
 from tunix_zoo.planning import abstract_model
+from tunix_zoo.progress import progress_class
 from tunix_zoo.sources import ModelSource, fetch
 
 log = logging.getLogger(__name__)
@@ -236,4 +237,10 @@ def load_folder(
       config, param_dtype=param_dtype, dtype=dtype, mesh=mesh, sharding_rules=sharding_rules,
       remat=remat,
   )
-  return load_checkpoint(abstract, folder, spec.param_table, mesh, sharding_rules=sharding_rules)
+  total = sum(v.size * np.dtype(v.dtype).itemsize
+              for _, v in nnx.to_flat_state(nnx.state(abstract, nnx.Param)))
+  # disable=None: drawn on a terminal only, so logs and CI output stay clean.
+  with progress_class()(total=total, unit="B", unit_scale=True, desc="load",
+                        disable=None) as bar:
+    return load_checkpoint(abstract, folder, spec.param_table, mesh,
+                           sharding_rules=sharding_rules, progress=bar.update)
