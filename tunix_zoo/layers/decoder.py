@@ -33,6 +33,7 @@ from tunix_zoo.errors import RematError
 from tunix_zoo.layers.attention import Attention, LayerCache, attention_masks
 from tunix_zoo.layers.basic import Embedding, Linear, RMSNorm
 from tunix_zoo.layers.mlp import GatedMLP
+from tunix_zoo.layers.moe import collect_router_logits, record_router_logits
 
 Cache = dict[str, Any]
 REMAT_MODES = ("none", "layer", "attention")
@@ -59,9 +60,17 @@ def rematerialised(
   windows = tuple(masks)
 
   def run(block, x, positions, mask_values, layer_cache, cache_index):
-    return block(x, positions, dict(zip(windows, mask_values)), layer_cache, cache_index)
+    # Router logits must leave the inner trace as outputs, not through the collector.
+    with collect_router_logits() as router_logits:
+      out = block(x, positions, dict(zip(windows, mask_values)), layer_cache, cache_index)
+    return out, tuple(router_logits)
 
-  return nnx.remat(run)(block, x, positions, tuple(masks.values()), layer_cache, cache_index)
+  out, router_logits = nnx.remat(run)(
+      block, x, positions, tuple(masks.values()), layer_cache, cache_index
+  )
+  for logits in router_logits:
+    record_router_logits(logits)
+  return out
 
 
 class DecoderLayer(nnx.Module):

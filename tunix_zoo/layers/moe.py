@@ -75,6 +75,17 @@ def collect_router_logits() -> Iterator[list[jax.Array]]:
     _collector.reset(token)
 
 
+def record_router_logits(logits: jax.Array) -> None:
+  """Hands ``logits`` to the innermost :func:`collect_router_logits` block, if any.
+
+  A transform that traces MoE layers in an inner trace (``nnx.remat``) collects their
+  logits there, returns them, and records them again outside.
+  """
+  collector = _collector.get()
+  if collector is not None:
+    collector.append(logits)
+
+
 def route(
     router_logits: jax.Array, top_k: int, norm_topk_prob: bool
 ) -> tuple[jax.Array, jax.Array]:
@@ -309,9 +320,7 @@ class MoE(nnx.Module):
   def __call__(self, x: jax.Array) -> jax.Array:
     """``[..., embed]`` -> ``[..., embed]``; logits go to :func:`collect_router_logits`."""
     logits = self.gate(x)
-    collector = _collector.get()
-    if collector is not None:
-      collector.append(logits)
+    record_router_logits(logits)
     flat = x.reshape(-1, x.shape[-1])
     weights, experts = route(logits.reshape(flat.shape[0], -1), self.top_k, self.norm_topk_prob)
     return self.experts(flat, weights, experts).reshape(x.shape)
