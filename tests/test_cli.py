@@ -78,6 +78,9 @@ def test_list_and_info(env):
   assert info["bytes_total"] == 2 * 8_190_735_360
   # Every matmul weight splits 8 ways on tp; only norms are replicated.
   assert info["bytes_total"] / 8 <= info["bytes_per_device"] < info["bytes_total"] / 8 * 1.01
+  moe = json.loads(tunix_zoo(env, "info", "qwen3_30b_a3b", "--mesh", "1x8", "--json").stdout)
+  assert moe["parameters"] == pytest.approx(30.5e9, rel=0.02)
+  assert moe["active_parameters"] == pytest.approx(3.3e9, rel=0.03)
 
 
 def test_bad_ids_exit_2_with_a_suggestion(env):

@@ -83,6 +83,7 @@ def cmd_info(args: argparse.Namespace) -> int:
       "model": label,
       "family": registry.family_for_config_class(type(config)).category,
       "parameters": plan.parameters,
+      "active_parameters": plan.active_parameters,
       "dtype": plan.dtype,
       "bytes_total": plan.bytes_total,
       "mesh": args.mesh,
@@ -95,6 +96,9 @@ def cmd_info(args: argparse.Namespace) -> int:
     return 0
   print(f"model        {label} ({info['family']}, {type(config).__name__})")
   print(f"parameters   {plan.parameters:,} ({human_count(plan.parameters)})")
+  if plan.active_parameters != plan.parameters:
+    print(f"active       {plan.active_parameters:,} ({human_count(plan.active_parameters)}) "
+          "per token")
   print(f"weights      {human_bytes(plan.bytes_total)} in {plan.dtype}")
   print(f"mesh         {args.mesh} (fsdp x tp): {human_bytes(plan.bytes_per_device)} per device")
   if plan.replicated:

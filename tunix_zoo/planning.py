@@ -34,6 +34,7 @@ class ModelPlan:
 
   config: DecoderConfig
   parameters: int
+  active_parameters: int  # per token; below ``parameters`` for mixtures of experts
   dtype: str
   bytes_total: int
   mesh_shape: tuple[int, ...]
@@ -51,6 +52,18 @@ def count_parameters(config: DecoderConfig) -> int:
   """The number of parameters of ``config``'s model, from shapes alone."""
   abstract = abstract_model(config)
   return sum(math.prod(v.shape) for _, v in nnx.to_flat_state(nnx.state(abstract, nnx.Param)))
+
+
+def count_active_parameters(config: DecoderConfig) -> int:
+  """Parameters one token uses: expert stacks (leading ``experts`` axis) count only the
+  ``num_experts_per_tok`` of ``num_experts`` experts a token is routed to."""
+  total = 0
+  for _, var in nnx.to_flat_state(nnx.state(abstract_model(config), nnx.Param)):
+    size = math.prod(var.shape)
+    if (var.get_metadata().get("logical_axes") or (None,))[0] == "experts":
+      size = size * config.num_experts_per_tok // config.num_experts
+    total += size
+  return total
 
 
 def parse_mesh(text: str) -> tuple[int, int]:
@@ -93,7 +106,8 @@ def plan_model(
     if all(a is None for a in spec) and math.prod(mesh_shape) > 1:
       replicated.append(module_path(path))
   return ModelPlan(
-      config=config, parameters=parameters, dtype=np_dtype.name,
+      config=config, parameters=parameters, active_parameters=count_active_parameters(config),
+      dtype=np_dtype.name,
       bytes_total=parameters * np_dtype.itemsize, mesh_shape=tuple(mesh_shape),
       bytes_per_device=per_device, replicated=tuple(replicated),
   )

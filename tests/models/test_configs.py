@@ -25,6 +25,7 @@ from hypothesis import strategies as st
 from tunix_zoo import registry
 from tunix_zoo.config import FULL_ATTENTION, SLIDING_ATTENTION, DecoderConfig, RopeConfig
 from tunix_zoo.errors import ConfigMismatchError
+from tunix_zoo.planning import count_active_parameters
 from tunix_zoo.models.gemma.config import GemmaConfig
 from tunix_zoo.models.gemma2.config import Gemma2Config
 from tunix_zoo.models.gemma3.config import Gemma3Config
@@ -441,21 +442,10 @@ def _count_parameters(model_class: type, cfg: DecoderConfig) -> int:
   return sum(math.prod(x.shape) for x in jax.tree.leaves(nnx.state(abstract, nnx.Param)))
 
 
-def inactive_expert_parameters(cfg: DecoderConfig) -> int:
-  """Expert weights a token skips: per sparse layer, the unrouted experts' gated MLPs.
-
-  active = total - sum over sparse layers of
-           (num_experts - num_experts_per_tok) * 3 * hidden_size * moe_intermediate_size
-  """
-  sparse = sum(cfg.is_sparse_layer(i) for i in range(cfg.num_layers))
-  per_expert = 3 * cfg.hidden_size * cfg.moe_intermediate_size
-  return sparse * (cfg.num_experts - cfg.num_experts_per_tok) * per_expert
-
-
 @pytest.mark.parametrize("config_id", sorted(PUBLISHED))
 def test_parameter_count_matches_published(config_id: str):
   total = model_parameter_count(config_id)
   assert total == pytest.approx(PUBLISHED[config_id], rel=0.02)
   if config_id in PUBLISHED_ACTIVE:
-    active = total - inactive_expert_parameters(registry.get_config(config_id))
+    active = count_active_parameters(registry.get_config(config_id))
     assert active == pytest.approx(PUBLISHED_ACTIVE[config_id], rel=0.02)
