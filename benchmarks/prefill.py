@@ -38,7 +38,7 @@ def bench(fn, warmup: int = 2, iters: int = 5) -> tuple[float, float]:
   return (time.perf_counter() - start) / iters, compile_s
 
 
-def run_tunix_zoo(config_id: str, batch: int, length: int) -> dict:
+def run_tunix_zoo(config_id: str, batch: int, length: int, layers: int | None = None) -> dict:
   import jax
   import jax.numpy as jnp
   from flax import nnx
@@ -48,6 +48,8 @@ def run_tunix_zoo(config_id: str, batch: int, length: int) -> dict:
   from tunix_zoo.planning import count_parameters
 
   config = registry.get_config(config_id)
+  if layers is not None:  # For compile time against depth.
+    config = config.replace(num_layers=layers, layer_types=config.layer_types[:layers])
   mesh = jax.make_mesh((1, len(jax.devices())), ("fsdp", "tp"),
                        axis_types=(jax.sharding.AxisType.Auto,) * 2)
   model = AutoModel.from_config(config, mesh, dtype=jnp.bfloat16, param_dtype=jnp.bfloat16)
@@ -97,11 +99,14 @@ def main() -> None:
   parser.add_argument("--batch", type=int, default=8)
   parser.add_argument("--length", type=int, default=2048)
   parser.add_argument("--libraries", default="tunix_zoo,transformers")
+  parser.add_argument("--layers", type=int, help="override the depth (tunix_zoo only)")
   args = parser.parse_args()
   report = dict(model=args.model, batch=args.batch, length=args.length)
   for library in args.libraries.split(","):
-    runner = run_tunix_zoo if library == "tunix_zoo" else run_transformers
-    report[library] = runner(args.model, args.batch, args.length)
+    if library == "tunix_zoo":
+      report[library] = run_tunix_zoo(args.model, args.batch, args.length, args.layers)
+    else:
+      report[library] = run_transformers(args.model, args.batch, args.length)
   if "tunix_zoo" in report and "transformers" in report:
     report["speedup_vs_transformers"] = (
         report["tunix_zoo"]["tokens_per_s"] / report["transformers"]["tokens_per_s"]
