@@ -20,7 +20,7 @@ recomputes the attention blocks only; ``"none"`` (the default) saves everything:
 
 from __future__ import annotations
 
-from typing import Any
+from typing import Any, Callable
 
 import jax
 import jax.numpy as jnp
@@ -220,15 +220,31 @@ class DecoderLM(nnx.Module):
         self._spec(("batch", None, "vocab"), (batch, length, self.config.vocab_size)),
         None if cache is None else self._cache_specs(batch, cache["valid"].shape[1]),
     )
-    out_sharding = jax.tree.map(lambda s: NamedSharding(self.mesh, s), out_specs)
-    graphdef, state = nnx.split(self)
-
-    def forward(state, input_tokens, positions, cache, attention_mask):
-      return nnx.merge(graphdef, state)._forward(input_tokens, positions, cache, attention_mask)
-
-    return sharding.run_with_auto_axes(forward, self.mesh, out_sharding)(
-        state, input_tokens, positions, cache, attention_mask
+    return self.call_with_auto_axes(
+        DecoderLM._forward, out_specs, input_tokens, positions, cache, attention_mask
     )
+
+  def call_with_auto_axes(self, fn: Callable[..., Any], out_specs: Any, *args: Any) -> Any:
+    """``fn(self, *args)`` with the mesh's Explicit axes treated as Auto, its outputs
+    placed by ``out_specs`` (a tree of PartitionSpecs).
+
+    ``fn`` runs on a functional copy of the model, so the RNG state it advances (LoRA
+    dropout keys) is written back; other state changes are not.
+    """
+    graphdef, state = nnx.split(self)
+    replicated = NamedSharding(self.mesh, PartitionSpec())
+    out_sharding = (
+        jax.tree.map(lambda s: NamedSharding(self.mesh, s), out_specs),
+        jax.tree.map(lambda _: replicated, nnx.state(self, nnx.RngState)),
+    )
+
+    def run(state, *args):
+      model = nnx.merge(graphdef, state)
+      return fn(model, *args), nnx.state(model, nnx.RngState)
+
+    out, rng_state = sharding.run_with_auto_axes(run, self.mesh, out_sharding)(state, *args)
+    nnx.update(self, rng_state)
+    return out
 
   def _forward(self, input_tokens, positions, cache, attention_mask):
     hidden, cache = self.hidden_states(input_tokens, positions, cache, attention_mask)
