@@ -230,6 +230,8 @@ def test_merged_export_loads_in_transformers_with_the_adapted_logits(checkpoints
   randomise_adapters(model)
   tokens, mask, positions = reference.left_padded_batch()
   adapted = logits_of(model, tokens, mask)
+  with pytest.raises(ExportError, match="has LoRA adapters.*merge_lora"):
+    save_pretrained(model, tmp_path / "unmerged")
   out = save_pretrained(merge_lora(model), tmp_path / "merged")
   hf = transformers.AutoModelForCausalLM.from_pretrained(out, dtype=torch.float32).eval()
   real = mask.astype(bool)

@@ -91,7 +91,8 @@ def save_pretrained(
 
   Raises:
     ExportError: ``out_dir`` is a file or a non-empty folder (without ``overwrite``),
-      ``source_dir`` is not a folder, or ``dtype`` cannot be written.
+      ``source_dir`` is not a folder, ``dtype`` cannot be written, or the model has
+      unmerged LoRA adapters.
 
   Example::
 
@@ -105,6 +106,12 @@ def save_pretrained(
     raise ExportError(
         f"save_pretrained exports tunix_zoo models, which carry a .config; got "
         f"{type(model).__name__}. Load or build the model with AutoModel."
+    )
+  if nnx.state(model, nnx.LoRAParam):
+    raise ExportError(
+        "The model has LoRA adapters, which an HF checkpoint has no place for: "
+        "tunix_zoo.lora.merge_lora(model) folds them into the weights first, or "
+        "tunix_zoo.lora.save_lora_adapter writes them alone in PEFT's format."
     )
   tensors = _export_tensors(model, target_dtype)
   hf_config = {**config.to_hf_config(), **_dtype_fields(tensors)}
