@@ -89,3 +89,20 @@ def test_bad_ids_exit_2_with_a_suggestion(env):
   assert "Did you mean 'qwen3'" in result.stderr
   result = tunix_zoo(env, "info", "qwen3_8b", "--mesh", "0x8", check=False)
   assert result.returncode == 2 and "1x8" in result.stderr
+
+
+def test_kick_test_with_lora_adapters_and_remat(env):
+  result = tunix_zoo(env, "test", "tiny-demo", "--steps", "3", "--seq-len", "16",
+                     "--lora-rank", "8", "--lora-module-path", ".*q_proj|.*v_proj",
+                     "--remat", "layer")
+  # tiny-demo has 2 layers: q_proj and v_proj of each get adapters.
+  assert "LoRA rank 8 on 4 layers" in result.stdout
+  assert "loss fell" in result.stdout
+
+
+def test_kick_test_with_a_lora_regex_matching_nothing_is_a_user_error(env):
+  result = tunix_zoo(env, "test", "tiny-demo", "--lora-rank", "8", "--lora-module-path", "q_proj",
+                     check=False)
+  assert result.returncode == 2
+  assert "matches none of the model's Linear layers" in result.stderr
+  assert "layers.{i}.attn.q_proj" in result.stderr

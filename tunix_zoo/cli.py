@@ -5,6 +5,7 @@ Example::
     tunix-zoo run tiny-demo                      # offline: a tiny model the project trains
     tunix-zoo run Qwen/Qwen3-0.6B --prompt "Hello" --max-new-tokens 32 --mesh 1x8
     tunix-zoo test qwen3_0p6b --steps 3          # forward + backward kick test
+    tunix-zoo test qwen3_0p6b --lora-rank 8 --lora-module-path ".*q_proj|.*v_proj" --remat layer
     tunix-zoo export Qwen/Qwen3-0.6B /tmp/out --dtype bfloat16
     tunix-zoo download Qwen/Qwen3-0.6B
     tunix-zoo list
@@ -175,6 +176,7 @@ def cmd_run(args: argparse.Namespace) -> int:
 def cmd_test(args: argparse.Namespace) -> int:
   import jax
   import optax
+  from flax import nnx
 
   from tunix_zoo.automodel import AutoModel
   from tunix_zoo.training import train
@@ -186,12 +188,23 @@ def cmd_test(args: argparse.Namespace) -> int:
     dtype = args.dtype or "float32"
     model = AutoModel.from_config(config, make_mesh(args.mesh), param_dtype=dtype, dtype=dtype,
                                   rngs=args.seed)
+  model.remat = args.remat
+  wrt = nnx.Param
+  if args.lora_rank:
+    from tunix_zoo.lora import apply_lora, lora_layers
+
+    apply_lora(model, rank=args.lora_rank, alpha=args.lora_alpha or float(args.lora_rank),
+               module_path=args.lora_module_path, rngs=args.seed)
+    wrt = nnx.LoRAParam
+    trained = sum(v.size for v in jax.tree.leaves(nnx.state(model, wrt)))
+    print(f"LoRA rank {args.lora_rank} on {len(lora_layers(model))} layers: "
+          f"{trained:,} trained parameters, the rest frozen")
   vocab = model.config.vocab_size
   # One fixed random batch: a model that learns must drive its loss down on it.
   batch = jax.random.randint(jax.random.key(args.seed), (args.batch_size, args.seq_len + 1),
                              0, vocab)
   losses = train(model, iter(lambda: batch, None), optax.sgd(args.learning_rate),
-                 steps=args.steps)
+                 steps=args.steps, wrt=wrt)
   for step, loss in enumerate(losses):
     print(f"step {step}: loss {loss:.4f}")
   fell = losses[-1] < losses[0]
@@ -229,6 +242,18 @@ def add_model_arguments(p: argparse.ArgumentParser, *, mesh: bool = True) -> Non
     p.add_argument("--dtype", default=None, help="parameter dtype (default: the checkpoint's)")
 
 
+def add_training_arguments(p: argparse.ArgumentParser) -> None:
+  from tunix_zoo.layers.decoder import REMAT_MODES
+  from tunix_zoo.lora import DEFAULT_MODULE_PATH
+
+  p.add_argument("--remat", choices=REMAT_MODES, default="none",
+                 help="recompute each decoder layer / attention block in the backward pass")
+  p.add_argument("--lora-rank", type=int, help="train LoRA adapters of this rank only")
+  p.add_argument("--lora-module-path", default=DEFAULT_MODULE_PATH,
+                 help="regex over module paths (layers.3.attn.q_proj) that get adapters "
+                 "(default: every attention and MLP projection)")
+
+
 def build_parser() -> argparse.ArgumentParser:
   parser = argparse.ArgumentParser(
       prog="tunix-zoo", description="HF checkpoints as sharded Flax NNX models."
@@ -263,6 +288,8 @@ def build_parser() -> argparse.ArgumentParser:
   p.add_argument("--steps", type=int, default=3)
   p.add_argument("--learning-rate", type=float, default=0.5)
   p.add_argument("--seed", type=int, default=0)
+  add_training_arguments(p)
+  p.add_argument("--lora-alpha", type=float, help="LoRA alpha (default: the rank)")
   p.set_defaults(run=cmd_test)
 
   p = sub.add_parser("export", help="load MODEL and write it as an HF safetensors checkpoint")
