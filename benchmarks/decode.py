@@ -52,7 +52,9 @@ def run_tunix_zoo(config_id: str, batch: int, prompt: int, new_tokens: int) -> d
   step_seconds = out.decode_seconds / (new_tokens - 1)
   weight_bytes = 2 * count_parameters(config)
   cache_len = prompt + new_tokens
-  cache_bytes = 2 * 2 * config.num_layers * batch * cache_len * config.num_kv_heads * config.head_dim
+  # k and v, bf16, every layer, the whole cache buffer.
+  cache_bytes = (2 * 2 * config.num_layers * batch * cache_len * config.num_kv_heads
+                 * config.head_dim)
   bandwidth = copy_bandwidth_bytes_per_s()
   floor = (weight_bytes + cache_bytes) / bandwidth
   return dict(

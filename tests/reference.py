@@ -73,6 +73,15 @@ def make_checkpoint(case: str, folder: pathlib.Path, *, seed: int = 0, **save_kw
   return model
 
 
+def make_all(tmp_path_factory) -> dict[str, tuple[pathlib.Path, Any]]:
+  """case -> (folder, torch model) for every case, in pytest's temporary folders."""
+  made = {}
+  for case in sorted(CASES):
+    folder = tmp_path_factory.mktemp(case)
+    made[case] = folder, make_checkpoint(case, folder)
+  return made
+
+
 def to_hub_spelling(folder: pathlib.Path) -> None:
   """Rewrites a transformers-5 config.json into the spelling published checkpoints use."""
   path = folder / "config.json"

@@ -29,11 +29,7 @@ CASES = sorted(reference.CASES)
 @pytest.fixture(scope="module")
 def checkpoints(tmp_path_factory):
   """case -> (folder, torch model), made once for the module."""
-  made = {}
-  for case in CASES:
-    folder = tmp_path_factory.mktemp(case)
-    made[case] = folder, reference.make_checkpoint(case, folder)
-  return made
+  return reference.make_all(tmp_path_factory)
 
 
 @pytest.fixture(scope="module")

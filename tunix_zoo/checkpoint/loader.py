@@ -144,7 +144,7 @@ def load_checkpoint(
     with concurrent.futures.ThreadPoolExecutor(READ_THREADS) as pool:
       loaded = dict(pool.map(load_one, flat))
   for path, var in flat:
-    var.set_value(loaded[path]) if hasattr(var, "set_value") else setattr(var, "value", loaded[path])
+    var.set_value(loaded[path])
   return nnx.merge(graphdef, nnx.from_flat_state(flat), rest)
 
 

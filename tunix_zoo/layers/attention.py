@@ -136,9 +136,9 @@ class Attention(nnx.Module):
         c.hidden_size, kv_dim, ("kv_heads", "embed"), use_bias=c.attention_bias, **kw
     )
     self.o_proj = Linear(q_dim, c.hidden_size, ("embed", "heads"), **kw)
-    norm_kw = dict(rngs=rngs, eps=c.norm_eps, offset=c.norm_offset, dtype=dtype, param_dtype=param_dtype)
-    self.q_norm = RMSNorm(c.head_dim, **norm_kw) if c.qk_norm else None
-    self.k_norm = RMSNorm(c.head_dim, **norm_kw) if c.qk_norm else None
+    norm_kw = dict(rngs=rngs, dtype=dtype, param_dtype=param_dtype)
+    self.q_norm = RMSNorm.of(c.head_dim, c, **norm_kw) if c.qk_norm else None
+    self.k_norm = RMSNorm.of(c.head_dim, c, **norm_kw) if c.qk_norm else None
 
   def _heads(self, x: jax.Array, num: int, logical: str) -> jax.Array:
     x = x.reshape(*x.shape[:2], num, self.head_dim)
@@ -164,8 +164,9 @@ class Attention(nnx.Module):
     if layer_cache is not None:
       start = (0, cache_index, 0, 0)
       layer_cache = {
-          "k": jax.lax.dynamic_update_slice(layer_cache["k"], k.astype(layer_cache["k"].dtype), start),
-          "v": jax.lax.dynamic_update_slice(layer_cache["v"], v.astype(layer_cache["v"].dtype), start),
+          name: jax.lax.dynamic_update_slice(layer_cache[name], new.astype(
+              layer_cache[name].dtype), start)
+          for name, new in (("k", k), ("v", v))
       }
       k, v = layer_cache["k"].astype(q.dtype), layer_cache["v"].astype(q.dtype)
     out = dot_product_attention(

@@ -130,3 +130,10 @@ class RMSNorm(nnx.Module):
       return (normed * (self.offset + self.weight[...].astype(jnp.float32))).astype(self.dtype)
     # Llama casts back first, then scales in the compute dtype.
     return self.weight[...].astype(self.dtype) * normed.astype(self.dtype)
+
+  @classmethod
+  def of(cls, dim: int, config: Any, *, rngs: nnx.Rngs | None, dtype: Any,
+         param_dtype: Any) -> "RMSNorm":
+    """The norm a decoder config asks for (its epsilon and Gemma's ``1 + w`` offset)."""
+    return cls(dim, rngs=rngs, eps=config.norm_eps, offset=config.norm_offset, dtype=dtype,
+               param_dtype=param_dtype)

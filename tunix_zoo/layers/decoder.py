@@ -88,8 +88,8 @@ class DecoderLayer(nnx.Module):
       sharding_rules: sharding.Rules | None = None,
   ):
     c = config
-    norm = lambda: RMSNorm(  # noqa: E731
-        c.hidden_size, rngs=rngs, eps=c.norm_eps, offset=c.norm_offset, dtype=dtype, param_dtype=param_dtype
+    norm = lambda: RMSNorm.of(  # noqa: E731
+        c.hidden_size, c, rngs=rngs, dtype=dtype, param_dtype=param_dtype
     )
     self.pre_attn_norm = norm()
     self.attn = Attention(
@@ -161,8 +161,8 @@ class DecoderLM(nnx.Module):
         self.layer_class(c, i, **kw, mesh=mesh, sharding_rules=self.sharding_rules)
         for i in range(c.num_layers)
     ])
-    self.final_norm = RMSNorm(
-        c.hidden_size, rngs=rngs, eps=c.norm_eps, offset=c.norm_offset, dtype=dtype, param_dtype=param_dtype
+    self.final_norm = RMSNorm.of(
+        c.hidden_size, c, rngs=rngs, dtype=dtype, param_dtype=param_dtype
     )
     self.lm_head = (
         None if c.tie_word_embeddings

@@ -29,5 +29,8 @@ LLAMA_STYLE = KeyMap(
         Rule("model.norm.weight", "final_norm.weight"),
         Rule("lm_head.weight", "lm_head.weight"),
     ],
-    ignored=[r"model\.layers\.\d+\.self_attn\.rotary_emb\.inv_freq", r"model\.rotary_emb\.inv_freq"],
+    ignored=[
+        r"model\.layers\.\d+\.self_attn\.rotary_emb\.inv_freq",
+        r"model\.rotary_emb\.inv_freq",
+    ],
 )
