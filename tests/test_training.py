@@ -1,5 +1,5 @@
-"""Training: remat modes keep the numbers and cut activation memory; full training moves
-every parameter."""
+"""Training: remat modes keep the numbers and cut activation memory; the training memory
+plan matches compiled train steps; full training moves every parameter."""
 
 from __future__ import annotations
 
@@ -19,7 +19,9 @@ from tunix_zoo import registry
 from tunix_zoo.automodel import AutoModel
 from tunix_zoo.errors import RematError
 from tunix_zoo.layers.moe import load_balancing_loss
+from tunix_zoo.planning import plan_model, plan_training
 from tunix_zoo.training import next_token_loss, train
+from tests.train_memory_worker import tiny_config as tiny_memory_config
 
 
 def tiny_config(case: str):
@@ -90,8 +92,23 @@ def test_unknown_remat_mode_is_a_typed_error():
     AutoModel.from_config(tiny_config("qwen3"), remat="full")
 
 
-def compiled_memory(jobs: list[dict]) -> list[dict]:
-  """Memory analyses of compiled train steps, from tests/train_memory_worker.py."""
+# Train steps compiled once for the memory tests: (mesh, remat, LoRA rank, batch, seq_len).
+MEMORY_JOBS = [
+    ((1, 1), "none", None, 4, 128),
+    ((1, 1), "layer", None, 4, 128),
+    ((1, 1), "layer", 8, 4, 128),
+    ((4, 1), "layer", 8, 8, 128),
+    ((2, 2), "none", 8, 8, 128),
+]
+
+
+@pytest.fixture(scope="module")
+def compiled_memory() -> list[dict]:
+  """Memory analyses of the MEMORY_JOBS train steps, from tests/train_memory_worker.py."""
+  jobs = [
+      dict(mesh=mesh, remat=remat, lora_rank=rank, batch=batch, seq=seq)
+      for mesh, remat, rank, batch, seq in MEMORY_JOBS
+  ]
   result = subprocess.run(
       [sys.executable, "-m", "tests.train_memory_worker", json.dumps(jobs)],
       capture_output=True, text=True, timeout=600,
@@ -101,12 +118,40 @@ def compiled_memory(jobs: list[dict]) -> list[dict]:
 
 
 @pytest.mark.slow
-def test_layer_remat_lowers_the_train_steps_peak_activation_memory():
-  job = dict(mesh=[1, 1], batch=4, seq=128)
-  none, layer = compiled_memory([{**job, "remat": "none"}, {**job, "remat": "layer"}])
+def test_layer_remat_lowers_the_train_steps_peak_activation_memory(compiled_memory):
+  none, layer = compiled_memory[0], compiled_memory[1]
   # Only each layer's input is kept instead of its attention scores and MLP activations.
   assert layer["temp"] < 0.5 * none["temp"]
   assert layer["argument"] == none["argument"]
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("job", range(len(MEMORY_JOBS)), ids=lambda n: str(MEMORY_JOBS[n]))
+def test_training_plan_is_within_a_quarter_of_the_compiled_step(compiled_memory, job):
+  mesh, remat, rank, batch, seq = MEMORY_JOBS[job]
+  plan = plan_training(tiny_memory_config(), mesh, "float32", batch_size=batch, seq_len=seq,
+                       remat=remat, lora_rank=rank)
+  measured = compiled_memory[job]
+  # Arguments are the weights, adapters and AdamW moments, counted exactly.
+  held = plan.weight_bytes + plan.adapter_bytes + plan.optimizer_bytes
+  assert held == pytest.approx(measured["argument"], rel=0.01)
+  assert plan.activation_bytes == pytest.approx(measured["temp"], rel=0.25)
+  assert plan.total_bytes == pytest.approx(measured["argument"] + measured["temp"], rel=0.25)
+
+
+def test_training_plan_of_a_large_model_takes_no_memory():
+  config = registry.get_config("qwen3_8b")
+  full = plan_training(config, (1, 4), "bfloat16", batch_size=8, seq_len=2048)
+  lora = plan_training(config, (1, 4), "bfloat16", batch_size=8, seq_len=2048, remat="layer",
+                       lora_rank=32)
+  assert full.weight_bytes == lora.weight_bytes == plan_model(config, (1, 4)).bytes_per_device
+  assert full.adapter_bytes == 0 and full.optimizer_bytes == 2 * full.weight_bytes
+  assert full.trained_parameters == 8_190_735_360
+  # Rank 32 on 7 projections of 36 layers: 32 * 36 * (in + out summed over them).
+  assert lora.trained_parameters == 32 * 36 * (2 * 4096 + 2 * (4096 + 1024) + 2 * 4096
+                                               + 3 * (4096 + 12288))
+  assert lora.optimizer_bytes < 0.1 * lora.weight_bytes
+  assert lora.activation_bytes < 0.2 * full.activation_bytes
 
 
 def test_full_training_moves_every_parameter_and_lowers_the_loss():

@@ -21,7 +21,8 @@ FLAGS = (
     "--xla_force_host_platform_device_count=8 "
     "--xla_cpu_enable_concurrency_optimized_scheduler=false"
 )
-os.environ["XLA_FLAGS"] = FLAGS
+if __name__ == "__main__":  # Importing TINY from here must leave the environment alone.
+  os.environ["XLA_FLAGS"] = FLAGS
 
 import dataclasses  # noqa: E402
 import json  # noqa: E402
@@ -39,7 +40,8 @@ from tunix_zoo.automodel import AutoModel  # noqa: E402
 from tunix_zoo.lora import apply_lora  # noqa: E402
 from tunix_zoo.training import train_step  # noqa: E402
 
-# A small Qwen3 whose activations outweigh its weights at the tests' sequence lengths.
+# A small Qwen3 whose activations outweigh its weights at the tests' sequence lengths; its
+# 2 kv heads divide the tp axes the tests use.
 TINY = dict(
     vocab_size=512, hidden_size=128, intermediate_size=256, num_layers=4, num_heads=4,
     num_kv_heads=2, head_dim=32,
