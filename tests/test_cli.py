@@ -106,3 +106,18 @@ def test_kick_test_with_a_lora_regex_matching_nothing_is_a_user_error(env):
   assert result.returncode == 2
   assert "matches none of the model's Linear layers" in result.stderr
   assert "layers.{i}.attn.q_proj" in result.stderr
+
+
+def test_info_estimates_a_lora_training_step(env):
+  info = json.loads(tunix_zoo(env, "info", "qwen3_8b", "--mesh", "1x4", "--lora-rank", "32",
+                              "--batch-size", "8", "--seq-len", "2048", "--remat", "layer",
+                              "--json").stdout)
+  training = info["training"]
+  assert (training["lora_rank"], training["remat"], training["batch_size"]) == (32, "layer", 8)
+  assert training["weight_bytes"] == info["bytes_per_device"]
+  # AdamW keeps two moments of what it trains: the adapters only.
+  assert training["optimizer_bytes"] == 2 * training["adapter_bytes"] > 0
+  assert training["activation_bytes"] > 0
+  assert training["total_bytes"] == sum(
+      training[k] for k in ("weight_bytes", "adapter_bytes", "optimizer_bytes", "activation_bytes")
+  )

@@ -10,6 +10,7 @@ Example::
     tunix-zoo download Qwen/Qwen3-0.6B
     tunix-zoo list
     tunix-zoo info qwen3_8b --mesh 1x8 --dtype bfloat16
+    tunix-zoo info qwen3_8b --mesh 1x4 --lora-rank 32 --batch-size 8 --seq-len 2048 --remat layer
 """
 
 from __future__ import annotations
@@ -76,10 +77,17 @@ def cmd_list(args: argparse.Namespace) -> int:
 
 
 def cmd_info(args: argparse.Namespace) -> int:
-  from tunix_zoo.planning import parse_mesh, plan_model
+  from tunix_zoo.planning import parse_mesh, plan_model, plan_training
 
   label, config = resolve_config(args.model)
   plan = plan_model(config, parse_mesh(args.mesh), args.dtype)
+  training = None
+  if args.batch_size or args.seq_len or args.lora_rank or args.remat != "none":
+    training = plan_training(
+        config, parse_mesh(args.mesh), args.dtype, batch_size=args.batch_size or 8,
+        seq_len=args.seq_len or 2048, remat=args.remat, lora_rank=args.lora_rank,
+        lora_module_path=args.lora_module_path,
+    )
   info = {
       "model": label,
       "family": registry.family_for_config_class(type(config)).category,
@@ -92,6 +100,11 @@ def cmd_info(args: argparse.Namespace) -> int:
       "replicated_parameters": len(plan.replicated),
       "config": {k: v for k, v in vars(config).items()},
   }
+  if training is not None:
+    info["training"] = {
+        **{k: v for k, v in vars(training).items() if k != "model"},
+        "total_bytes": training.total_bytes,
+    }
   if args.json:
     print(json.dumps(info, indent=1, default=str))
     return 0
@@ -104,6 +117,15 @@ def cmd_info(args: argparse.Namespace) -> int:
   print(f"mesh         {args.mesh} (fsdp x tp): {human_bytes(plan.bytes_per_device)} per device")
   if plan.replicated:
     print(f"replicated   {len(plan.replicated)} small tensors (norms) on every device")
+  if training is not None:
+    t = training
+    trained = f"LoRA rank {t.lora_rank} adapters" if t.lora_rank else "all weights"
+    print(f"training     batch {t.batch_size} x {t.seq_len} tokens, remat {t.remat}, "
+          f"AdamW on {trained} ({human_count(t.trained_parameters)}); per device (estimate):")
+    for name, size in (("weights", t.weight_bytes), ("adapters", t.adapter_bytes),
+                       ("optimizer", t.optimizer_bytes), ("activations", t.activation_bytes),
+                       ("total", t.total_bytes)):
+      print(f"  {name:<11} {human_bytes(size):>12}")
   print("config")
   for key, value in vars(config).items():
     print(f"  {key:<32} {value}")
@@ -267,6 +289,10 @@ def build_parser() -> argparse.ArgumentParser:
   p.add_argument("--mesh", default="1x1", help="FSDPxTP, e.g. 2x4 (default 1x1)")
   p.add_argument("--dtype", default="bfloat16", help="parameter dtype (default bfloat16)")
   p.add_argument("--json", action="store_true")
+  p.add_argument("--batch-size", type=int,
+                 help="estimate a training step's memory for this batch (default 8)")
+  p.add_argument("--seq-len", type=int, help="... of rows of this many tokens (default 2048)")
+  add_training_arguments(p)
   p.set_defaults(run=cmd_info)
 
   p = sub.add_parser("run", help="load a model and generate text (tiny-demo works offline)")
