@@ -169,13 +169,6 @@ def _replicated(x: jax.Array, mesh: Mesh | None) -> jax.Array:
   return jax.lax.with_sharding_constraint(x, everywhere)
 
 
-def _mesh_of(state: Any) -> Mesh | None:
-  for leaf in jax.tree.leaves(state):
-    if isinstance(getattr(leaf, "sharding", None), NamedSharding):
-      return leaf.sharding.mesh
-  return None
-
-
 def _emit(stream_id, step, tokens) -> None:
   callback = _streams.get(int(stream_id))
   if callback is not None:
@@ -378,7 +371,7 @@ def generate(
       use_top_p=top_p is not None,
       max_new_tokens=max_new_tokens,
       streaming=stream is not None,
-      mesh=_mesh_of(state),
+      mesh=getattr(model, "mesh", None),
   )
   knobs = {
       "temperature": jnp.asarray(temperature or 1.0, jnp.float32),

@@ -282,15 +282,17 @@ class DecoderLM(nnx.Module):
     else:
       masks = attention_masks(index + jnp.arange(length), key_valid, windows, full_mask)
 
+    # Checked per forward, not only at construction: ``model.remat`` may be changed later.
+    remat = check_remat(self.remat)
     x = self.embed(input_tokens)
     new_layers = []
     for i, layer in enumerate(self.layers):
       layer_cache = None if cache is None else cache["layers"][i]
-      if check_remat(self.remat) == "layer":
+      if remat == "layer":
         x, layer_cache = rematerialised(layer, x, positions, masks, layer_cache, index)
       else:
         x, layer_cache = layer(
-            x, positions, masks, layer_cache, index, remat_attention=self.remat == "attention"
+            x, positions, masks, layer_cache, index, remat_attention=remat == "attention"
         )
       x = sharding.constrain(x, ("batch", None, None), self.mesh, self.sharding_rules)
       new_layers.append(layer_cache)
