@@ -26,7 +26,6 @@ import os
 import pathlib
 import re
 import shutil
-import uuid
 from typing import Any
 
 import jax
@@ -37,8 +36,9 @@ from jax.sharding import NamedSharding
 
 from tunix_zoo import registry, sharding
 from tunix_zoo.checkpoint.loader import axis_counts, module_path as dotted
+from tunix_zoo.checkpoint.export import move_into_place, new_staging_folder
 from tunix_zoo.checkpoint.safetensors_io import write_safetensors
-from tunix_zoo.errors import ExportError, LoraError
+from tunix_zoo.errors import LoraError
 from tunix_zoo.layers.basic import Linear
 from tunix_zoo.layers.lora import LoRALinear
 
@@ -314,22 +314,11 @@ def _write_folder(
     out: pathlib.Path, overwrite: bool, config: dict[str, Any], tensors: dict[str, np.ndarray]
 ) -> None:
   """Writes the adapter folder through a hidden staging folder renamed into place."""
-  if out.exists() and not out.is_dir():
-    raise ExportError(f"{out} exists and is not a folder; choose another out_dir.")
-  if out.is_dir() and any(out.iterdir()) and not overwrite:
-    raise ExportError(
-        f"{out} already exists and is not empty; pass overwrite=True to replace it, or "
-        "choose another out_dir."
-    )
-  out.parent.mkdir(parents=True, exist_ok=True)
-  staging = out.parent / f".{out.name}.partial-{uuid.uuid4().hex[:12]}"
-  staging.mkdir()
+  staging = new_staging_folder(out, overwrite)
   try:
     (staging / ADAPTER_CONFIG).write_text(json.dumps(config, indent=2, sort_keys=True) + "\n")
     write_safetensors(staging / ADAPTER_WEIGHTS, tensors)
-    if out.is_dir():
-      shutil.rmtree(out)
-    os.replace(staging, out)
+    move_into_place(staging, out)
   except BaseException:
     shutil.rmtree(staging, ignore_errors=True)
     raise

@@ -131,7 +131,7 @@ def save_pretrained(
       raise failure
     if writer is not None:
       writer.finish()
-      _move_into_place(staging, out)
+      move_into_place(staging, out)
   except BaseException as e:
     if writer is not None:
       writer.abort()
@@ -227,6 +227,24 @@ def _dtype_fields(tensors: list[_ExportTensor]) -> dict[str, str]:
   return {"torch_dtype": name, "dtype": name}
 
 
+def new_staging_folder(out: pathlib.Path, overwrite: bool) -> pathlib.Path:
+  """Checks that ``out`` may be written, then makes a hidden staging folder beside it.
+
+  Fill the staging folder, then :func:`move_into_place`; on failure, remove it.
+  """
+  if out.exists() and not out.is_dir():
+    raise ExportError(f"{out} exists and is not a folder; choose another out_dir.")
+  if out.is_dir() and any(out.iterdir()) and not overwrite:
+    raise ExportError(
+        f"{out} already exists and is not empty; pass overwrite=True to replace it, or "
+        "choose another out_dir."
+    )
+  out.parent.mkdir(parents=True, exist_ok=True)
+  staging = out.parent / f".{out.name}.partial-{uuid.uuid4().hex[:12]}"
+  staging.mkdir()  # Not tempfile.mkdtemp: its 0700 mode would end up on out_dir.
+  return staging
+
+
 def _prepare_staging(
     out: pathlib.Path,
     overwrite: bool,
@@ -244,16 +262,7 @@ def _prepare_staging(
         f"source_dir {source} is not a folder; pass the checkpoint folder holding the "
         "tokenizer files, or leave source_dir out."
     )
-  if out.exists() and not out.is_dir():
-    raise ExportError(f"{out} exists and is not a folder; choose another out_dir.")
-  if out.is_dir() and any(out.iterdir()) and not overwrite:
-    raise ExportError(
-        f"{out} already exists and is not empty; pass overwrite=True to replace it, or "
-        "choose another out_dir."
-    )
-  out.parent.mkdir(parents=True, exist_ok=True)
-  staging = out.parent / f".{out.name}.partial-{uuid.uuid4().hex[:12]}"
-  staging.mkdir()  # Not tempfile.mkdtemp: its 0700 mode would end up on out_dir.
+  staging = new_staging_folder(out, overwrite)
   try:
     _write_json(staging / "config.json", hf_config)
     if source is not None:
@@ -316,7 +325,7 @@ def _block(index: tuple[slice, ...], shape: tuple[int, ...]) -> tuple[tuple[int,
   return tuple(s.indices(dim)[:2] for s, dim in zip(index, shape))
 
 
-def _move_into_place(staging: pathlib.Path, out: pathlib.Path) -> None:
+def move_into_place(staging: pathlib.Path, out: pathlib.Path) -> None:
   """Renames ``staging`` to ``out``, retiring a previous ``out`` (checked replaceable)."""
   if not out.is_dir() or not any(out.iterdir()):
     os.replace(staging, out)  # Atomic; replaces an empty folder on POSIX.
