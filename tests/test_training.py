@@ -166,3 +166,19 @@ def test_full_training_moves_every_parameter_and_lowers_the_loss():
       if np.array_equal(a.get_value(), b.get_value())
   ]
   assert not unchanged
+
+
+@pytest.mark.parametrize("axis_type", ["Auto", "Explicit"])
+def test_training_on_a_mesh_compiles_the_step_once(axis_type, caplog):
+  # The optimizer's step count starts on one device and comes back on the mesh; unless it
+  # starts there, the second step retraces and recompiles.
+  mesh = jax.make_mesh((2, 2), ("fsdp", "tp"),
+                       axis_types=(getattr(jax.sharding.AxisType, axis_type),) * 2)
+  model = AutoModel.from_config(tiny_config("qwen2p5"), mesh, rngs=0)
+  batch = tokens(batch=4)
+  with jax.log_compiles(True), caplog.at_level("WARNING"):
+    losses = train(model, iter(lambda: batch, None), optax.adamw(1e-2), steps=3)
+  compiles = [r for r in caplog.records if "Compiling" in r.getMessage()
+              and "train_step" in r.getMessage()]
+  assert len(compiles) == 1, [r.getMessage()[:80] for r in compiles]
+  assert losses[-1] < losses[0]
