@@ -33,6 +33,7 @@ from jax.sharding import Mesh, NamedSharding, PartitionSpec
 
 from tunix_zoo import sharding
 from tunix_zoo.errors import GenerationError
+from tunix_zoo.layers import decode_attention
 
 __all__ = ["GenerateOutput", "Tokenizer", "filter_logits", "generate"]
 
@@ -212,7 +213,8 @@ def _signature(tree: Any) -> tuple[Any, ...]:
 
 def _compile(fn: Callable, graphdef, opts: _Options, args: tuple, donate: tuple[int, ...]):
   """The compiled ``fn`` for these arguments, and the seconds compiling it took (0 if cached)."""
-  key = (fn.__name__, graphdef, opts, _signature(args))
+  # The kernel mode is read while tracing, so programs traced under another mode differ.
+  key = (fn.__name__, graphdef, opts, decode_attention.MODE, _signature(args))
   with _compiled_lock:
     executable = _compiled.get(key)
     if executable is not None:
@@ -381,7 +383,10 @@ def generate(
       "pad_id": jnp.asarray(pad_id, jnp.int32),
   }
   batch, prompt_len = tokens.shape
-  cache = model.init_cache(batch, prompt_len + max_new_tokens)
+  # Whole blocks of the decode-attention kernel; the slots past the end stay masked.
+  block = decode_attention.BLOCK_KEYS
+  cache_len = -(-(prompt_len + max_new_tokens) // block) * block
+  cache = model.init_cache(batch, cache_len)
   prefill_args = (state, jnp.asarray(tokens), jnp.asarray(mask), cache, jax.random.key(seed), knobs)
   prefill, prefill_compile = _compile(_prefill, graphdef, opts, prefill_args, donate=(3,))
 

@@ -13,15 +13,17 @@ Example::
 
 from __future__ import annotations
 
+import functools
 from typing import Any
 
 import jax
 import jax.numpy as jnp
 from flax import nnx
-from jax.sharding import Mesh
+from jax.sharding import Mesh, PartitionSpec
 
 from tunix_zoo import sharding
 from tunix_zoo.config import DecoderConfig
+from tunix_zoo.layers import decode_attention
 from tunix_zoo.layers.basic import Linear, RMSNorm
 from tunix_zoo.layers.rope import apply_rope, inverse_frequencies
 
@@ -169,7 +171,34 @@ class Attention(nnx.Module):
           for name, new in (("k", k), ("v", v))
       }
       k, v = layer_cache["k"].astype(q.dtype), layer_cache["v"].astype(q.dtype)
-    out = dot_product_attention(
-        q, k, v, masks[self.window], self.scale, self.softcap, self.window
-    )
+    mask = masks[self.window]
+    out = None
+    if mask is not None and decode_attention.applies(q, k):
+      out = self._decode_attention(q, k, v, mask)
+    if out is None:
+      out = dot_product_attention(q, k, v, mask, self.scale, self.softcap, self.window)
     return self.o_proj(out.reshape(*out.shape[:2], -1)), layer_cache
+
+  def _decode_attention(self, q, k, v, mask) -> jax.Array | None:
+    """The one-kernel decode attention, per device on a mesh; None where heads and KV
+    heads are split differently over it (a query head would need another device's KV)."""
+    attend = functools.partial(
+        decode_attention.decode_attention, scale=self.scale, softcap=self.softcap
+    )
+    if self.mesh is None or self.mesh.size == 1:
+      return attend(q, k, v, mask)
+    spec = lambda logical, x: sharding.partition_spec(  # noqa: E731
+        logical, x.shape, self.mesh, self.sharding_rules
+    )
+    q_spec = spec(("batch", None, "heads", None), q)
+    kv_spec = spec(("batch", None, "kv_heads", None), k)
+    if q_spec[0] != kv_spec[0] or q_spec[2] != kv_spec[2]:
+      return None
+    context = jax.sharding.get_abstract_mesh()
+    return jax.shard_map(
+        attend,
+        mesh=self.mesh if context.empty else context,
+        in_specs=(q_spec, kv_spec, kv_spec, PartitionSpec(q_spec[0], None, None)),
+        out_specs=q_spec,
+        check_vma=False,
+    )(q, k, v, mask)
