@@ -1,7 +1,9 @@
 """Decode benchmark: tokens/s with a KV cache, and the fraction of the HBM roofline.
 
 Random weights of a preset's shapes (bf16). tunix_zoo decodes with ``generate`` (one
-jitted while_loop); transformers with ``model.generate`` (eager, sdpa, dynamic cache).
+jitted while_loop); transformers with ``model.generate`` (sdpa; eager with its dynamic cache, and as
+``transformers_compile`` with a static cache, which generate compiles itself);
+``google_tunix`` one jitted call per token (see google_tunix.py).
 Roofline: per step every weight and the whole KV cache buffer are read once; the
 step's floor is those bytes over the measured device copy bandwidth. Prints JSON.
 
@@ -32,7 +34,8 @@ def copy_bandwidth_bytes_per_s() -> float:
   return 2 * x.nbytes * 5 / (time.perf_counter() - start)
 
 
-def run_tunix_zoo(config_id: str, batch: int, prompt: int, new_tokens: int) -> dict:
+def run_tunix_zoo(config_id: str, batch: int, prompt: int, new_tokens: int,
+                  decode_kernel: str = "auto") -> dict:
   import jax
   import jax.numpy as jnp
   import numpy as np
@@ -40,7 +43,10 @@ def run_tunix_zoo(config_id: str, batch: int, prompt: int, new_tokens: int) -> d
   from tunix_zoo import registry
   from tunix_zoo.automodel import AutoModel
   from tunix_zoo.generate import generate
+  from tunix_zoo.layers import decode_attention
   from tunix_zoo.planning import count_parameters
+
+  decode_attention.MODE = decode_kernel
 
   config = registry.get_config(config_id)
   mesh = jax.make_mesh((1, len(jax.devices())), ("fsdp", "tp"),
@@ -51,7 +57,7 @@ def run_tunix_zoo(config_id: str, batch: int, prompt: int, new_tokens: int) -> d
   out = generate(model, tokens, new_tokens)
   step_seconds = out.decode_seconds / (new_tokens - 1)
   weight_bytes = 2 * count_parameters(config)
-  cache_len = prompt + new_tokens
+  cache_len = prompt + new_tokens  # What must be read; generate's buffer may be longer.
   # k and v, bf16, every layer, the whole cache buffer.
   cache_bytes = (2 * 2 * config.num_layers * batch * cache_len * config.num_kv_heads
                  * config.head_dim)
@@ -66,7 +72,11 @@ def run_tunix_zoo(config_id: str, batch: int, prompt: int, new_tokens: int) -> d
   )
 
 
-def run_transformers(config_id: str, batch: int, prompt: int, new_tokens: int) -> dict:
+def run_transformers(config_id: str, batch: int, prompt: int, new_tokens: int,
+                     compiled: bool = False) -> dict:
+  """transformers ``generate``: eager with its dynamic cache, or (``compiled``) with a
+  static cache, for which generate compiles the decoding step itself (torch.compile,
+  CUDA graphs)."""
   import torch
   import transformers
 
@@ -79,14 +89,19 @@ def run_transformers(config_id: str, batch: int, prompt: int, new_tokens: int) -
         hf_config, dtype=torch.bfloat16, attn_implementation="sdpa"
     ).eval()
   tokens = torch.randint(3, config.vocab_size, (batch, prompt), device="cuda")
+  cache = dict(cache_implementation="static") if compiled else {}
 
   def run(n):
     with torch.no_grad():
       model.generate(tokens, max_new_tokens=n, min_new_tokens=n, do_sample=False,
-                     pad_token_id=0)
+                     pad_token_id=0, **cache)
     torch.cuda.synchronize()
 
-  run(4)
+  # A static cache's length is part of the compiled shapes: both lengths once first.
+  start = time.perf_counter()
+  run(1)
+  run(new_tokens if compiled else 4)
+  warmup_s = time.perf_counter() - start
   start = time.perf_counter()
   run(1)
   one = time.perf_counter() - start  # prefill + first token
@@ -94,7 +109,17 @@ def run_transformers(config_id: str, batch: int, prompt: int, new_tokens: int) -
   run(new_tokens)
   seconds = time.perf_counter() - start - one
   step = seconds / (new_tokens - 1)
-  return dict(decode_tokens_per_s=batch / step, step_ms=1e3 * step, torch=torch.__version__)
+  return dict(decode_tokens_per_s=batch / step, step_ms=1e3 * step, warmup_seconds=warmup_s,
+              torch=torch.__version__, transformers=transformers.__version__)
+
+
+def run_google_tunix(config_id: str, batch: int, prompt: int, new_tokens: int) -> dict:
+  import jax
+
+  import google_tunix
+
+  step = google_tunix.decode_step_seconds(config_id, batch, prompt, new_tokens)
+  return dict(decode_tokens_per_s=batch / step, step_ms=1e3 * step, jax=jax.__version__)
 
 
 def main() -> None:
@@ -104,12 +129,20 @@ def main() -> None:
   parser.add_argument("--prompt", type=int, default=128)
   parser.add_argument("--new-tokens", type=int, default=256)
   parser.add_argument("--libraries", default="tunix_zoo,transformers")
+  parser.add_argument("--decode-kernel", default="auto", choices=("auto", "off"),
+                      help="tunix_zoo's one-kernel decode attention (off: XLA's kernels)")
   args = parser.parse_args()
   report = dict(model=args.model, batch=args.batch, prompt=args.prompt,
                 new_tokens=args.new_tokens)
   for library in args.libraries.split(","):
-    runner = run_tunix_zoo if library == "tunix_zoo" else run_transformers
-    report[library] = runner(args.model, args.batch, args.prompt, args.new_tokens)
+    if library == "tunix_zoo":
+      report[library] = run_tunix_zoo(args.model, args.batch, args.prompt, args.new_tokens,
+                                      args.decode_kernel)
+    elif library == "google_tunix":
+      report[library] = run_google_tunix(args.model, args.batch, args.prompt, args.new_tokens)
+    else:
+      report[library] = run_transformers(args.model, args.batch, args.prompt, args.new_tokens,
+                                         compiled=library == "transformers_compile")
   print(json.dumps(report, indent=1))
 
 

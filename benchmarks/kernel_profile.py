@@ -1,12 +1,14 @@
-"""Kernel profile of decoding: which GPU kernels one decode step runs and how long each takes.
+"""Kernel profile: which GPU kernels a decode step or a prefill runs, and how long each takes.
 
-Traces a second ``generate`` call (the first compiles) with ``jax.profiler``, reads the
-Perfetto trace it writes and groups the device's kernel events by name. Reports the
-kernels per step, the summed kernel time per step and the step's wall time (the gap
-between them is launch and idle time). Prints JSON; ``--out D`` keeps the trace and the
-decode program's optimised HLO in ``D``.
+Traces a warm run with ``jax.profiler``, reads the Perfetto trace it writes and groups
+the device's kernel events by name. Reports kernels per step, summed kernel time per
+step and the step's span (the gap between them is launch and idle time). ``decode``
+traces a second ``generate`` call (steps = new tokens); ``prefill`` traces three
+prefills of batch x prompt tokens (as benchmarks/prefill.py runs them). Prints JSON;
+``--out D`` keeps the traced program's optimised HLO in ``D``.
 
-    python benchmarks/profile_decode.py --model qwen3_0p6b --batch 1 --out /tmp/prof
+    python benchmarks/kernel_profile.py --phase decode --model qwen3_0p6b --batch 1
+    python benchmarks/kernel_profile.py --phase prefill --model qwen3_0p6b --batch 8 --prompt 2048
 """
 
 from __future__ import annotations
@@ -14,11 +16,13 @@ from __future__ import annotations
 import argparse
 import collections
 import gzip
+import importlib
 import json
 import pathlib
 import re
 import sys
 import tempfile
+import time
 
 
 def kernel_events(trace_dir: pathlib.Path) -> list[dict]:
@@ -54,6 +58,7 @@ def summarise(events: list[dict], steps: int, top: int) -> dict:
 
 def main() -> None:
   parser = argparse.ArgumentParser(description=__doc__)
+  parser.add_argument("--phase", choices=("decode", "prefill"), default="decode")
   parser.add_argument("--model", default="qwen3_0p6b")
   parser.add_argument("--batch", type=int, default=1)
   parser.add_argument("--prompt", type=int, default=128)
@@ -65,8 +70,10 @@ def main() -> None:
   import jax
   import jax.numpy as jnp
   import numpy as np
+  from flax import nnx
 
-  from tunix_zoo import generate as generate_module
+  # By module path: the package re-exports a function of the same name.
+  generate_module = importlib.import_module("tunix_zoo.generate")
   from tunix_zoo import registry
   from tunix_zoo.automodel import AutoModel
 
@@ -75,18 +82,36 @@ def main() -> None:
                        axis_types=(jax.sharding.AxisType.Auto,) * 2)
   model = AutoModel.from_config(config, mesh, dtype=jnp.bfloat16, param_dtype=jnp.bfloat16)
   tokens = np.random.default_rng(0).integers(3, config.vocab_size, (args.batch, args.prompt))
-  generate_module.generate(model, tokens, args.new_tokens)  # Compile.
   out_dir = pathlib.Path(args.out or tempfile.mkdtemp())
   out_dir.mkdir(parents=True, exist_ok=True)
-  trace_dir = out_dir / "trace"
-  with jax.profiler.trace(str(trace_dir), create_perfetto_trace=True):
-    out = generate_module.generate(model, tokens, args.new_tokens)
-  decode = next(v for k, v in generate_module._compiled.items() if k[0] == "_decode")
-  (out_dir / "decode_hlo.txt").write_text(decode.as_text())
+  trace_dir = pathlib.Path(tempfile.mkdtemp())
+  if args.phase == "decode":
+    generate_module.generate(model, tokens, args.new_tokens)  # Compile.
+    with jax.profiler.trace(str(trace_dir), create_perfetto_trace=True):
+      out = generate_module.generate(model, tokens, args.new_tokens)
+    program = next(v for k, v in generate_module._compiled.items() if k[0] == "_decode")
+    # Decode steps dominate the trace; the prefill's kernels are a few percent of it.
+    steps, step_ms = args.new_tokens, 1e3 * out.decode_seconds / (args.new_tokens - 1)
+  else:
+    graphdef, state = nnx.split(model)
+
+    @jax.jit
+    def prefill(state, tokens):
+      hidden, _ = nnx.merge(graphdef, state).hidden_states(tokens)
+      return nnx.merge(graphdef, state).logits(hidden[:, -1:])
+
+    tokens = jnp.asarray(tokens)
+    program = prefill.lower(state, tokens).compile()
+    program(state, tokens).block_until_ready()
+    steps = 3
+    start = time.perf_counter()
+    with jax.profiler.trace(str(trace_dir), create_perfetto_trace=True):
+      for _ in range(steps):
+        program(state, tokens).block_until_ready()
+    step_ms = 1e3 * (time.perf_counter() - start) / steps
+  (out_dir / f"{args.phase}_hlo.txt").write_text(program.as_text())
   events = kernel_events(trace_dir)
-  # Decode steps dominate the trace; the prefill's kernels are a few percent of it.
-  steps = args.new_tokens
-  report = dict(model=args.model, batch=args.batch, step_ms=1e3 * out.decode_seconds / (steps - 1),
+  report = dict(model=args.model, phase=args.phase, batch=args.batch, traced_step_ms=step_ms,
                 device=jax.devices()[0].device_kind, jax=jax.__version__,
                 **summarise(events, steps, args.top))
   print(json.dumps(report, indent=1))

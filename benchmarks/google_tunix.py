@@ -1,0 +1,123 @@
+"""google-tunix's Qwen3 as a peer in the prefill and decode benchmarks.
+
+Its wheel is not a dependency: install it where the benchmark runs, e.g.
+``pip install --no-deps --target /tmp/site google-tunix==0.1.7 immutabledict`` and
+``PYTHONPATH=/tmp/site``. Only ``tunix.models.qwen3.model`` is imported: ``tunix`` and
+``tunix.models`` would import its trainers and every model family, so their
+``__init__`` files are skipped.
+
+Prefill runs its embedder, layers and final norm on the whole prompt and its LM head on
+the last token (as ours does); decode is one jitted call per token with its KV cache,
+greedy, as Tunix's own samplers step. Both use ``jax.jit`` over the split model state.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import functools
+import importlib
+import importlib.util
+import sys
+import time
+import types
+
+
+def qwen3_module() -> types.ModuleType:
+  """``tunix.models.qwen3.model``, without running the packages' ``__init__`` files."""
+  if "tunix.models.qwen3.model" in sys.modules:
+    return sys.modules["tunix.models.qwen3.model"]
+  spec = importlib.util.find_spec("tunix")
+  if spec is None:
+    raise SystemExit("google-tunix is not importable; see benchmarks/google_tunix.py.")
+  root = spec.submodule_search_locations[0]
+  for name, path in (("tunix", root), ("tunix.models", f"{root}/models"),
+                     ("tunix.models.qwen3", f"{root}/models/qwen3")):
+    if name not in sys.modules:
+      package = types.ModuleType(name)
+      package.__path__ = [path]
+      sys.modules[name] = package
+  try:
+    importlib.import_module("jax.experimental.shard_map")
+  except ImportError:  # Removed from newer jax; only Tunix's TPU flash path uses it.
+    import jax
+
+    shim = types.ModuleType("jax.experimental.shard_map")
+    shim.shard_map = jax.shard_map
+    sys.modules["jax.experimental.shard_map"] = shim
+  return importlib.import_module("tunix.models.qwen3.model")
+
+
+def build(config_id: str, num_layers: int | None = None):
+  """A randomly initialised bf16 Tunix Qwen3 of the preset ``config_id`` (e.g. qwen3_8b)."""
+  import jax.numpy as jnp
+  from flax import nnx
+
+  module = qwen3_module()
+  config = getattr(module.ModelConfig, config_id)()
+  config = dataclasses.replace(config, dtype=jnp.bfloat16, param_dtype=jnp.bfloat16,
+                               num_layers=num_layers or config.num_layers)
+  return module.Qwen3(config, rngs=nnx.Rngs(0)), config
+
+
+def _logits(model, config, x):
+  return model.embedder.decode(x) if config.use_tied_embedding else model.lm_head(x)
+
+
+def prefill_seconds(config_id: str, batch: int, length: int, bench) -> tuple[float, float, int]:
+  """(seconds per prefill, compile seconds, parameter count) through ``bench``."""
+  import jax
+  import jax.numpy as jnp
+  from flax import nnx
+
+  model, config = build(config_id)
+  tokens = jax.random.randint(jax.random.key(0), (batch, length), 0, config.vocab_size)
+  positions = jnp.broadcast_to(jnp.arange(length), (batch, length))
+  causal = jnp.broadcast_to(jnp.tril(jnp.ones((length, length), bool)), (batch, length, length))
+
+  graphdef, state = nnx.split(model)
+
+  @jax.jit
+  def prefill(state, tokens, positions, mask):
+    model = nnx.merge(graphdef, state)
+    x = model.embedder.encode(tokens)
+    for layer in model.layers:
+      _, x = layer(x, positions, None, mask)
+    return _logits(model, config, model.final_norm(x[:, -1:]))
+
+  seconds, compile_s = bench(
+      lambda: prefill(state, tokens, positions, causal).block_until_ready()
+  )
+  params = sum(x.size for x in jax.tree.leaves(nnx.state(model, nnx.Param)))
+  return seconds, compile_s, params
+
+
+def decode_step_seconds(config_id: str, batch: int, prompt: int, new_tokens: int) -> float:
+  """Seconds per greedy decoding step, one jitted call per step."""
+  import jax
+  import jax.numpy as jnp
+  from flax import nnx
+
+  model, config = build(config_id)
+  cache_len = prompt + new_tokens
+  cache = model.init_cache(batch, cache_len, jnp.bfloat16)
+  tokens = jax.random.randint(jax.random.key(0), (batch, prompt), 3, config.vocab_size)
+  slots = jnp.arange(cache_len)
+
+  graphdef, state = nnx.split(model)  # Plain jax.jit: nnx.jit's per-call graph walk is slow.
+
+  @functools.partial(jax.jit, donate_argnums=2)
+  def forward(state, tokens, cache, start):
+    length = tokens.shape[1]
+    positions = jnp.broadcast_to(start + jnp.arange(length), tokens.shape)
+    mask = jnp.broadcast_to(slots[None, :] <= positions[0][:, None], (batch, length, cache_len))
+    logits, cache = nnx.merge(graphdef, state)(tokens, positions, cache, mask)
+    return jnp.argmax(logits[:, -1], axis=-1)[:, None].astype(jnp.int32), cache
+
+  token, cache = forward(state, tokens, cache, jnp.int32(0))
+  token, cache = forward(state, token, cache, jnp.int32(prompt))  # Compile the step.
+  token.block_until_ready()
+  start = time.perf_counter()
+  for i in range(prompt + 1, cache_len):
+    token, cache = forward(state, token, cache, jnp.int32(i))
+  token.block_until_ready()
+  return (time.perf_counter() - start) / (cache_len - prompt - 1)
