@@ -81,6 +81,39 @@ def current_rss_bytes() -> int:
     return int(f.read().split()[1]) * os.sysconf("SC_PAGE_SIZE")
 
 
+class AnonymousPeak:
+  """Samples the process's anonymous resident memory (``RssAnon``) every millisecond.
+
+  Peak RSS also counts the checkpoint's pages while they are mapped (page cache, given
+  back at no cost); the anonymous part is what copies of the weights take.
+  """
+
+  def __init__(self):
+    import threading
+
+    self.baseline = self.peak = self._read()
+    self._stop = threading.Event()
+    self._thread = threading.Thread(target=self._run, daemon=True)
+    self._thread.start()
+
+  @staticmethod
+  def _read() -> int:
+    with open("/proc/self/status") as f:
+      for line in f:
+        if line.startswith("RssAnon:"):
+          return int(line.split()[1]) * 1024
+    return 0
+
+  def _run(self):
+    while not self._stop.wait(0.001):
+      self.peak = max(self.peak, self._read())
+
+  def growth(self) -> int:
+    self._stop.set()
+    self._thread.join()
+    return max(self.peak, self._read()) - self.baseline
+
+
 def load_tunix_zoo(folder: str) -> dict:
   import jax
 
@@ -89,6 +122,7 @@ def load_tunix_zoo(folder: str) -> dict:
 
   jax.numpy.zeros(1).block_until_ready()  # Start the backend before the clock.
   baseline = current_rss_bytes()
+  anonymous = AnonymousPeak()
   mesh = jax.make_mesh((1, len(jax.devices())), ("fsdp", "tp"))
   start = time.perf_counter()
   model, _ = AutoModel.from_pretrained(folder, mesh)
@@ -97,6 +131,7 @@ def load_tunix_zoo(folder: str) -> dict:
   seconds = time.perf_counter() - start
   nbytes = sum(x.nbytes for x in jax.tree.leaves(state))
   return dict(seconds=seconds, bytes=nbytes, peak_rss_growth_bytes=peak_rss_bytes() - baseline,
+              peak_anonymous_growth_bytes=anonymous.growth(),
               device=str(jax.devices()[0].device_kind), devices=len(jax.devices()))
 
 
@@ -106,6 +141,7 @@ def load_transformers(folder: str) -> dict:
 
   device = "cuda" if torch.cuda.is_available() else "cpu"
   baseline = current_rss_bytes()
+  anonymous = AnonymousPeak()
   start = time.perf_counter()
   model = transformers.AutoModelForCausalLM.from_pretrained(folder, dtype=torch.bfloat16)
   if device == "cuda":
@@ -115,7 +151,7 @@ def load_transformers(folder: str) -> dict:
   seconds = time.perf_counter() - start
   nbytes = sum(p.numel() * p.element_size() for p in model.parameters())
   return dict(seconds=seconds, bytes=nbytes, peak_rss_growth_bytes=peak_rss_bytes() - baseline,
-              device=device)
+              peak_anonymous_growth_bytes=anonymous.growth(), device=device)
 
 
 def run_in_subprocess(library: str, folder: pathlib.Path) -> dict:
