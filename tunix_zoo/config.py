@@ -109,6 +109,12 @@ class DecoderConfig:
   mlp_only_layers: tuple[int, ...] = ()
   norm_topk_prob: bool = False
   router_aux_loss_coef: float = 0.0
+  # Special token ids as config.json gives them, written back on export. Not part of
+  # equality or hashing: they change no computation, so models differing only in them
+  # share compiled programs.
+  bos_token_id: int | None = dataclasses.field(default=None, compare=False)
+  eos_token_id: int | tuple[int, ...] | None = dataclasses.field(default=None, compare=False)
+  pad_token_id: int | None = dataclasses.field(default=None, compare=False)
 
   def __post_init__(self) -> None:
     if self.layer_types and len(self.layer_types) != self.num_layers:
@@ -146,7 +152,7 @@ class DecoderConfig:
   @classmethod
   def hf_fields(cls, hf: dict[str, Any]) -> dict[str, Any]:
     """The fields every Llama-style config.json spells the same way."""
-    hf = text_config(hf)
+    top, hf = hf, text_config(hf)
     num_heads = hf["num_attention_heads"]
     fields: dict[str, Any] = dict(
         vocab_size=hf["vocab_size"],
@@ -161,6 +167,7 @@ class DecoderConfig:
         max_position_embeddings=hf.get("max_position_embeddings", 8192),
         tie_word_embeddings=bool(hf.get("tie_word_embeddings", False)),
         hidden_act=hf.get("hidden_act") or "silu",
+        **_token_ids(hf, top),
     )
     return fields
 
@@ -182,7 +189,23 @@ class DecoderConfig:
         "max_position_embeddings": self.max_position_embeddings,
         "tie_word_embeddings": self.tie_word_embeddings,
         "hidden_act": self.hidden_act,
+        **{name: list(value) if isinstance(value, tuple) else value
+           for name in TOKEN_ID_FIELDS if (value := getattr(self, name)) is not None},
     }
+
+
+TOKEN_ID_FIELDS = ("bos_token_id", "eos_token_id", "pad_token_id")
+
+
+def _token_ids(text: dict[str, Any], top: dict[str, Any]) -> dict[str, Any]:
+  """The special token ids of a config.json (a multimodal one may keep them at its top)."""
+  ids: dict[str, Any] = {}
+  for name in TOKEN_ID_FIELDS:
+    value = text.get(name, top.get(name))
+    if isinstance(value, list):
+      value = tuple(value) if len(value) != 1 else value[0]
+    ids[name] = value
+  return ids
 
 
 def text_config(hf: dict[str, Any]) -> dict[str, Any]:

@@ -238,6 +238,28 @@ def test_rejects_bad_arguments(sources, tmp_path):
   assert os.listdir(tmp_path) == ["a_file"]
 
 
+@pytest.mark.parametrize("case", ["qwen3", "gemma3"])
+def test_special_token_ids_survive_the_round_trip(sources, tmp_path, case):
+  """The ids a checkpoint's config.json gives (an EOS list too) are written back, and
+  transformers reads them from the export."""
+  source = tmp_path / "source"
+  source.mkdir()
+  for path in sources[case].iterdir():
+    (source / path.name).symlink_to(path)
+  config = json.loads((sources[case] / "config.json").read_text())
+  config.update(bos_token_id=1, eos_token_id=[2, 5], pad_token_id=0)
+  (source / "config.json").unlink()
+  (source / "config.json").write_text(json.dumps(config))
+  model = load_folder(source, one_device_mesh())
+  assert (model.config.bos_token_id, model.config.eos_token_id) == (1, (2, 5))
+  out = save_pretrained(model, tmp_path / "export")
+  written = json.loads((out / "config.json").read_text())
+  assert (written["bos_token_id"], written["eos_token_id"], written["pad_token_id"]) == (
+      1, [2, 5], 0)
+  hf = transformers.AutoConfig.from_pretrained(out)
+  assert (hf.bos_token_id, hf.eos_token_id, hf.pad_token_id) == (1, [2, 5], 0)
+
+
 def test_copies_tokenizer_files_from_source_dir(sources, tmp_path):
   source = tmp_path / "source"
   (source / "additional_chat_templates").mkdir(parents=True)
