@@ -36,7 +36,7 @@ from jax.sharding import NamedSharding
 
 from tunix_zoo import registry, sharding
 from tunix_zoo.checkpoint.loader import axis_counts, module_path as dotted
-from tunix_zoo.checkpoint.export import move_into_place, new_staging_folder
+from tunix_zoo.checkpoint.export import host_copy, move_into_place, new_staging_folder
 from tunix_zoo.checkpoint.safetensors_io import write_safetensors
 from tunix_zoo.errors import LoraError
 from tunix_zoo.layers.basic import Linear
@@ -200,10 +200,12 @@ def save_lora_adapter(
     hf_name = weight_key.removesuffix(".weight")
     hf_names[hf_name] = layer
     for part, variable in (("lora_A", layer.lora_a), ("lora_B", layer.lora_b)):
-      value = _host(variable.get_value())
-      tensors[f"base_model.model.{hf_name}.{part}.weight"] = (
-          value if dtype is None else value.astype(np.dtype(dtype))
-      )
+      value = variable.get_value()
+      # Every process takes part (gathering can be a collective); process 0 writes.
+      host = host_copy(value, np.dtype(value.dtype if dtype is None else dtype),
+                       assemble=jax.process_index() == 0)
+      if host is not None:
+        tensors[f"base_model.model.{hf_name}.{part}.weight"] = host
   out = pathlib.Path(out_dir).absolute()
   if jax.process_index() == 0:
     _write_folder(out, overwrite, _peft_config(hf_names, base_model_name_or_path), tensors)
@@ -273,13 +275,6 @@ def _replace(model: nnx.Module, path: str, module: nnx.Module) -> None:
     parent[int(name)] = module
   else:
     setattr(parent, name, module)
-
-
-def _host(value: jax.Array) -> np.ndarray:
-  """The whole array on the host; a collective when other processes hold parts of it."""
-  if value.is_fully_addressable:
-    return np.asarray(value)
-  return np.asarray(multihost_utils.process_allgather(value, tiled=True))
 
 
 def _peft_config(layers: dict[str, LoRALinear], base_model: str | None) -> dict[str, Any]:

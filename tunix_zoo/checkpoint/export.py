@@ -181,7 +181,7 @@ def _stream_tensors(tensors: list[_ExportTensor], writer: ShardedWriter | None) 
   """
   failure: Exception | None = None
   for tensor in tensors:
-    host = _host_copy(tensor.value, tensor.dtype, assemble=writer is not None and failure is None)
+    host = host_copy(tensor.value, tensor.dtype, assemble=writer is not None and failure is None)
     if host is not None:
       try:
         pieces = zip(tensor.keys, host) if tensor.stacked else [(tensor.keys[0], host)]
@@ -280,7 +280,7 @@ def _all_agree(ok: bool) -> bool:
   return bool(multihost_utils.broadcast_one_to_all(np.asarray(ok)))
 
 
-def _host_copy(value: Any, dtype: np.dtype, *, assemble: bool) -> np.ndarray | None:
+def host_copy(value: Any, dtype: np.dtype, *, assemble: bool) -> np.ndarray | None:
   """The whole of ``value`` as host numpy of ``dtype`` when ``assemble``; else None.
 
   Every process must call this for the same tensors in the same order: when process 0's
