@@ -122,6 +122,33 @@ def test_eos_stops_each_row_as_transformers_does_and_ends_the_loop(checkpoints, 
   )
 
 
+def test_the_configs_eos_is_the_default_as_in_transformers(checkpoints):
+  folder, torch_model = checkpoints["qwen3"]
+  tokens, mask, _ = reference.left_padded_batch(seed=1)
+  unstopped = reference.reference_greedy(torch_model, tokens, mask, NEW_TOKENS)
+  eos = int(unstopped[0, 5])
+  model = load_folder(folder, one_device_mesh())
+  model.config = model.config.replace(eos_token_id=eos)
+  saved = torch_model.generation_config.eos_token_id
+  torch_model.generation_config.eos_token_id = eos
+  try:
+    with torch.no_grad():
+      hf = torch_model.generate(
+          input_ids=torch.tensor(tokens), attention_mask=torch.tensor(mask),
+          max_new_tokens=NEW_TOKENS, do_sample=False, pad_token_id=0,
+      )[:, tokens.shape[1]:].numpy()
+  finally:
+    torch_model.generation_config.eos_token_id = saved
+  expected = np.zeros((3, NEW_TOKENS), hf.dtype)
+  expected[:, :hf.shape[1]] = hf
+  out = generate(model, tokens, NEW_TOKENS, attention_mask=mask)
+  np.testing.assert_array_equal(out.tokens, expected)
+  assert out.lengths[0] <= 6
+  # An empty list turns stopping off.
+  never = generate(model, tokens, NEW_TOKENS, attention_mask=mask, eos_ids=[])
+  np.testing.assert_array_equal(never.tokens, unstopped)
+
+
 def test_second_call_reuses_compiled_programs_and_reports_timings(models):
   tokens, mask, _ = reference.left_padded_batch(seed=1)
   first = generate(models("llama3"), tokens, NEW_TOKENS, attention_mask=mask)

@@ -347,7 +347,8 @@ def generate(
     seed: seeds ``jax.random``; the same seed and inputs give the same tokens.
     eos_ids: ids that end a row; that row emits ``pad_id`` afterwards. By default the
       tokenizer's ``eos_ids`` when it has them (:class:`tunix_zoo.tokenizer.Tokenizer`
-      does), else none.
+      does), else the model config's ``eos_token_id`` (as transformers does), else
+      none; ``[]`` turns stopping off.
     pad_id: pads prompts on the left and finished rows on the right.
     attention_mask: ``[B, T]`` mask (1 = real token) of an array input.
     tokenizer: any object with ``encode(str) -> list[int]`` and ``decode(list[int])``.
@@ -365,6 +366,8 @@ def generate(
   tokens, mask = _prompt_batch(tokens_or_prompts, attention_mask, tokenizer, pad_id)
   if eos_ids is None and tokenizer is not None:
     eos_ids = getattr(tokenizer, "eos_ids", None)
+  if eos_ids is None:
+    eos_ids = getattr(getattr(model, "config", None), "eos_token_id", None)
   eos_ids = _eos_array(eos_ids)
   graphdef, state = nnx.split(model)
   opts = _Options(
