@@ -184,6 +184,7 @@ def test_multimodal_gemma3_loads_its_language_model(tmp_path, caplog):
   assert np.abs(got - expected)[real].max() <= MAX_ABS
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("axis_type", [AxisType.Explicit, AxisType.Auto], ids=["explicit", "auto"])
 def test_from_config_creates_parameters_in_their_sharding(axis_type):
   config = Qwen3Config(

@@ -53,6 +53,7 @@ def logits_of(model, tokens, mask=None):
   return np.asarray(out)
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("axis_type", [AxisType.Explicit, AxisType.Auto], ids=["explicit", "auto"])
 def test_fresh_adapters_keep_the_logits_bit_exact_and_shard_like_their_weights(
     checkpoints, axis_type
@@ -149,6 +150,7 @@ def test_adamw_trains_only_the_adapters(checkpoints):
   assert all(moved) and len(moved) == 2 * 7 * 3
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("axis_type", [AxisType.Explicit, AxisType.Auto], ids=["explicit", "auto"])
 def test_merge_folds_the_adapters_into_the_weights(checkpoints, axis_type):
   mesh = jax.make_mesh((2, 4), ("fsdp", "tp"), axis_types=(axis_type,) * 2)
@@ -240,6 +242,7 @@ def test_merged_export_loads_in_transformers_with_the_adapted_logits(checkpoints
   )
 
 
+@pytest.mark.slow
 def test_dropout_acts_in_training_and_not_after_eval(checkpoints):
   model = load_folder(checkpoints("qwen3")[0])
   apply_lora(model, rank=4, alpha=8.0, dropout=0.5, rngs=nnx.Rngs(params=0, dropout=1))

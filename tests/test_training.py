@@ -57,6 +57,7 @@ def loss_and_grads(model: nnx.Module, batch: jax.Array, router_loss: bool = Fals
   return float(loss), jax.tree.map(np.asarray, grads)
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("case", ["gemma2", "gemma3", "qwen3_moe"])
 def test_remat_modes_give_the_same_loss_and_gradients(case):
   config = tiny_moe_config() if case == "qwen3_moe" else tiny_config(case)
@@ -168,6 +169,7 @@ def test_full_training_moves_every_parameter_and_lowers_the_loss():
   assert not unchanged
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("axis_type", ["Auto", "Explicit"])
 def test_training_on_a_mesh_compiles_the_step_once(axis_type, caplog):
   # The optimizer's step count starts on one device and comes back on the mesh; unless it

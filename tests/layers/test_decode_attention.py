@@ -105,6 +105,7 @@ def test_greedy_decoding_through_the_kernel_matches_transformers(checkpoints, in
   np.testing.assert_array_equal(out.tokens, expected)
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("axis_type", [AxisType.Explicit, AxisType.Auto], ids=["explicit", "auto"])
 @pytest.mark.parametrize("shape, kernel_runs", [((4, 2), True), ((2, 4), False)])
 def test_decode_step_logits_on_a_mesh_equal_the_xla_path(checkpoints, monkeypatch, axis_type,

@@ -94,6 +94,7 @@ def test_prefill_then_steps_reproduce_full_sequence(checkpoints, case):
   assert diff <= MAX_ABS
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("axis_type", [AxisType.Explicit, AxisType.Auto], ids=["explicit", "auto"])
 @pytest.mark.parametrize("case", CASES)
 def test_mesh_2x4_equals_one_device(checkpoints, case, axis_type):

@@ -300,6 +300,7 @@ def one_device_outputs(models):
   return outputs
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize(
     "case, axis_type",
     [
