@@ -82,14 +82,9 @@ def run_transformers(config_id: str, batch: int, prompt: int, new_tokens: int,
   import torch
   import transformers
 
-  from tunix_zoo import registry
+  import transformers_peer
 
-  config = registry.get_config(config_id)
-  hf_config = transformers.AutoConfig.for_model(**config.to_hf_config())
-  with torch.device("cuda"):  # Initialise on the GPU: CPU init of 8B takes minutes.
-    model = transformers.AutoModelForCausalLM.from_config(
-        hf_config, dtype=torch.bfloat16, attn_implementation="sdpa"
-    ).eval()
+  config, model = transformers_peer.random_model(config_id)
   tokens = torch.randint(3, config.vocab_size, (batch, prompt), device="cuda")
   cache = dict(cache_implementation="static") if compiled else {}
 

@@ -77,16 +77,10 @@ def run_tunix_zoo(config_id: str, batch: int, length: int, layers: int | None = 
 
 def run_transformers(config_id: str, batch: int, length: int, compiled: bool = False) -> dict:
   import torch
-  import transformers
 
-  from tunix_zoo import registry
+  import transformers_peer
 
-  config = registry.get_config(config_id)
-  hf_config = transformers.AutoConfig.for_model(**config.to_hf_config())
-  with torch.device("cuda"):  # Initialise on the GPU: CPU init of 8B takes minutes.
-    model = transformers.AutoModelForCausalLM.from_config(
-        hf_config, dtype=torch.bfloat16, attn_implementation="sdpa"
-    ).eval()
+  config, model = transformers_peer.random_model(config_id)
   tokens = torch.randint(0, config.vocab_size, (batch, length), device="cuda")
   forward = torch.compile(model) if compiled else model
 
