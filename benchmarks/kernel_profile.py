@@ -97,8 +97,9 @@ def main() -> None:
 
     @jax.jit
     def prefill(state, tokens):
-      hidden, _ = nnx.merge(graphdef, state).hidden_states(tokens)
-      return nnx.merge(graphdef, state).logits(hidden[:, -1:])
+      model = nnx.merge(graphdef, state)
+      hidden, _ = model.hidden_states(tokens)
+      return model.logits(hidden[:, -1:])
 
     tokens = jnp.asarray(tokens)
     program = prefill.lower(state, tokens).compile()

@@ -192,7 +192,7 @@ class Attention(nnx.Module):
     )
     q_spec = spec(("batch", None, "heads", None), q)
     kv_spec = spec(("batch", None, "kv_heads", None), k)
-    if q_spec[0] != kv_spec[0] or q_spec[2] != kv_spec[2]:
+    if q_spec[2] != kv_spec[2]:
       return None
     context = jax.sharding.get_abstract_mesh()
     return jax.shard_map(
