@@ -114,12 +114,15 @@ class AnonymousPeak:
     return max(self.peak, self._read()) - self.baseline
 
 
-def load_tunix_zoo(folder: str) -> dict:
+def load_tunix_zoo(folder: str, max_in_flight_mb: int | None = None) -> dict:
   import jax
 
   from tunix_zoo.automodel import AutoModel
+  from tunix_zoo.checkpoint import loader
   from flax import nnx
 
+  if max_in_flight_mb is not None:
+    loader.MAX_BYTES_IN_FLIGHT = max_in_flight_mb << 20
   jax.numpy.zeros(1).block_until_ready()  # Start the backend before the clock.
   baseline = current_rss_bytes()
   anonymous = AnonymousPeak()
@@ -132,6 +135,7 @@ def load_tunix_zoo(folder: str) -> dict:
   nbytes = sum(x.nbytes for x in jax.tree.leaves(state))
   return dict(seconds=seconds, bytes=nbytes, peak_rss_growth_bytes=peak_rss_bytes() - baseline,
               peak_anonymous_growth_bytes=anonymous.growth(),
+              max_bytes_in_flight=loader.MAX_BYTES_IN_FLIGHT,
               device=str(jax.devices()[0].device_kind), devices=len(jax.devices()))
 
 
@@ -154,9 +158,11 @@ def load_transformers(folder: str) -> dict:
               peak_anonymous_growth_bytes=anonymous.growth(), device=device)
 
 
-def run_in_subprocess(library: str, folder: pathlib.Path) -> dict:
+def run_in_subprocess(library: str, folder: pathlib.Path,
+                      max_in_flight_mb: int | None = None) -> dict:
+  limit = [] if max_in_flight_mb is None else ["--max-in-flight-mb", str(max_in_flight_mb)]
   out = subprocess.run(
-      [sys.executable, __file__, "--measure", library, "--dir", str(folder)],
+      [sys.executable, __file__, "--measure", library, "--dir", str(folder)] + limit,
       check=True, capture_output=True, text=True, cwd=REPO,
   )
   result = json.loads(out.stdout.strip().splitlines()[-1])
@@ -172,11 +178,15 @@ def main() -> None:
   parser.add_argument("--model", default="qwen3_0p6b")
   parser.add_argument("--dir", required=True, type=pathlib.Path)
   parser.add_argument("--libraries", default="tunix_zoo,transformers")
+  parser.add_argument("--max-in-flight-mb", type=int,
+                      help="tunix_zoo's bound on host bytes being copied to the devices")
   parser.add_argument("--measure", choices=["tunix_zoo", "transformers"], help=argparse.SUPPRESS)
   args = parser.parse_args()
-  if args.measure:
-    loader = load_tunix_zoo if args.measure == "tunix_zoo" else load_transformers
-    print(json.dumps(loader(str(args.dir))))
+  if args.measure == "tunix_zoo":
+    print(json.dumps(load_tunix_zoo(str(args.dir), args.max_in_flight_mb)))
+    return
+  if args.measure == "transformers":
+    print(json.dumps(load_transformers(str(args.dir))))
     return
   made = None
   if not (args.dir / "config.json").exists():
@@ -186,7 +196,7 @@ def main() -> None:
   report = dict(model=args.model, checkpoint=str(args.dir), made=made,
                 file_read_gb_per_s=read_throughput(args.dir))
   for library in args.libraries.split(","):
-    report[library] = run_in_subprocess(library, args.dir)
+    report[library] = run_in_subprocess(library, args.dir, args.max_in_flight_mb)
   if "tunix_zoo" in report and "transformers" in report:
     report["speedup_vs_transformers"] = (
         report["transformers"]["seconds"] / report["tunix_zoo"]["seconds"]
