@@ -4,7 +4,8 @@ Random weights of a preset's shapes (bf16). tunix_zoo decodes with ``generate`` 
 jitted while_loop); transformers with ``model.generate`` (sdpa; eager with its dynamic cache, and as
 ``transformers_compile`` with a static cache, which generate compiles itself);
 ``google_tunix`` one jitted call per token (see google_tunix.py).
-Roofline: per step every weight and the whole KV cache buffer are read once; the
+Roofline: per step every weight (but an untied input embedding, of which a step reads
+only its tokens' rows) and the whole KV cache buffer are read once; the
 step's floor is those bytes over the measured device copy bandwidth. Prints JSON.
 
     python benchmarks/decode.py --model qwen3_0p6b --batch 1 --new-tokens 256
@@ -59,6 +60,9 @@ def run_tunix_zoo(config_id: str, batch: int, prompt: int, new_tokens: int,
   out = generate(model, tokens, new_tokens)
   step_seconds = out.decode_seconds / (new_tokens - 1)
   weight_bytes = 2 * count_parameters(config)
+  if not config.tie_word_embeddings:
+    # A step reads only its tokens' rows of an untied input embedding.
+    weight_bytes -= 2 * config.vocab_size * config.hidden_size
   cache_len = prompt + new_tokens  # What must be read; generate's buffer may be longer.
   # k and v, bf16, every layer, the whole cache buffer.
   cache_bytes = (2 * 2 * config.num_layers * batch * cache_len * config.num_kv_heads
