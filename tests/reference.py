@@ -124,13 +124,18 @@ def reference_logits(model, tokens, mask, positions) -> np.ndarray:
     ).logits.float().numpy()
 
 
-def reference_greedy(model, tokens, mask, new_tokens: int) -> np.ndarray:
+def reference_greedy(model, tokens, mask, new_tokens: int, pad_token_id: int = 0,
+                     **generate_kwargs) -> np.ndarray:
+  """transformers' greedy ``[B, new_tokens]`` continuation; rows that stop early (e.g. at
+  ``eos_token_id``) are padded with ``pad_token_id``, as tunix_zoo's generate pads them."""
   import torch
 
   with torch.no_grad():
     out = model.generate(
         input_ids=torch.tensor(tokens), attention_mask=torch.tensor(mask),
-        max_new_tokens=new_tokens, do_sample=False,
-        pad_token_id=0,
-    )
-  return out[:, tokens.shape[1]:].numpy()
+        max_new_tokens=new_tokens, do_sample=False, pad_token_id=pad_token_id,
+        **generate_kwargs,
+    )[:, tokens.shape[1]:].numpy()
+  padded = np.full((out.shape[0], new_tokens), pad_token_id, out.dtype)
+  padded[:, :out.shape[1]] = out
+  return padded

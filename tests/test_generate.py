@@ -12,7 +12,6 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 import pytest
-import torch
 from flax import nnx
 from hypothesis import strategies as st
 from jax.sharding import AxisType
@@ -98,13 +97,9 @@ def test_eos_stops_each_row_as_transformers_does_and_ends_the_loop(checkpoints, 
   # enough for the loop to run, and (for these prompts) at a different step.
   early = set(unstopped[:, :3].ravel())
   eos_ids = sorted({int(next(t for t in row if t not in early)) for row in unstopped})
-  with torch.no_grad():
-    hf = torch_model.generate(
-        input_ids=torch.tensor(tokens), attention_mask=torch.tensor(mask),
-        max_new_tokens=NEW_TOKENS, do_sample=False, eos_token_id=eos_ids, pad_token_id=7,
-    )[:, tokens.shape[1]:].numpy()
-  expected = np.full((3, NEW_TOKENS), 7)
-  expected[:, :hf.shape[1]] = hf
+  expected = reference.reference_greedy(
+      torch_model, tokens, mask, NEW_TOKENS, pad_token_id=7, eos_token_id=eos_ids
+  )
   lengths = [1 + next(i for i, t in enumerate(row) if t in eos_ids) for row in unstopped]
   assert len(set(lengths)) == 3 and max(lengths) < NEW_TOKENS
 
@@ -129,18 +124,7 @@ def test_the_configs_eos_is_the_default_as_in_transformers(checkpoints):
   eos = int(unstopped[0, 5])
   model = load_folder(folder, one_device_mesh())
   model.config = model.config.replace(eos_token_id=eos)
-  saved = torch_model.generation_config.eos_token_id
-  torch_model.generation_config.eos_token_id = eos
-  try:
-    with torch.no_grad():
-      hf = torch_model.generate(
-          input_ids=torch.tensor(tokens), attention_mask=torch.tensor(mask),
-          max_new_tokens=NEW_TOKENS, do_sample=False, pad_token_id=0,
-      )[:, tokens.shape[1]:].numpy()
-  finally:
-    torch_model.generation_config.eos_token_id = saved
-  expected = np.zeros((3, NEW_TOKENS), hf.dtype)
-  expected[:, :hf.shape[1]] = hf
+  expected = reference.reference_greedy(torch_model, tokens, mask, NEW_TOKENS, eos_token_id=eos)
   out = generate(model, tokens, NEW_TOKENS, attention_mask=mask)
   np.testing.assert_array_equal(out.tokens, expected)
   assert out.lengths[0] <= 6
