@@ -45,7 +45,7 @@ def run_tunix_zoo(config_id: str, batch: int, prompt: int, new_tokens: int,
   from tunix_zoo.automodel import AutoModel
   from tunix_zoo.generate import generate
   from tunix_zoo.layers import decode_attention
-  from tunix_zoo.planning import count_parameters
+  from tunix_zoo.config import count_parameters
 
   decode_attention.MODE = decode_kernel
 

@@ -47,7 +47,7 @@ def run_tunix_zoo(config_id: str, batch: int, length: int, layers: int | None = 
 
   from tunix_zoo.automodel import AutoModel
   from tunix_zoo import registry
-  from tunix_zoo.planning import count_parameters
+  from tunix_zoo.config import count_parameters
 
   config = registry.get_config(config_id)
   if layers is not None:  # For compile time against depth.

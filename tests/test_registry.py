@@ -80,7 +80,7 @@ def toyllama_1m():
 CHECK = '''
 import json
 from tunix_zoo import AutoModel, ModelNaming, registry
-from tunix_zoo.planning import count_parameters
+from tunix_zoo.config import count_parameters
 naming = ModelNaming(model_id="acme/ToyLlama-1M")
 model = AutoModel.from_config(naming.model_id)
 print(json.dumps(dict(

@@ -15,7 +15,6 @@ Example::
 
 from __future__ import annotations
 
-import functools
 import json
 import logging
 import os
@@ -29,13 +28,12 @@ from flax import nnx
 from jax.sharding import Mesh
 
 from tunix_zoo import registry, sharding
-from tunix_zoo.checkpoint.loader import load_checkpoint, module_path, parameter_shardings
+from tunix_zoo.build import abstract_model, initialise, parameter_shardings
+from tunix_zoo.checkpoint.loader import load_checkpoint
 from tunix_zoo.checkpoint.safetensors_io import CheckpointFiles
 from tunix_zoo.config import DecoderConfig
-from tunix_zoo.layers.basic import INIT_STDDEV
 from tunix_zoo.errors import CheckpointError, ConfigMismatchError, ZooError
 from tunix_zoo.naming import ModelNaming
-from tunix_zoo.planning import abstract_model
 from tunix_zoo.progress import progress_class
 from tunix_zoo.sources import ModelSource, fetch
 
@@ -127,35 +125,6 @@ class AutoModel:
         remat=remat,
     )
     return initialise(abstract, key, parameter_shardings(abstract, mesh, sharding_rules))
-
-
-@functools.lru_cache(maxsize=256)
-def _initialiser(shape: tuple[int, ...], dtype: Any, fill: float | None, out_sharding: Any):
-  def init(key: jax.Array) -> jax.Array:
-    if fill is not None:
-      return jnp.full(shape, fill, dtype)
-    return (INIT_STDDEV * jax.random.normal(key, shape, jnp.float32)).astype(dtype)
-
-  return jax.jit(init, out_shardings=out_sharding)
-
-
-def initialise(
-    abstract: nnx.Module, key: jax.Array, shardings: dict[str, jax.sharding.Sharding]
-) -> nnx.Module:
-  """Random parameters for an abstract model, each created directly in its sharding.
-
-  One small jitted initialiser per distinct (shape, dtype, sharding), so a model compiles
-  a handful of them however many layers it has.
-  """
-  graphdef, params, rest = nnx.split(abstract, nnx.Param, ...)
-  flat = nnx.to_flat_state(params)
-  for n, (path, var) in enumerate(flat):
-    init = _initialiser(
-        tuple(var.shape), jnp.dtype(var.dtype), var.get_metadata().get("init_fill"),
-        shardings[module_path(path)],
-    )
-    var.set_value(init(jax.random.fold_in(key, n)))
-  return nnx.merge(graphdef, nnx.from_flat_state(flat), rest)
 
 
 def read_hf_config(folder: str | os.PathLike) -> dict[str, Any]:

@@ -60,7 +60,7 @@ def resolve_config(model: str) -> tuple[str, DecoderConfig]:
 
 
 def cmd_list(args: argparse.Namespace) -> int:
-  from tunix_zoo.planning import count_parameters
+  from tunix_zoo.config import count_parameters
 
   rows = []
   for config_id in registry.config_ids():
@@ -276,7 +276,9 @@ def add_training_arguments(p: argparse.ArgumentParser) -> None:
                  "(default: every attention and MLP projection)")
 
 
-def build_parser() -> argparse.ArgumentParser:
+def build_parser(command: str | None = None) -> argparse.ArgumentParser:
+  """The argument parser; given the ``command`` being run, it skips the training
+  arguments of other commands, whose choices import the model code (and so jax)."""
   parser = argparse.ArgumentParser(
       prog="tunix-zoo", description="HF checkpoints as sharded Flax NNX models."
   )
@@ -292,7 +294,8 @@ def build_parser() -> argparse.ArgumentParser:
   p.add_argument("--batch-size", type=int,
                  help="estimate a training step's memory for this batch (default 8)")
   p.add_argument("--seq-len", type=int, help="... of rows of this many tokens (default 2048)")
-  add_training_arguments(p)
+  if command in (None, "info"):
+    add_training_arguments(p)
   p.set_defaults(run=cmd_info)
 
   p = sub.add_parser("run", help="load a model and generate text (tiny-demo works offline)")
@@ -314,7 +317,8 @@ def build_parser() -> argparse.ArgumentParser:
   p.add_argument("--steps", type=int, default=3)
   p.add_argument("--learning-rate", type=float, default=0.5)
   p.add_argument("--seed", type=int, default=0)
-  add_training_arguments(p)
+  if command in (None, "test"):
+    add_training_arguments(p)
   p.add_argument("--lora-alpha", type=float, help="LoRA alpha (default: the rank)")
   p.set_defaults(run=cmd_test)
 
@@ -332,7 +336,8 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 def main(argv: Sequence[str] | None = None) -> int:
-  args = build_parser().parse_args(argv)
+  argv = list(sys.argv[1:] if argv is None else argv)
+  args = build_parser(argv[0] if argv and not argv[0].startswith("-") else None).parse_args(argv)
   try:
     return args.run(args)
   except ZooError as e:

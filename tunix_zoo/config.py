@@ -140,6 +140,14 @@ class DecoderConfig:
       return self.local_rope
     return self.rope
 
+  def is_sparse_layer(self, layer: int) -> bool:
+    """Whether ``layer`` is a mixture of experts (transformers' Qwen3-MoE rule)."""
+    return (
+        self.num_experts > 0
+        and layer not in self.mlp_only_layers
+        and (layer + 1) % self.decoder_sparse_step == 0
+    )
+
   def replace(self, **changes: Any) -> "DecoderConfig":
     return dataclasses.replace(self, **changes)
 
@@ -226,3 +234,68 @@ def read_rope(hf: dict[str, Any], layer_type: str | None = None) -> RopeConfig:
   if params:
     return RopeConfig.from_hf(params, float(params.get("rope_theta", 10_000.0)))
   return RopeConfig.from_hf(hf.get("rope_scaling"), float(hf.get("rope_theta", 10_000.0)))
+
+
+def read_sliding_window(
+    hf: dict[str, Any], num_layers: int, *, every_layer: bool = False
+) -> dict[str, Any]:
+  """``sliding_window`` and ``layer_types`` of a Qwen config.json (both spellings).
+
+  The window counts only under ``use_sliding_window``; it then covers the layers from
+  ``max_window_layers`` on (``every_layer``: all of them, as Qwen3-MoE does), unless
+  ``layer_types`` says otherwise.
+  """
+  if not hf.get("use_sliding_window") or not hf.get("sliding_window"):
+    return dict(sliding_window=None, layer_types=())
+  if every_layer:
+    types = (SLIDING_ATTENTION,) * num_layers
+  else:
+    first = hf.get("max_window_layers", 28)
+    types = tuple(hf.get("layer_types") or (
+        SLIDING_ATTENTION if i >= first else FULL_ATTENTION for i in range(num_layers)
+    ))
+  if SLIDING_ATTENTION not in types:
+    return dict(sliding_window=None, layer_types=())
+  return dict(sliding_window=int(hf["sliding_window"]), layer_types=types)
+
+
+def sliding_window_hf(config: DecoderConfig) -> dict[str, Any]:
+  """The Qwen config.json keys that say where the sliding window applies."""
+  if SLIDING_ATTENTION not in config.layer_types:
+    return dict(use_sliding_window=False, sliding_window=None, max_window_layers=config.num_layers)
+  return dict(
+      use_sliding_window=True,
+      sliding_window=config.sliding_window,
+      max_window_layers=config.layer_types.index(SLIDING_ATTENTION),
+      layer_types=list(config.layer_types),
+  )
+
+
+def count_parameters(config: DecoderConfig, *, active: bool = False) -> int:
+  """The parameters of ``config``'s model, from its fields alone (nothing is built).
+
+  ``active``: count only what one token uses (``num_experts_per_tok`` of ``num_experts``
+  experts in a mixture of experts). ``tests/models/test_configs.py`` checks both against
+  the shapes of the built model for every preset.
+
+  Example::
+
+      count_parameters(registry.get_config("qwen3_30b_a3b"), active=True)  # ~3.3e9
+  """
+  c = config
+  q_dim, kv_dim = c.num_heads * c.head_dim, c.num_kv_heads * c.head_dim
+  attention = 2 * c.hidden_size * (q_dim + kv_dim)
+  if c.attention_bias:
+    attention += q_dim + 2 * kv_dim
+  if c.qk_norm:
+    attention += 2 * c.head_dim
+  norms = (4 if c.sandwich_norms else 2) * c.hidden_size
+  dense_mlp = 3 * c.hidden_size * c.intermediate_size
+  experts = c.num_experts_per_tok if active else c.num_experts
+  sparse_mlp = c.hidden_size * c.num_experts + 3 * experts * c.hidden_size * c.moe_intermediate_size
+  layers = sum(
+      attention + norms + (sparse_mlp if c.is_sparse_layer(layer) else dense_mlp)
+      for layer in range(c.num_layers)
+  )
+  embeddings = c.vocab_size * c.hidden_size * (1 if c.tie_word_embeddings else 2)
+  return embeddings + layers + c.hidden_size

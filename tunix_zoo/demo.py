@@ -47,7 +47,7 @@ WINDOW = 48
 
 
 def demo_folder() -> pathlib.Path:
-  from tunix_zoo.sources._download import cache_root
+  from tunix_zoo.sources import cache_root
 
   return cache_root() / DEMO_ID
 

@@ -26,9 +26,9 @@ from flax import nnx
 from jax.extend import core as jax_core
 from jax.sharding import AbstractMesh, AxisType, PartitionSpec
 
-from tunix_zoo import registry, sharding
-from tunix_zoo.checkpoint.loader import axis_counts, module_path
-from tunix_zoo.config import DecoderConfig
+from tunix_zoo import sharding
+from tunix_zoo.build import abstract_model, axis_counts, module_path
+from tunix_zoo.config import DecoderConfig, count_parameters
 from tunix_zoo.errors import LoraError, ShardingError
 
 MESH_AXES = ("fsdp", "tp")
@@ -46,30 +46,6 @@ class ModelPlan:
   mesh_shape: tuple[int, ...]
   bytes_per_device: int
   replicated: tuple[str, ...]  # parameters that no mesh axis shards
-
-
-def abstract_model(config: DecoderConfig, param_dtype: Any = jnp.float32, **kwargs: Any):
-  """The family's model for ``config`` with shape-only parameters (nothing allocated)."""
-  spec = registry.family_for_config_class(type(config))
-  return spec.model_class(config, rngs=None, param_dtype=param_dtype, **kwargs)
-
-
-def count_parameters(config: DecoderConfig) -> int:
-  """The number of parameters of ``config``'s model, from shapes alone."""
-  abstract = abstract_model(config)
-  return sum(math.prod(v.shape) for _, v in nnx.to_flat_state(nnx.state(abstract, nnx.Param)))
-
-
-def count_active_parameters(config: DecoderConfig) -> int:
-  """Parameters one token uses: expert stacks (leading ``experts`` axis) count only the
-  ``num_experts_per_tok`` of ``num_experts`` experts a token is routed to."""
-  total = 0
-  for _, var in nnx.to_flat_state(nnx.state(abstract_model(config), nnx.Param)):
-    size = math.prod(var.shape)
-    if (var.get_metadata().get("logical_axes") or (None,))[0] == "experts":
-      size = size * config.num_experts_per_tok // config.num_experts
-    total += size
-  return total
 
 
 def parse_mesh(text: str) -> tuple[int, int]:
@@ -112,7 +88,7 @@ def plan_model(
     if all(a is None for a in spec) and math.prod(mesh_shape) > 1:
       replicated.append(module_path(path))
   return ModelPlan(
-      config=config, parameters=parameters, active_parameters=count_active_parameters(config),
+      config=config, parameters=parameters, active_parameters=count_parameters(config, active=True),
       dtype=np_dtype.name,
       bytes_total=parameters * np_dtype.itemsize, mesh_shape=tuple(mesh_shape),
       bytes_per_device=per_device, replicated=tuple(replicated),

@@ -1,16 +1,20 @@
-"""Families and config presets, registered by decorators.
+"""Families and config presets: what each architecture is called, as data.
 
-A family is one model architecture (one ``tunix_zoo/models/<category>`` package);
-a preset is a factory returning that family's config for one published size::
+A family is one model architecture (one ``tunix_zoo/models/<category>`` package); a
+preset is a factory returning that family's config for one published size. A family
+declares its identity next to its config, naming its model class and key map by
+``"module:attribute"`` so that nothing heavy (jax, flax) is imported to list, name or
+look up families; they are imported when a model is built::
 
-    @register_family(names=("qwen3",), model_types=("qwen3",),
-                     architectures=("Qwen3ForCausalLM",), config_class=Qwen3Config,
-                     param_table=QWEN3_PARAMS)
-    class Qwen3ForCausalLM(DecoderLM): ...
+    register_family(names=("qwen3",), model_types=("qwen3",),
+                    architectures=("Qwen3ForCausalLM",), config_class=Qwen3Config,
+                    model_class="tunix_zoo.models.qwen3.model:Qwen3ForCausalLM",
+                    param_table="tunix_zoo.models.qwen3.params:QWEN3_PARAMS")
 
     @register_config("qwen3_0p6b")
     def qwen3_0p6b() -> Qwen3Config: ...
 
+``register_family`` also decorates a model class (then the class is the model class).
 Third-party packages register the same way; to be found without an explicit import
 they name a module in the entry-point group ``tunix_zoo.families``.
 """
@@ -36,6 +40,30 @@ log = logging.getLogger(__name__)
 T = TypeVar("T")
 
 
+class _ImportedOnUse:
+  """A field given as an object or as ``"module:attribute"``, imported when first read.
+
+  Families name their model class and key map this way so that registering, naming and
+  listing them imports no jax.
+  """
+
+  def __set_name__(self, owner: type, name: str) -> None:
+    self._slot = "_" + name
+
+  def __get__(self, spec: Any, owner: type | None = None) -> Any:
+    if spec is None:
+      raise AttributeError(self._slot)  # Tells dataclasses the field has no default.
+    value = getattr(spec, self._slot)
+    if isinstance(value, str):
+      module, _, attribute = value.partition(":")
+      value = getattr(importlib.import_module(module), attribute)
+      object.__setattr__(spec, self._slot, value)
+    return value
+
+  def __set__(self, spec: Any, value: Any) -> None:
+    object.__setattr__(spec, self._slot, value)
+
+
 @dataclasses.dataclass(frozen=True)
 class FamilySpec:
   """Everything the library knows about one registered architecture."""
@@ -45,8 +73,8 @@ class FamilySpec:
   model_types: tuple[str, ...]
   architectures: tuple[str, ...]
   config_class: type
-  model_class: type
-  param_table: Any
+  model_class: type = _ImportedOnUse()  # type: ignore[assignment]
+  param_table: Any = _ImportedOnUse()
 
 
 _families: dict[str, FamilySpec] = {}
@@ -63,25 +91,41 @@ def register_family(
     config_class: type,
     param_table: Any,
     category: str | None = None,
-) -> Callable[[type[T]], type[T]]:
-  """Class decorator registering a model class as a family.
+    model_class: type | str | None = None,
+) -> Any:
+  """Registers a family; returns its :class:`FamilySpec`, or a class decorator.
 
   ``names`` are the naming families (``("llama3", "llama3p1", "llama3p2")``);
   ``category`` (default: the first name) is the package holding the config.
+  ``model_class`` and ``param_table`` are objects or ``"module:attribute"`` strings.
+  Without ``model_class`` the call decorates the model class.
+
+  Example::
+
+      register_family(names=("toy",), model_types=("toy",), architectures=("ToyLM",),
+                      config_class=ToyConfig, model_class="toy.model:ToyLM",
+                      param_table="toy.params:TOY_PARAMS")
   """
 
-  def decorate(model_class: type[T]) -> type[T]:
+  def register(model: type | str) -> FamilySpec:
     spec = FamilySpec(
         category=category or names[0],
         names=tuple(names),
         model_types=tuple(model_types),
         architectures=tuple(architectures),
         config_class=config_class,
-        model_class=model_class,
+        model_class=model,
         param_table=param_table,
     )
     _families[spec.category] = spec
-    return model_class
+    return spec
+
+  if model_class is not None:
+    return register(model_class)
+
+  def decorate(cls: type[T]) -> type[T]:
+    register(cls)
+    return cls
 
   return decorate
 

@@ -27,6 +27,7 @@ from flax import nnx
 from jax.sharding import Mesh
 
 from tunix_zoo import sharding
+from tunix_zoo.build import axis_counts, module_path, parameter_shardings  # noqa: F401
 from tunix_zoo.checkpoint.keymap import KeyMap
 from tunix_zoo.checkpoint.safetensors_io import CheckpointFiles
 from tunix_zoo.errors import CheckpointError
@@ -38,34 +39,6 @@ READ_THREADS = min(8, os.cpu_count() or 1)
 # on an H100 host this bound cut the 8B load from 3.3 s to 2.8 s and its peak
 # anonymous memory from 2.2 to 1.9 GB (benchmarks/README.md).
 MAX_BYTES_IN_FLIGHT = 256 << 20
-
-
-def module_path(path: tuple[Any, ...]) -> str:
-  """``('layers', 3, 'attn', 'q_proj', 'weight')`` -> ``'layers.3.attn.q_proj.weight'``."""
-  return ".".join(str(p) for p in path)
-
-
-def axis_counts(config: Any) -> dict[str, int]:
-  """Per logical axis, the count a mesh axis must divide (heads, not heads * head_dim)."""
-  return {"heads": config.num_heads, "kv_heads": config.num_kv_heads}
-
-
-def parameter_shardings(
-    abstract: nnx.Module, mesh: Mesh, rules: sharding.Rules | None = None
-) -> dict[str, jax.sharding.NamedSharding]:
-  """Module path -> NamedSharding of every parameter of an (abstract) model.
-
-  Raises ShardingError when ``rules`` name a mesh axis ``mesh`` lacks.
-  """
-  if rules is not None:
-    sharding.validate_rules(rules, mesh)
-  counts = axis_counts(abstract.config)
-  out = {}
-  for path, var in nnx.to_flat_state(nnx.state(abstract, nnx.Param)):
-    name = module_path(path)
-    axes = var.get_metadata().get("logical_axes") or (None,) * len(var.shape)
-    out[name] = sharding.named_sharding(axes, var.shape, mesh, rules, counts, what=name)
-  return out
 
 
 def load_checkpoint(

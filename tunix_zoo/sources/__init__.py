@@ -24,8 +24,9 @@ import os
 import pathlib
 
 from tunix_zoo.errors import SourceError
+from tunix_zoo.sources._download import cache_root
 
-__all__ = ["ModelSource", "fetch"]
+__all__ = ["ModelSource", "cache_root", "fetch"]
 
 
 class ModelSource(str, enum.Enum):

@@ -1,3 +1,3 @@
-"""The gemma family: config presets, model, checkpoint key map."""
+"""The gemma family: config, presets and registration; its key map is params.py."""
 
-from tunix_zoo.models.gemma import config, model, params  # noqa: F401  (registers)
+from tunix_zoo.models.gemma import config  # noqa: F401  (registers)

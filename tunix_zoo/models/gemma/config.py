@@ -16,7 +16,7 @@ from typing import Any, ClassVar
 
 from tunix_zoo.config import DecoderConfig, text_config
 from tunix_zoo.errors import ConfigMismatchError
-from tunix_zoo.registry import register_config
+from tunix_zoo.registry import register_config, register_family
 
 GELU_TANH = "gelu_pytorch_tanh"
 
@@ -58,6 +58,16 @@ class GemmaConfig(DecoderConfig):
   def to_hf_config(self) -> dict[str, Any]:
     # transformers 4 reads ``hidden_activation``, transformers 5 ``hidden_act``.
     return {**super().to_hf_config(), "hidden_activation": self.hidden_act}
+
+
+FAMILY = register_family(
+    names=("gemma",),
+    model_types=("gemma",),
+    architectures=("GemmaForCausalLM",),
+    config_class=GemmaConfig,
+    model_class="tunix_zoo.layers.decoder:DecoderLM",
+    param_table="tunix_zoo.models.gemma.params:GEMMA_PARAMS",
+)
 
 
 def _reject_unsupported(hf: dict[str, Any]) -> None:

@@ -17,7 +17,7 @@ from typing import Any, ClassVar
 
 from tunix_zoo.config import FULL_ATTENTION, SLIDING_ATTENTION, text_config
 from tunix_zoo.models.gemma.config import GELU_TANH, GemmaConfig
-from tunix_zoo.registry import register_config
+from tunix_zoo.registry import register_config, register_family
 
 
 @dataclasses.dataclass(frozen=True)
@@ -72,6 +72,16 @@ class Gemma2Config(GemmaConfig):
         layer_types=list(self.layer_types or [FULL_ATTENTION] * self.num_layers),
     )
     return out
+
+
+FAMILY = register_family(
+    names=("gemma2",),
+    model_types=("gemma2",),
+    architectures=("Gemma2ForCausalLM",),
+    config_class=Gemma2Config,
+    model_class="tunix_zoo.layers.decoder:DecoderLM",
+    param_table="tunix_zoo.models.gemma2.params:GEMMA2_PARAMS",
+)
 
 
 def alternating_layer_types(num_layers: int, period: int) -> tuple[str, ...]:

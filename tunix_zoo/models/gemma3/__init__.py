@@ -1,3 +1,3 @@
-"""The gemma3 family: config presets, model, checkpoint key map."""
+"""The gemma3 family: config, presets and registration; its key map is params.py."""
 
-from tunix_zoo.models.gemma3 import config, model, params  # noqa: F401  (registers)
+from tunix_zoo.models.gemma3 import config  # noqa: F401  (registers)

@@ -30,7 +30,7 @@ from tunix_zoo.models.gemma2.config import (
     alternating_layer_types,
     normalized_layer_types,
 )
-from tunix_zoo.registry import register_config
+from tunix_zoo.registry import register_config, register_family
 
 GLOBAL_THETA = 1_000_000.0
 LOCAL_THETA = 10_000.0
@@ -102,6 +102,16 @@ class Gemma3Config(Gemma2Config):
           SLIDING_ATTENTION: {**local_rope.to_hf(), "rope_theta": local_rope.theta},
       }
     return out
+
+
+FAMILY = register_family(
+    names=("gemma3",),
+    model_types=Gemma3Config.model_types,
+    architectures=Gemma3Config.architectures,
+    config_class=Gemma3Config,
+    model_class="tunix_zoo.layers.decoder:DecoderLM",
+    param_table="tunix_zoo.models.gemma3.params:GEMMA3_PARAMS",
+)
 
 
 def _read_ropes(hf: dict[str, Any]) -> tuple[RopeConfig, RopeConfig]:

@@ -16,7 +16,7 @@ from typing import Any, ClassVar
 
 from tunix_zoo.config import DecoderConfig, RopeConfig, text_config
 from tunix_zoo.errors import ConfigMismatchError
-from tunix_zoo.registry import register_config
+from tunix_zoo.registry import register_config, register_family
 
 
 @dataclasses.dataclass(frozen=True)
@@ -43,6 +43,16 @@ class Llama3Config(DecoderConfig):
             "tunix_zoo does not implement; load a checkpoint without projection biases."
         )
     return super().hf_fields(hf)
+
+
+FAMILY = register_family(
+    names=("llama3", "llama3p1", "llama3p2"),
+    model_types=("llama",),
+    architectures=("LlamaForCausalLM",),
+    config_class=Llama3Config,
+    model_class="tunix_zoo.layers.decoder:DecoderLM",
+    param_table="tunix_zoo.models.llama3.params:LLAMA3_PARAMS",
+)
 
 
 def _llama3(**fields: Any) -> Llama3Config:

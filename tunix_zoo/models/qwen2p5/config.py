@@ -16,13 +16,13 @@ import dataclasses
 from typing import Any, ClassVar
 
 from tunix_zoo.config import (
-    FULL_ATTENTION,
-    SLIDING_ATTENTION,
     DecoderConfig,
     RopeConfig,
+    read_sliding_window,
+    sliding_window_hf,
     text_config,
 )
-from tunix_zoo.registry import register_config
+from tunix_zoo.registry import register_config, register_family
 
 
 @dataclasses.dataclass(frozen=True)
@@ -53,39 +53,14 @@ class Qwen2p5Config(DecoderConfig):
     return {**super().to_hf_config(), **sliding_window_hf(self)}
 
 
-def read_sliding_window(
-    hf: dict[str, Any], num_layers: int, *, every_layer: bool = False
-) -> dict[str, Any]:
-  """``sliding_window`` and ``layer_types`` of a Qwen config.json (both spellings).
-
-  The window counts only under ``use_sliding_window``; it then covers the layers from
-  ``max_window_layers`` on (``every_layer``: all of them, as Qwen3-MoE does), unless
-  ``layer_types`` says otherwise.
-  """
-  if not hf.get("use_sliding_window") or not hf.get("sliding_window"):
-    return dict(sliding_window=None, layer_types=())
-  if every_layer:
-    types = (SLIDING_ATTENTION,) * num_layers
-  else:
-    first = hf.get("max_window_layers", 28)
-    types = tuple(hf.get("layer_types") or (
-        SLIDING_ATTENTION if i >= first else FULL_ATTENTION for i in range(num_layers)
-    ))
-  if SLIDING_ATTENTION not in types:
-    return dict(sliding_window=None, layer_types=())
-  return dict(sliding_window=int(hf["sliding_window"]), layer_types=types)
-
-
-def sliding_window_hf(config: DecoderConfig) -> dict[str, Any]:
-  """The Qwen config.json keys that say where the sliding window applies."""
-  if SLIDING_ATTENTION not in config.layer_types:
-    return dict(use_sliding_window=False, sliding_window=None, max_window_layers=config.num_layers)
-  return dict(
-      use_sliding_window=True,
-      sliding_window=config.sliding_window,
-      max_window_layers=config.layer_types.index(SLIDING_ATTENTION),
-      layer_types=list(config.layer_types),
-  )
+FAMILY = register_family(
+    names=("qwen2p5",),
+    model_types=("qwen2",),
+    architectures=("Qwen2ForCausalLM",),
+    config_class=Qwen2p5Config,
+    model_class="tunix_zoo.layers.decoder:DecoderLM",
+    param_table="tunix_zoo.models.qwen2p5.params:QWEN2P5_PARAMS",
+)
 
 
 def _qwen2p5(**fields: Any) -> Qwen2p5Config:

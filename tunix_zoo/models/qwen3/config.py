@@ -15,10 +15,15 @@ from __future__ import annotations
 import dataclasses
 from typing import Any, ClassVar
 
-from tunix_zoo.config import DecoderConfig, RopeConfig, text_config
+from tunix_zoo.config import (
+    DecoderConfig,
+    RopeConfig,
+    read_sliding_window,
+    sliding_window_hf,
+    text_config,
+)
 from tunix_zoo.errors import ConfigMismatchError
-from tunix_zoo.models.qwen2p5.config import read_sliding_window, sliding_window_hf
-from tunix_zoo.registry import register_config
+from tunix_zoo.registry import register_config, register_family
 
 MOE_MODEL_TYPE = "qwen3_moe"
 MOE_ARCHITECTURE = "Qwen3MoeForCausalLM"
@@ -78,14 +83,6 @@ class Qwen3Config(DecoderConfig):
       )
     return fields
 
-  def is_sparse_layer(self, layer: int) -> bool:
-    """Whether ``layer`` is a mixture of experts (transformers' Qwen3-MoE rule)."""
-    return (
-        self.num_experts > 0
-        and layer not in self.mlp_only_layers
-        and (layer + 1) % self.decoder_sparse_step == 0
-    )
-
   def to_hf_config(self) -> dict[str, Any]:
     out = {**super().to_hf_config(), "attention_bias": False, **sliding_window_hf(self)}
     if not self.num_experts:
@@ -105,6 +102,16 @@ class Qwen3Config(DecoderConfig):
         router_aux_loss_coef=self.router_aux_loss_coef,
     )
     return out
+
+
+FAMILY = register_family(
+    names=("qwen3",),
+    model_types=Qwen3Config.model_types,
+    architectures=Qwen3Config.architectures,
+    config_class=Qwen3Config,
+    model_class="tunix_zoo.models.qwen3.model:Qwen3ForCausalLM",
+    param_table="tunix_zoo.models.qwen3.params:QWEN3_PARAMS",
+)
 
 
 def _is_moe(hf: dict[str, Any]) -> bool:

@@ -26,8 +26,6 @@ from tunix_zoo import sharding
 from tunix_zoo.layers.decoder import Cache, DecoderLayer, DecoderLM
 from tunix_zoo.layers.moe import MoE, collect_router_logits
 from tunix_zoo.models.qwen3.config import Qwen3Config
-from tunix_zoo.models.qwen3.params import QWEN3_PARAMS
-from tunix_zoo.registry import register_family
 
 
 class Qwen3DecoderLayer(DecoderLayer):
@@ -43,13 +41,6 @@ class Qwen3DecoderLayer(DecoderLayer):
     )
 
 
-@register_family(
-    names=("qwen3",),
-    model_types=Qwen3Config.model_types,
-    architectures=Qwen3Config.architectures,
-    config_class=Qwen3Config,
-    param_table=QWEN3_PARAMS,
-)
 class Qwen3ForCausalLM(DecoderLM):
   """Qwen3 dense (``Qwen3ForCausalLM``) and Qwen3-MoE (``Qwen3MoeForCausalLM``)."""
 

@@ -1,0 +1,104 @@
+"""From a config to a model's parameters: shapes, shardings and random values.
+
+The abstract model holds shape-only parameters (nothing allocated); every parameter's
+``NamedSharding`` on a mesh comes from its logical axes and the sharding rules; random
+initialisation creates each parameter directly in that sharding. The checkpoint loader,
+the planner and ``AutoModel.from_config`` all start here.
+
+Example::
+
+    abstract = abstract_model(registry.get_config("qwen3_0p6b"), mesh=mesh)
+    shardings = parameter_shardings(abstract, mesh)
+    model = initialise(abstract, jax.random.key(0), shardings)
+"""
+
+from __future__ import annotations
+
+import functools
+from typing import Any
+
+import jax
+import jax.numpy as jnp
+from flax import nnx
+from jax.sharding import Mesh
+
+from tunix_zoo import registry, sharding
+from tunix_zoo.config import DecoderConfig
+from tunix_zoo.layers.basic import INIT_STDDEV
+
+
+def abstract_model(config: DecoderConfig, param_dtype: Any = jnp.float32, **kwargs: Any):
+  """The family's model for ``config`` with shape-only parameters (nothing allocated).
+
+  Example::
+
+      abstract = abstract_model(registry.get_config("qwen3_8b"), param_dtype=jnp.bfloat16)
+  """
+  spec = registry.family_for_config_class(type(config))
+  return spec.model_class(config, rngs=None, param_dtype=param_dtype, **kwargs)
+
+
+def module_path(path: tuple[Any, ...]) -> str:
+  """``('layers', 3, 'attn', 'q_proj', 'weight')`` -> ``'layers.3.attn.q_proj.weight'``."""
+  return ".".join(str(p) for p in path)
+
+
+def axis_counts(config: Any) -> dict[str, int]:
+  """Per logical axis, the count a mesh axis must divide (heads, not heads * head_dim)."""
+  return {"heads": config.num_heads, "kv_heads": config.num_kv_heads}
+
+
+def parameter_shardings(
+    abstract: nnx.Module, mesh: Mesh, rules: sharding.Rules | None = None
+) -> dict[str, jax.sharding.NamedSharding]:
+  """Module path -> NamedSharding of every parameter of an (abstract) model.
+
+  Raises ShardingError when ``rules`` name a mesh axis ``mesh`` lacks.
+
+  Example::
+
+      shardings = parameter_shardings(abstract, mesh)
+      shardings["embed_tokens.weight"].spec
+  """
+  if rules is not None:
+    sharding.validate_rules(rules, mesh)
+  counts = axis_counts(abstract.config)
+  out = {}
+  for path, var in nnx.to_flat_state(nnx.state(abstract, nnx.Param)):
+    name = module_path(path)
+    axes = var.get_metadata().get("logical_axes") or (None,) * len(var.shape)
+    out[name] = sharding.named_sharding(axes, var.shape, mesh, rules, counts, what=name)
+  return out
+
+
+@functools.lru_cache(maxsize=256)
+def _initialiser(shape: tuple[int, ...], dtype: Any, fill: float | None, out_sharding: Any):
+  def init(key: jax.Array) -> jax.Array:
+    if fill is not None:
+      return jnp.full(shape, fill, dtype)
+    return (INIT_STDDEV * jax.random.normal(key, shape, jnp.float32)).astype(dtype)
+
+  return jax.jit(init, out_shardings=out_sharding)
+
+
+def initialise(
+    abstract: nnx.Module, key: jax.Array, shardings: dict[str, jax.sharding.Sharding]
+) -> nnx.Module:
+  """Random parameters for an abstract model, each created directly in its sharding.
+
+  One small jitted initialiser per distinct (shape, dtype, sharding), so a model compiles
+  a handful of them however many layers it has.
+
+  Example::
+
+      model = initialise(abstract, jax.random.key(0), parameter_shardings(abstract, mesh))
+  """
+  graphdef, params, rest = nnx.split(abstract, nnx.Param, ...)
+  flat = nnx.to_flat_state(params)
+  for n, (path, var) in enumerate(flat):
+    init = _initialiser(
+        tuple(var.shape), jnp.dtype(var.dtype), var.get_metadata().get("init_fill"),
+        shardings[module_path(path)],
+    )
+    var.set_value(init(jax.random.fold_in(key, n)))
+  return nnx.merge(graphdef, nnx.from_flat_state(flat), rest)
