@@ -27,12 +27,12 @@ import numpy as np
 from flax import nnx
 from jax.sharding import Mesh
 
-from tunix_zoo import registry, sharding
+from tunix_zoo import arguments, registry, sharding
 from tunix_zoo.build import abstract_model, initialise, parameter_shardings
 from tunix_zoo.checkpoint.loader import load_checkpoint
 from tunix_zoo.checkpoint.safetensors_io import CheckpointFiles
 from tunix_zoo.config import DecoderConfig
-from tunix_zoo.errors import CheckpointError, ConfigMismatchError, ZooError
+from tunix_zoo.errors import CheckpointError, ConfigMismatchError, SourceError, ZooError
 from tunix_zoo.naming import ModelNaming
 from tunix_zoo.progress import progress_class
 from tunix_zoo.sources import ModelSource, fetch
@@ -82,6 +82,8 @@ class AutoModel:
     ``param_dtype``. ``remat`` (``"none"``, ``"layer"``, ``"attention"``) chooses what
     the backward pass recomputes instead of saving.
     """
+    _check_arguments(mesh, dtype=dtype, param_dtype=param_dtype, sharding_rules=sharding_rules,
+                     model_source=model_source)
     source = ModelSource(model_source)
     if (
         source is ModelSource.HUGGINGFACE and model_path is None and model_id
@@ -114,6 +116,7 @@ class AutoModel:
     ``config_or_id`` is a config dataclass or a preset id (``"qwen3_0p6b"``, or an HF
     id such as ``"Qwen/Qwen3-0.6B"`` that names one). ``remat`` as in ``from_pretrained``.
     """
+    _check_arguments(mesh, dtype=dtype, param_dtype=param_dtype, sharding_rules=sharding_rules)
     if isinstance(config_or_id, str):
       config = registry.get_config(ModelNaming(model_id=config_or_id).model_config_id)
     else:
@@ -125,6 +128,22 @@ class AutoModel:
         remat=remat,
     )
     return initialise(abstract, key, parameter_shardings(abstract, mesh, sharding_rules))
+
+
+def _check_arguments(mesh: Any, *, dtype: Any, param_dtype: Any,
+                     sharding_rules: sharding.Rules | None,
+                     model_source: Any = ModelSource.HUGGINGFACE) -> None:
+  """Raises a ZooError for arguments that cannot work, before anything is fetched or built."""
+  arguments.float_dtype(dtype, "dtype")
+  arguments.float_dtype(param_dtype, "param_dtype")
+  if arguments.mesh_or_none(mesh) is not None:
+    sharding.check_mesh_axes(mesh, sharding_rules)
+  try:
+    ModelSource(model_source)
+  except ValueError:
+    raise SourceError(
+        f"model_source={model_source!r} is not a source. Use one of "
+        f"{', '.join(repr(s.value) for s in ModelSource)} (or ModelSource.<NAME>).") from None
 
 
 def read_hf_config(folder: str | os.PathLike) -> dict[str, Any]:

@@ -59,3 +59,8 @@ class RematError(ZooError, ValueError):
 class LoraError(ZooError, ValueError):
     """LoRA adapters cannot be applied, merged or saved as asked (e.g. a module path
     regex matching no projection)."""
+
+
+class ArgumentError(ZooError, ValueError):
+    """A public function got an argument of the wrong type or out of range (a dtype that
+    is not floating, a negative size, a string where a mesh belongs)."""

@@ -60,6 +60,42 @@ def validate_rules(rules: Rules, mesh: Mesh) -> None:
         )
 
 
+def rules_for_axes(fsdp: str | None = None, tp: str | None = None,
+                   rules: Rules | None = None) -> dict[str, MeshAxes]:
+  """``rules`` (default :data:`DEFAULT_RULES`) with ``fsdp`` / ``tp`` renamed to the
+  mesh's own axis names.
+
+  Example::
+
+      mesh = jax.make_mesh((2, 4), ("data", "model"))
+      rules = rules_for_axes(fsdp="data", tp="model")
+      model, path = AutoModel.from_pretrained(path, mesh, sharding_rules=rules)
+  """
+  names = {"fsdp": fsdp, "tp": tp}
+  return {logical: tuple(names.get(a) or a for a in _mesh_axes(axes)) or None
+          for logical, axes in (DEFAULT_RULES if rules is None else rules).items()}
+
+
+def check_mesh_axes(mesh: Mesh, rules: Rules | None) -> None:
+  """Raises ShardingError when the rules in force shard nothing on a multi-device mesh.
+
+  With the default rules a mesh whose axes are not ``fsdp`` / ``tp`` (``('data',
+  'model')``) would replicate every parameter on every device.
+  """
+  used = {a for axes in (DEFAULT_RULES if rules is None else rules).values()
+          for a in _mesh_axes(axes)}
+  if mesh.size == 1 or any(mesh.shape.get(a, 1) > 1 for a in used):
+    return
+  names = tuple(mesh.axis_names)
+  example = (f"sharding_rules=tunix_zoo.sharding.rules_for_axes(fsdp={names[0]!r}, "
+             f"tp={names[-1]!r})" if len(names) >= 2 else
+             f"sharding_rules=tunix_zoo.sharding.rules_for_axes(tp={names[0]!r})")
+  raise ShardingError(
+      f"The mesh's axes {names} (sizes {dict(mesh.shape)}) are not named by the sharding "
+      f"rules, which use {sorted(used)}: every parameter would be replicated on all "
+      f"{mesh.size} devices. Pass {example}, or build the mesh with axes ('fsdp', 'tp').")
+
+
 def partition_spec(
     logical_axes: Sequence[str | None],
     shape: Sequence[int],

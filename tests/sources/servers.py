@@ -2,7 +2,8 @@
 
 Each server speaks the subset of its protocol that the client library uses, and carries
 a :class:`Faults` switchboard: fail the next request with a status, cut a body halfway,
-or stall it until released; and a log of the requests it answered::
+or stall it until released; and answer with corrupted bytes (right length) or an HTML page; and a log of the requests it
+answered::
 
     with HubServer() as hub:
       hub.add_repo("acme/tiny", checkpoint_folder)
@@ -93,7 +94,7 @@ def free_port() -> int:
 
 @dataclasses.dataclass
 class _Rule:
-  kind: str  # "status", "drop" or "stall"
+  kind: str  # "status", "drop", "stall", "corrupt" or "html"
   match: str
   method: str | None
   status: int
@@ -129,6 +130,15 @@ class Faults:
   def stall(self, *, match: str = "", times: int = 1, skip: int = 0) -> None:
     """Sends half the body of matching GETs, then waits for :attr:`release`."""
     self._add("stall", match, "GET", 200, times, skip)
+
+  def corrupt(self, *, match: str = "", times: int = 1, skip: int = 0) -> None:
+    """Sends matching GET bodies with one byte changed, at the right length."""
+    self._add("corrupt", match, "GET", 200, times, skip)
+
+  def html(self, *, match: str = "", times: int = 1, skip: int = 0) -> None:
+    """Answers matching requests 200 with an HTML page, as a captive portal or a proxy's
+    login page does."""
+    self._add("html", match, None, 200, times, skip)
 
   def take(self, method: str, path: str, range_header: str | None) -> _Rule | None:
     with self._lock:
@@ -173,12 +183,19 @@ class _Handler(http.server.BaseHTTPRequestHandler):
 
   def _error(self, status: int, message: str, headers: dict[str, str] | None = None) -> None:
     body, extra = self.server.error_body(status, message)
-    self._send(status, body, {**extra, **(headers or {})})
+    # A body after a HEAD answer would be read as the next response on a kept-alive
+    # connection.
+    self._send(status, body, {**extra, **(headers or {})}, head=self.command == "HEAD")
 
   def _dispatch(self, method: str) -> None:
     rule = self.server.faults.take(method, self.path, self.headers.get("Range"))
     if rule is not None and rule.kind == "status":
       self._error(rule.status, f"injected {rule.status}")
+      return
+    if rule is not None and rule.kind == "html":
+      page = b"<!DOCTYPE html><html><body><h1>Sign in to continue</h1></body></html>"
+      self._send(200, page, {"Content-Type": "text/html; charset=utf-8"},
+                 head=method == "HEAD")
       return
     self._rule = rule
     self.handle_request(method)
@@ -217,6 +234,9 @@ class _Handler(http.server.BaseHTTPRequestHandler):
     if head:
       return
     rule = getattr(self, "_rule", None)
+    if rule is not None and rule.kind == "corrupt" and body:
+      middle = len(body) // 2
+      body = body[:middle] + bytes([body[middle] ^ 0xFF]) + body[middle + 1:]
     if rule is not None and rule.kind in ("drop", "stall") and len(body) > 1:
       self.wfile.write(body[: len(body) // 2])
       self.wfile.flush()

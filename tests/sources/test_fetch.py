@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 import pathlib
+import time
 
 import pytest
 
@@ -104,7 +105,7 @@ def test_retry_backs_off_on_transient_errors_only():
     return "ok"
 
   assert _download.retry(flaky, is_transient=lambda e: isinstance(e, ConnectionError),
-                         what="test", base_delay=0.01) == "ok"
+                         what="test", policy=_download.RetryPolicy(base_delay_s=0.01)) == "ok"
   assert len(calls) == 3
   calls.clear()
   with pytest.raises(ValueError):
@@ -122,8 +123,35 @@ def test_retry_gives_up_after_the_last_attempt():
 
   with pytest.raises(ConnectionRefusedError):
     _download.retry(down, is_transient=lambda e: True, what="test", attempts=3,
-                    base_delay=0.01)
+                    policy=_download.RetryPolicy(base_delay_s=0.01))
   assert len(calls) == 3
+
+
+def test_retry_starts_no_try_it_cannot_finish_before_the_deadline():
+  calls = []
+
+  def slow_failure() -> None:
+    calls.append(time.monotonic())
+    time.sleep(0.3)
+    raise ConnectionResetError("reset")
+
+  start = time.monotonic()
+  with pytest.raises(ConnectionResetError):
+    _download.retry(slow_failure, is_transient=lambda e: True, what="test",
+                    policy=_download.RetryPolicy(attempts=100, base_delay_s=0.01,
+                                                 deadline_s=1.0))
+  assert time.monotonic() - start <= 1.0
+  assert 2 <= len(calls) <= 3
+
+
+def test_retry_policy_reads_the_environment(monkeypatch):
+  monkeypatch.setenv("TUNIX_ZOO_RETRY_DEADLINE_S", "5")
+  monkeypatch.setenv("TUNIX_ZOO_RETRY_ATTEMPTS", "2")
+  policy = _download.retry_policy()
+  assert (policy.deadline_s, policy.attempts) == (5.0, 2)
+  monkeypatch.setenv("TUNIX_ZOO_RETRY_ATTEMPTS", "zero")
+  with pytest.raises(SourceError, match="TUNIX_ZOO_RETRY_ATTEMPTS='zero' is not a positive int"):
+    _download.retry_policy()
 
 
 def test_quiet_mode_silences_progress_bars(monkeypatch, capsys):

@@ -74,7 +74,7 @@ def fetch(model_id: str | None, *, source: ModelSource | str = ModelSource.HUGGI
           model_path: str | os.PathLike[str] | None = None,
           model_download_path: str | os.PathLike[str] | None = None,
           revision: str | None = None, token: str | None = None,
-          local_files_only: bool = False) -> pathlib.Path:
+          local_files_only: bool = False, verify: bool = False) -> pathlib.Path:
   """Returns a local folder holding config.json + ``*.safetensors`` (+ tokenizer files).
 
   Args:
@@ -89,6 +89,8 @@ def fetch(model_id: str | None, *, source: ModelSource | str = ModelSource.HUGGI
     token: Hub token (HUGGINGFACE) or gcsfs credentials (GCS). Never logged.
     local_files_only: make no request; use what earlier calls downloaded (for the Hub,
       ``HF_HUB_OFFLINE=1`` does the same).
+    verify: re-hash every file already downloaded against the checksum its server
+      advertised (new downloads are always checked); bad files are fetched again.
 
   Returns:
     The folder, absolute.
@@ -115,7 +117,8 @@ def fetch(model_id: str | None, *, source: ModelSource | str = ModelSource.HUGGI
                         "'Qwen/Qwen3-0.6B', or choose another source with model_path.")
     module = importlib.import_module("tunix_zoo.sources.huggingface")
     return module.fetch(model_id, revision=revision, token=token,
-                        download_dir=model_download_path, local_files_only=local_files_only)
+                        download_dir=model_download_path, local_files_only=local_files_only,
+                        verify=verify)
   if source is ModelSource.LOCAL:
     path = model_path if model_path is not None else model_id
     if path is None:
@@ -130,7 +133,7 @@ def fetch(model_id: str | None, *, source: ModelSource | str = ModelSource.HUGGI
   if source is ModelSource.KAGGLE:
     return importlib.import_module("tunix_zoo.sources.kaggle").fetch(
         os.fspath(model_path), download_dir=model_download_path,
-        local_files_only=local_files_only)
+        local_files_only=local_files_only, verify=verify)
   return importlib.import_module("tunix_zoo.sources.gcs").fetch(
       os.fspath(model_path), download_dir=model_download_path, token=token,
-      local_files_only=local_files_only)
+      local_files_only=local_files_only, verify=verify)

@@ -11,7 +11,9 @@ from __future__ import annotations
 
 import concurrent.futures
 import contextlib
+import dataclasses
 import fnmatch
+import hashlib
 import json
 import logging
 import os
@@ -19,9 +21,11 @@ import pathlib
 import posixpath
 import random
 import tempfile
+import threading
 import time
 from typing import Any, Callable, Iterable, Iterator, TypeVar
 
+import filelock
 
 from tunix_zoo.progress import quiet
 from tunix_zoo.errors import SourceError
@@ -53,8 +57,6 @@ ORBAX_HINT = (
     "'transformers' variation of the same model, e.g. "
     "'google/gemma-3/transformers/gemma-3-1b-it'.")
 
-RETRY_ATTEMPTS = 4
-RETRY_BASE_DELAY_S = 0.5
 TRANSIENT_STATUS = frozenset({408, 429, 500, 502, 503, 504})
 
 
@@ -199,17 +201,69 @@ def http_status(exc: BaseException) -> int | None:
   return None
 
 
+@dataclasses.dataclass(frozen=True)
+class RetryPolicy:
+  """The one retry policy of the Hub, Kaggle and GCS sources.
+
+  ``attempts`` tries at most, ``base_delay_s`` before the second (doubling, at most
+  ``max_delay_s``, with jitter), all within ``deadline_s`` of the first: no try starts
+  that could not finish, at the pace of the slowest try so far, before it. ``read_timeout_s`` bounds every wait for bytes from a
+  server: a stall longer than it fails the request, which is then retried like a drop.
+  :func:`retry_policy` reads the ``TUNIX_ZOO_RETRY_*`` and ``TUNIX_ZOO_READ_TIMEOUT_S``
+  environment variables, so a deployment (or a test) can tighten or loosen them::
+
+      TUNIX_ZOO_RETRY_DEADLINE_S=300 tunix-zoo download Qwen/Qwen3-8B
+  """
+
+  attempts: int = 4
+  base_delay_s: float = 0.5
+  max_delay_s: float = 8.0
+  deadline_s: float = 60.0
+  read_timeout_s: float = 20.0
+  connect_timeout_s: float = 10.0
+
+  def delay(self, attempt: int) -> float:
+    """Seconds to wait after failed try number ``attempt`` (1-based)."""
+    base = min(self.max_delay_s, self.base_delay_s * 2 ** (attempt - 1))
+    return base * (0.75 + random.random() / 2)
+
+
+_POLICY_ENV = {"attempts": ("TUNIX_ZOO_RETRY_ATTEMPTS", int),
+               "base_delay_s": ("TUNIX_ZOO_RETRY_BASE_DELAY_S", float),
+               "deadline_s": ("TUNIX_ZOO_RETRY_DEADLINE_S", float),
+               "read_timeout_s": ("TUNIX_ZOO_READ_TIMEOUT_S", float)}
+
+
+def retry_policy() -> RetryPolicy:
+  """The policy in force: the defaults, overridden by ``TUNIX_ZOO_RETRY_ATTEMPTS``,
+  ``TUNIX_ZOO_RETRY_BASE_DELAY_S``, ``TUNIX_ZOO_RETRY_DEADLINE_S`` and
+  ``TUNIX_ZOO_READ_TIMEOUT_S`` (read at each call)."""
+  values: dict[str, Any] = {}
+  for field, (name, kind) in _POLICY_ENV.items():
+    text = os.environ.get(name)
+    if not text:
+      continue
+    try:
+      value = kind(text)
+    except ValueError:
+      value = None
+    if value is None or value <= 0 or (kind is int and value < 1):
+      raise SourceError(f"[sources] {name}={text!r} is not a positive {kind.__name__}. "
+                        f"Set it to e.g. {getattr(RetryPolicy, field)!r}, or unset it.")
+    values[field] = value
+  return RetryPolicy(**values)
+
+
 def retry(fn: Callable[[], T], *, is_transient: Callable[[BaseException], bool],
-          what: str, attempts: int = RETRY_ATTEMPTS,
-          base_delay: float = RETRY_BASE_DELAY_S) -> T:
-  """Calls ``fn``, retrying transient failures with exponential backoff and jitter.
+          what: str, policy: RetryPolicy | None = None, attempts: int | None = None) -> T:
+  """Calls ``fn``, retrying transient failures under the :class:`RetryPolicy`.
 
   Args:
     fn: the operation; it must be safe to repeat (downloads resume or restart).
     is_transient: says whether a raised exception is worth another try.
     what: a short description for the log line.
-    attempts: total tries, at least 1.
-    base_delay: seconds before the second try; doubles for each further try.
+    policy: attempts, backoff and total deadline; :func:`retry_policy` when None.
+    attempts: overrides the policy's number of tries (1: no retry).
 
   Returns:
     ``fn``'s result.
@@ -218,18 +272,76 @@ def retry(fn: Callable[[], T], *, is_transient: Callable[[BaseException], bool],
 
       info = retry(lambda: api.model_info(repo), is_transient=is_5xx, what=repo)
   """
+  policy = policy or retry_policy()
+  attempts = policy.attempts if attempts is None else attempts
+  deadline = time.monotonic() + policy.deadline_s
+  slowest = 0.0
   for attempt in range(1, attempts + 1):
+    began = time.monotonic()
     try:
       return fn()
     except Exception as e:  # pylint: disable=broad-except
-      if attempt == attempts or not is_transient(e):
+      now = time.monotonic()
+      slowest = max(slowest, now - began)
+      delay = policy.delay(attempt)
+      if (attempt == attempts or not is_transient(e)
+          or now + delay + slowest > deadline):
         raise
-      delay = base_delay * 2 ** (attempt - 1) * (0.75 + random.random() / 2)
       log.warning("%s failed (%s: %s); retrying in %.1fs (attempt %d of %d)", what,
                   type(e).__name__, str(e).splitlines()[0][:200] if str(e) else "",
                   delay, attempt + 1, attempts)
       time.sleep(delay)
   raise AssertionError("unreachable")  # the loop returns or raises
+
+
+# ------------------------------------------------------------------ checksums
+
+# Algorithms a server advertises for a file's content, as recorded in the checksum file.
+SHA256, GIT_SHA1, MD5 = "sha256", "git-sha1", "md5"
+
+
+def file_digest(path: pathlib.Path, algorithm: str) -> str:
+  """The hex digest of ``path``'s bytes: ``sha256``, ``md5``, or ``git-sha1`` (the git
+  blob id, ``sha1(b"blob <size>\\0" + content)``, that the Hub gives non-LFS files)."""
+  h = hashlib.sha1() if algorithm == GIT_SHA1 else hashlib.new(algorithm)
+  if algorithm == GIT_SHA1:
+    h.update(b"blob %d\0" % path.stat().st_size)
+  with open(path, "rb") as f:
+    for block in iter(lambda: f.read(1 << 20), b""):
+      h.update(block)
+  return h.hexdigest()
+
+
+_RECORD_LOCK = threading.Lock()
+
+
+def checksum_record_path(folder: pathlib.Path) -> pathlib.Path:
+  """Where the checksums advertised for the files of ``folder`` are recorded."""
+  key = hashlib.sha256(str(folder.resolve()).encode()).hexdigest()[:24]
+  return cache_root() / "checksums" / f"{key}.json"
+
+
+def read_checksums(folder: pathlib.Path) -> dict[str, dict[str, Any]]:
+  """``{name: {"size", "algorithm", "digest"}}`` recorded for ``folder``'s files."""
+  record = read_json(checksum_record_path(folder))
+  files = record.get("files") if isinstance(record, dict) else None
+  return files if isinstance(files, dict) else {}
+
+
+def record_checksums(folder: pathlib.Path, *, source: str, ref: str,
+                     files: dict[str, dict[str, Any]]) -> None:
+  """Adds the checksums the server advertised for ``files`` to ``folder``'s record.
+
+  The record (under ``<cache_root>/checksums/``) says, per file, its size and the digest
+  the server gave at download time, so that a later check can re-hash the cache.
+  """
+  path = checksum_record_path(folder)
+  path.parent.mkdir(parents=True, exist_ok=True)
+  with _RECORD_LOCK, filelock.FileLock(str(path) + ".lock"):
+    merged = {**read_checksums(folder), **files}
+    atomic_write_text(path, json.dumps(
+        {"folder": str(folder.resolve()), "source": source, "ref": ref, "files": merged},
+        indent=1, sort_keys=True))
 
 
 def atomic_write_text(path: pathlib.Path, text: str) -> None:

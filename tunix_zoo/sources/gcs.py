@@ -83,13 +83,17 @@ def _marker(folder: pathlib.Path, name: str) -> pathlib.Path:
   return folder / _STATE / "gcs" / f"{name}.json"
 
 
-def _is_complete(folder: pathlib.Path, name: str, identity: dict[str, Any] | None) -> bool:
-  """Whether ``name`` is on disk whole, and (when given) still the listed object."""
+def _is_complete(folder: pathlib.Path, name: str, identity: dict[str, Any] | None,
+                 rehash: bool = False) -> bool:
+  """Whether ``name`` is on disk whole, and (when given) still the listed object; with
+  ``rehash``, also whether its bytes still hash to the listed md5."""
   recorded = _download.read_json(_marker(folder, name))
   if not isinstance(recorded, dict) or (identity is not None and recorded != identity):
     return False
   target = folder / name
-  return target.is_file() and target.stat().st_size == recorded.get("size")
+  if not (target.is_file() and target.stat().st_size == recorded.get("size")):
+    return False
+  return not (rehash and recorded.get("md5") and _md5_b64(target) != recorded["md5"])
 
 
 def _md5_b64(path: pathlib.Path) -> str:
@@ -131,6 +135,10 @@ def _download_one(fs: Any, remote: str, folder: pathlib.Path, name: str,
   target.parent.mkdir(parents=True, exist_ok=True)
   os.replace(partial, target)
   _download.atomic_write_text(_marker(folder, name), json.dumps(identity))
+  if identity["md5"]:
+    _download.record_checksums(folder, source=SOURCE, ref=f"gs://{remote}", files={name: {
+        "size": size, "algorithm": _download.MD5,
+        "digest": base64.b64decode(identity["md5"]).hex()}})
 
 
 def _to_source_error(exc: BaseException, url: str) -> SourceError | None:
@@ -155,8 +163,8 @@ def _to_source_error(exc: BaseException, url: str) -> SourceError | None:
         "rewritten, run the call again.")
   if any(isinstance(e, _ChecksumMismatch) for e in chain):
     return _download.source_error(
-        SOURCE, url, f"downloaded bytes did not match the listed md5 after "
-        f"{_download.RETRY_ATTEMPTS} tries.", "Run the call again; if it persists, the "
+        SOURCE, url, "downloaded bytes did not match the listed md5 on every "
+        "try of the retry policy.", "Run the call again; if it persists, the "
         "object may be changing while it is read.")
   if (status is not None and status >= 500) or any(
       isinstance(e, (aiohttp.ClientError, requests.RequestException, asyncio.TimeoutError,
@@ -184,7 +192,8 @@ def _offline(url: str, folder: pathlib.Path) -> pathlib.Path:
 
 
 def fetch(url: str, *, download_dir: str | os.PathLike[str] | None = None,
-          token: Any = None, local_files_only: bool = False) -> pathlib.Path:
+          token: Any = None, local_files_only: bool = False,
+          verify: bool = False) -> pathlib.Path:
   """Downloads the safetensors, configs and tokenizer files under a ``gs://`` prefix.
 
   Args:
@@ -193,6 +202,7 @@ def fetch(url: str, *, download_dir: str | os.PathLike[str] | None = None,
       ``<cache_root>/gcs/<bucket>/<prefix>``.
     token: gcsfs credentials (see the module docstring); None for the defaults.
     local_files_only: never call GCS; return the folder if an earlier call completed it.
+    verify: re-hash files downloaded before against the listed md5; fetch bad ones again.
 
   Returns:
     The folder holding config.json and the ``*.safetensors`` files.
@@ -218,7 +228,7 @@ def fetch(url: str, *, download_dir: str | os.PathLike[str] | None = None,
                                    "Check the path with `gcloud storage ls " + url + "`.")
     names = _download.select_files(objects, source=SOURCE, ref=url)
     identities = {n: _identity(objects[n]) for n in names}
-    todo = [n for n in names if not _is_complete(folder, n, identities[n])]
+    todo = [n for n in names if not _is_complete(folder, n, identities[n], rehash=verify)]
     total = sum(identities[n]["size"] for n in todo)
     bar_lock = threading.Lock()
     with progress.progress_class()(total=total, unit="B", unit_scale=True,

@@ -7,6 +7,12 @@ safetensors, configs and tokenizer files only::
     folder = fetch("Qwen/Qwen3-0.6B", revision="main")
     folder = fetch("Qwen/Qwen3-0.6B", local_files_only=True)  # from the cache, no request
 
+Every file is checked against the checksum the Hub advertised for it (its ETag: the
+sha256 of an LFS file's content, the git blob id of any other) when it first arrives,
+and again on every call with ``verify=True``; a file that does not match is deleted and
+downloaded again, and never returned. The checksums are recorded under
+:func:`tunix_zoo.sources._download.checksum_record_path`.
+
 ``HF_ENDPOINT``, ``HF_HUB_OFFLINE`` and ``HF_TOKEN`` are read at call time, so setting
 them after ``huggingface_hub`` was imported still takes effect.
 """
@@ -14,11 +20,14 @@ them after ``huggingface_hub`` was imported still takes effect.
 from __future__ import annotations
 
 import importlib
+import json
 import os
 import pathlib
 import re
 
+import filelock
 import huggingface_hub
+from huggingface_hub import _local_folder as hf_local_folder
 from huggingface_hub import constants as hf_constants
 from huggingface_hub import errors as hf_errors
 
@@ -51,6 +60,13 @@ def _transport_errors() -> tuple[type[BaseException], ...]:
 
 
 _TRANSPORT_ERRORS = _transport_errors()
+
+
+class _ChecksumMismatch(OSError):
+  """A downloaded file does not hash to the checksum the Hub advertised: download again."""
+
+
+_HUB_RETRIED_STATUS = frozenset({408, 429, 500, 502, 503, 504})
 
 
 def _truthy(value: str | None) -> bool:
@@ -86,12 +102,100 @@ def _is_transient(exc: BaseException) -> bool:
   if any(isinstance(e, (hf_errors.OfflineModeIsEnabled, hf_errors.RepositoryNotFoundError,
                         hf_errors.RevisionNotFoundError)) for e in chain):
     return False
+  if any(isinstance(e, _ChecksumMismatch) for e in chain):
+    return True
   status = _download.http_status(exc)
   if status is not None:
-    return status in _download.TRANSIENT_STATUS
+    # huggingface_hub retries a HEAD (file metadata) answered so five times itself; a
+    # second layer of tries around it would multiply the wait.
+    return status in _download.TRANSIENT_STATUS and not (
+        _request_method(exc) == "HEAD" and status in _HUB_RETRIED_STATUS)
   # A truncated body ends in huggingface_hub's size "consistency check" OSError.
   return any(isinstance(e, _TRANSPORT_ERRORS) or "Consistency check failed" in str(e)
              for e in chain)
+
+
+def _request_method(exc: BaseException) -> str | None:
+  for e in _download.exception_chain(exc):
+    request = getattr(getattr(e, "response", None), "request", None)
+    if request is not None:
+      return getattr(request, "method", None)
+  return None
+
+
+def _advertised_checksum(folder: pathlib.Path, name: str,
+                         local_dir: str | None) -> tuple[str, str] | None:
+  """(algorithm, hex digest) the Hub's ETag gave for ``name``, as huggingface_hub kept it:
+  the blob's file name in its cache, or the metadata file of a ``local_dir``."""
+  if local_dir is None:
+    etag = (folder / name).resolve().name
+  else:
+    metadata = hf_local_folder.read_download_metadata(pathlib.Path(local_dir), name)
+    etag = metadata.etag if metadata is not None else ""
+  if re.fullmatch(r"[0-9a-f]{64}", etag):
+    return _download.SHA256, etag
+  if re.fullmatch(r"[0-9a-f]{40}", etag):
+    return _download.GIT_SHA1, etag
+  return None
+
+
+def _forget(folder: pathlib.Path, name: str, local_dir: str | None) -> None:
+  """Deletes a bad file and huggingface_hub's record of it, so the next call fetches it."""
+  path = folder / name
+  if local_dir is None:
+    path.resolve().unlink(missing_ok=True)  # the blob
+  else:
+    hf_local_folder.get_local_download_paths(pathlib.Path(local_dir), name).metadata_path \
+        .unlink(missing_ok=True)
+  path.unlink(missing_ok=True)
+
+
+def _verify(folder: pathlib.Path, repo_id: str, local_dir: str | None,
+            rehash_all: bool) -> None:
+  """Hashes the files not yet verified (all of them when ``rehash_all``) against their
+  advertised checksums; records the good ones, deletes the bad ones and raises."""
+  recorded = _download.read_checksums(folder)
+  good: dict[str, dict[str, object]] = {}
+  bad: list[str] = []
+  for path in sorted(folder.rglob("*")):
+    name = path.relative_to(folder).as_posix()
+    if any(part.startswith(".") for part in path.relative_to(folder).parts) or not path.is_file():
+      continue
+    advertised = _advertised_checksum(folder, name, local_dir)
+    if advertised is None:
+      continue
+    entry = {"size": path.stat().st_size, "algorithm": advertised[0], "digest": advertised[1]}
+    if not rehash_all and recorded.get(name) == entry:
+      continue
+    if _download.file_digest(path, advertised[0]) == advertised[1]:
+      good[name] = entry
+    else:
+      bad.append(name)
+      _forget(folder, name, local_dir)
+  if good:
+    _download.record_checksums(folder, source=SOURCE, ref=repo_id, files=good)
+  if bad:
+    raise _ChecksumMismatch(f"{', '.join(bad)} did not hash to the checksum the Hub "
+                            "advertised; deleted")
+
+
+def _clean_stale_partials(repo_id: str) -> None:
+  """Deletes ``blobs/*.incomplete`` files that a killed download left in the repo's cache.
+
+  huggingface_hub writes each blob to ``<etag>.<random>.incomplete`` under a lock
+  ``.locks/<repo>/<etag>.lock``; a file whose lock is free belongs to no live download.
+  """
+  repo_folder = huggingface_hub.file_download.repo_folder_name(repo_id=repo_id,
+                                                                repo_type="model")
+  cache = pathlib.Path(hf_constants.HF_HUB_CACHE)
+  for partial in (cache / repo_folder / "blobs").glob("*.incomplete"):
+    etag = partial.name.split(".", 1)[0]
+    lock = filelock.FileLock(str(cache / ".locks" / repo_folder / f"{etag}.lock"))
+    try:
+      with lock.acquire(timeout=0):
+        partial.unlink(missing_ok=True)
+    except (filelock.Timeout, OSError):
+      continue  # being written by another process, or not ours to delete
 
 
 def _to_source_error(exc: BaseException, repo_id: str, revision: str | None,
@@ -132,10 +236,22 @@ def _to_source_error(exc: BaseException, repo_id: str, revision: str | None,
     return _download.source_error(
         SOURCE, ref, "the Hub answered 404 for a file of the repo.",
         f"Check that the repo and revision still exist at {page}.")
+  if any(isinstance(e, json.JSONDecodeError) for e in chain):
+    return _download.source_error(
+        SOURCE, ref, f"{endpoint} answered with something that is not the Hub's JSON API "
+        "(an HTML page from a proxy, captive portal or wrong HF_ENDPOINT?).",
+        "Check HF_ENDPOINT and your proxy settings; open the endpoint in a browser to see "
+        "what answers.")
+  if any(isinstance(e, _ChecksumMismatch) for e in chain):
+    return _download.source_error(
+        SOURCE, ref, f"downloaded bytes did not match the checksum the Hub advertised, on "
+        f"every try ({exc}).", "Run the call again; if it persists, a proxy or disk is "
+        "corrupting data: check them.")
   if _is_transient(exc) or isinstance(exc, hf_errors.LocalEntryNotFoundError):
     return _download.source_error(
-        SOURCE, ref, f"could not reach the Hub at {endpoint} after {_download.RETRY_ATTEMPTS} "
-        f"tries ({type(exc).__name__}: {str(exc).splitlines()[0] if str(exc) else ''}).",
+        SOURCE, ref, f"could not reach the Hub at {endpoint} within the retry policy "
+        f"({_download.retry_policy().attempts} tries, {_download.retry_policy().deadline_s:g} s)"
+        f" ({type(exc).__name__}: {str(exc).splitlines()[0] if str(exc) else ''}).",
         "Check your network and HF_ENDPOINT; if the model is already in the cache, pass "
         "local_files_only=True or set HF_HUB_OFFLINE=1.")
   if status is not None:
@@ -146,7 +262,7 @@ def _to_source_error(exc: BaseException, repo_id: str, revision: str | None,
 
 def fetch(repo_id: str, *, revision: str | None = None, token: str | None = None,
           download_dir: str | os.PathLike[str] | None = None,
-          local_files_only: bool = False) -> pathlib.Path:
+          local_files_only: bool = False, verify: bool = False) -> pathlib.Path:
   """Downloads a Hub repo's safetensors, configs and tokenizer files.
 
   Args:
@@ -157,6 +273,8 @@ def fetch(repo_id: str, *, revision: str | None = None, token: str | None = None
       Hugging Face cache.
     local_files_only: use the cache only, never the network (also when
       ``HF_HUB_OFFLINE=1``).
+    verify: re-hash every file, also those verified before, against the checksums the
+      Hub advertised; bad ones are downloaded again.
 
   Returns:
     The folder holding config.json and the ``*.safetensors`` files.
@@ -182,14 +300,20 @@ def fetch(repo_id: str, *, revision: str | None = None, token: str | None = None
                              is_transient=_is_transient, what=what)
       _download.select_files([s.rfilename for s in info.siblings or []],
                              source=SOURCE, ref=repo_id)
-    path = _download.retry(
-        lambda: huggingface_hub.snapshot_download(
-            repo_id, revision=revision, token=token, local_dir=local_dir,
-            local_files_only=offline, allow_patterns=list(_download.ALLOW_PATTERNS),
-            endpoint=endpoint, tqdm_class=progress.progress_class() if progress.quiet()
-            else None),
-        is_transient=_is_transient, what=what, attempts=1 if offline else
-        _download.RETRY_ATTEMPTS)
+
+    def download_and_verify() -> pathlib.Path:
+      path = pathlib.Path(huggingface_hub.snapshot_download(
+          repo_id, revision=revision, token=token, local_dir=local_dir,
+          local_files_only=offline, allow_patterns=list(_download.ALLOW_PATTERNS),
+          endpoint=endpoint, tqdm_class=progress.progress_class() if progress.quiet()
+          else None))
+      _verify(path, repo_id, local_dir, rehash_all=verify)
+      return path
+
+    path = _download.retry(download_and_verify, is_transient=_is_transient, what=what,
+                           attempts=1 if offline else None)
+    if local_dir is None and not offline:
+      _clean_stale_partials(repo_id)
   except SourceError:
     raise
   except Exception as e:  # pylint: disable=broad-except

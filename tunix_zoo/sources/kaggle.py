@@ -131,8 +131,9 @@ def _to_source_error(exc: BaseException, ref: KaggleRef) -> SourceError | None:
         f"Check the handle against {ref.page}.")
   if _is_transient(exc):
     return _download.source_error(
-        SOURCE, str(ref), f"could not reach Kaggle at {get_endpoint(get_env())} after "
-        f"{_download.RETRY_ATTEMPTS} tries ({type(exc).__name__}).",
+        SOURCE, str(ref), f"could not reach Kaggle at {get_endpoint(get_env())} within "
+        f"the retry policy ({_download.retry_policy().attempts} tries, "
+        f"{_download.retry_policy().deadline_s:g} s) ({type(exc).__name__}).",
         "Check your network; if the model is already downloaded, pass "
         "local_files_only=True.")
   if status is not None:

@@ -1,0 +1,78 @@
+"""Bad arguments at the API edge: each gets a ZooError subclass before any work, and
+leaves the checkpoint folder as it was."""
+
+from __future__ import annotations
+
+import hashlib
+import pathlib
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+from flax import nnx
+
+from tests.sources import servers
+from tunix_zoo import AutoModel, sharding
+from tunix_zoo.errors import ArgumentError, ShardingError, SourceError, ZooError
+
+
+@pytest.fixture(scope="module")
+def folder(tmp_path_factory) -> pathlib.Path:
+  return servers.make_checkpoint(tmp_path_factory.mktemp("tiny"))
+
+
+def _state(folder: pathlib.Path) -> dict[str, str]:
+  return {p.name: hashlib.sha256(p.read_bytes()).hexdigest() for p in folder.iterdir()}
+
+
+@pytest.mark.parametrize("param_dtype", [jnp.int8, "int32", np.uint8, bool, "bool"])
+def test_integer_or_bool_param_dtype_is_refused(folder, param_dtype):
+  before = _state(folder)
+  with pytest.raises(ArgumentError, match=r"param_dtype=\w+ is not a floating dtype"):
+    AutoModel.from_pretrained(str(folder), param_dtype=param_dtype)
+  with pytest.raises(ArgumentError, match="not a floating dtype"):
+    AutoModel.from_config("qwen3_0p6b", param_dtype=param_dtype)
+  assert _state(folder) == before
+
+
+@pytest.mark.parametrize("name", ["dtype", "param_dtype"])
+def test_unknown_dtype_string_is_refused(folder, name):
+  with pytest.raises(ArgumentError, match=rf"{name}='nonsense' is not a dtype.*bfloat16"):
+    AutoModel.from_pretrained(str(folder), **{name: "nonsense"})
+
+
+def test_float_dtypes_still_load(folder):
+  model, _ = AutoModel.from_pretrained(str(folder), param_dtype="bfloat16", dtype=jnp.float32)
+  assert {leaf.dtype for leaf in jax.tree.leaves(nnx.state(model, nnx.Param))} == {
+      jnp.dtype(jnp.bfloat16)}
+
+
+def test_mesh_as_a_string_is_a_sharding_error(folder):
+  with pytest.raises(ShardingError, match=r"mesh must be a jax.sharding.Mesh.*str '1x8'.*"
+                     r"jax.make_mesh\(\(1, 8\)"):
+    AutoModel.from_pretrained(str(folder), mesh="1x8")
+
+
+def test_unknown_model_source_is_a_source_error(folder):
+  with pytest.raises(SourceError, match=r"model_source='ftp' is not a source.*'huggingface'"):
+    AutoModel.from_pretrained("acme/tiny", model_source="ftp")
+
+
+def test_mesh_with_foreign_axis_names_is_refused_with_the_fix():
+  mesh = jax.make_mesh((2, 4), ("data", "model"))
+  with pytest.raises(ShardingError, match=r"\('data', 'model'\).*replicated on all 8 devices"
+                     r".*rules_for_axes\(fsdp='data', tp='model'\)"):
+    AutoModel.from_config("qwen3_0p6b", mesh)
+
+
+def test_rules_for_foreign_axes_shard_the_parameters():
+  mesh = jax.make_mesh((2, 4), ("data", "model"))
+  rules = sharding.rules_for_axes(fsdp="data", tp="model")
+  spec = sharding.partition_spec(("embed", "mlp"), (64, 128), mesh, rules)
+  assert tuple(spec) == ("data", "model")
+  sharding.check_mesh_axes(mesh, rules)  # no error
+
+
+def test_every_argument_error_is_a_zoo_error():
+  assert issubclass(ArgumentError, ZooError) and issubclass(ArgumentError, ValueError)
