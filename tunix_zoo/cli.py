@@ -11,6 +11,8 @@ Example::
     tunix-zoo list
     tunix-zoo info qwen3_8b --mesh 1x8 --dtype bfloat16
     tunix-zoo info qwen3_8b --mesh 1x4 --lora-rank 32 --batch-size 8 --seq-len 2048 --remat layer
+    tunix-zoo construct qwen3_0p6b --set num_layers=2 --set hidden_size=128 --save-checkpoint /tmp/t
+    tunix-zoo cache list
 """
 
 from __future__ import annotations
@@ -44,8 +46,10 @@ def human_bytes(n: int) -> str:
   return f"{n} B"
 
 
-def resolve_config(model: str) -> tuple[str, DecoderConfig]:
-  """A preset id, an HF id naming one, a local checkpoint folder or ``tiny-demo``."""
+def resolve_config(model: str, overrides: Sequence[str] = ()) -> tuple[str, DecoderConfig]:
+  """A preset id, an HF id naming one, a local checkpoint folder or ``tiny-demo``, with
+  the ``--set key=value`` overrides applied."""
+  from tunix_zoo.config_overrides import config_with_overrides, parse_overrides
   from tunix_zoo.demo import DEMO_ID, demo_checkpoint
 
   if model == DEMO_ID:
@@ -54,9 +58,11 @@ def resolve_config(model: str) -> tuple[str, DecoderConfig]:
     from tunix_zoo.automodel import read_hf_config
 
     hf = read_hf_config(model)
-    return model, registry.family_for_hf_config(hf).config_class.from_hf_config(hf)
-  config_id = registry.resolve_config_id(ModelNaming(model_id=model).model_config_id)
-  return config_id, registry.get_config(config_id)
+    label, config = model, registry.family_for_hf_config(hf).config_class.from_hf_config(hf)
+  else:
+    label = registry.resolve_config_id(ModelNaming(model_id=model).model_config_id)
+    config = registry.get_config(label)
+  return label, config_with_overrides(config, parse_overrides(overrides))
 
 
 def cmd_list(args: argparse.Namespace) -> int:
@@ -77,9 +83,14 @@ def cmd_list(args: argparse.Namespace) -> int:
 
 
 def cmd_info(args: argparse.Namespace) -> int:
+  label, config = resolve_config(args.model, args.set)
+  return describe(label, config, args)
+
+
+def describe(label: str, config: DecoderConfig, args: argparse.Namespace) -> int:
+  """Prints (or, with ``--json``, dumps) the config, parameter count and bytes per device."""
   from tunix_zoo.planning import parse_mesh, plan_model, plan_training
 
-  label, config = resolve_config(args.model)
   plan = plan_model(config, parse_mesh(args.mesh), args.dtype)
   training = None
   if args.batch_size or args.seq_len or args.lora_rank or args.remat != "none":
@@ -204,9 +215,14 @@ def cmd_test(args: argparse.Namespace) -> int:
   from tunix_zoo.training import train
 
   if args.load:
+    if args.set:
+      from tunix_zoo.errors import ConfigError
+
+      raise ConfigError("--set changes a config built from scratch; with --load the "
+                        "checkpoint's config.json decides. Drop --load or --set.")
     model, _ = load(args)
   else:
-    _, config = resolve_config(args.model)
+    _, config = resolve_config(args.model, args.set)
     dtype = args.dtype or "float32"
     model = AutoModel.from_config(config, make_mesh(args.mesh), param_dtype=dtype, dtype=dtype,
                                   rngs=args.seed)
@@ -244,6 +260,24 @@ def cmd_export(args: argparse.Namespace) -> int:
   return 0
 
 
+def cmd_construct(args: argparse.Namespace) -> int:
+  label, config = resolve_config(args.model, args.set)
+  describe(label, config, argparse.Namespace(
+      **vars(args), batch_size=None, seq_len=None, lora_rank=None, remat="none"))
+  if args.save_checkpoint is None:
+    return 0
+  from tunix_zoo.automodel import AutoModel
+  from tunix_zoo.checkpoint.export import save_pretrained
+
+  model = AutoModel.from_config(config, make_mesh(args.mesh), param_dtype=args.dtype,
+                                dtype=args.dtype, rngs=args.seed)
+  out = save_pretrained(model, args.save_checkpoint, overwrite=args.overwrite,
+                        source_dir=label if os.path.isdir(label) else None)
+  # With --json, stdout stays one JSON document.
+  print(f"saved        {out}", file=sys.stderr if args.json else sys.stdout)
+  return 0
+
+
 def cmd_download(args: argparse.Namespace) -> int:
   from tunix_zoo.sources import fetch
 
@@ -276,6 +310,12 @@ def add_training_arguments(p: argparse.ArgumentParser) -> None:
                  "(default: every attention and MLP projection)")
 
 
+def add_set_argument(p: argparse.ArgumentParser) -> None:
+  p.add_argument("--set", action="append", default=[], metavar="KEY=VALUE",
+                 help="override a config field, e.g. --set num_layers=4 --set rope.theta=1e6 "
+                 "(repeatable; field names as `info` prints them)")
+
+
 def build_parser() -> argparse.ArgumentParser:
   parser = argparse.ArgumentParser(
       prog="tunix-zoo", description="HF checkpoints as sharded Flax NNX models."
@@ -293,7 +333,22 @@ def build_parser() -> argparse.ArgumentParser:
                  help="estimate a training step's memory for this batch (default 8)")
   p.add_argument("--seq-len", type=int, help="... of rows of this many tokens (default 2048)")
   add_training_arguments(p)
+  add_set_argument(p)
   p.set_defaults(run=cmd_info)
+
+  p = sub.add_parser("construct", help="build a preset or config.json folder with fields "
+                     "overridden; print its plan, optionally save it initialised")
+  p.add_argument("model", help="config id (qwen3_0p6b), HF id naming one, or checkpoint folder")
+  add_set_argument(p)
+  p.add_argument("--dtype", default="float32", help="parameter dtype (default float32)")
+  p.add_argument("--mesh", default="1x1", help="FSDPxTP for bytes per device (default 1x1)")
+  p.add_argument("--json", action="store_true")
+  p.add_argument("--save-checkpoint", metavar="DIR",
+                 help="write a randomly initialised HF checkpoint (config.json + safetensors, "
+                 "and the tokenizer files of a MODEL folder) to DIR")
+  p.add_argument("--overwrite", action="store_true", help="replace a non-empty DIR")
+  p.add_argument("--seed", type=int, default=0)
+  p.set_defaults(run=cmd_construct)
 
   p = sub.add_parser("run", help="load a model and generate text (tiny-demo works offline)")
   add_model_arguments(p)
@@ -315,6 +370,7 @@ def build_parser() -> argparse.ArgumentParser:
   p.add_argument("--learning-rate", type=float, default=0.5)
   p.add_argument("--seed", type=int, default=0)
   add_training_arguments(p)
+  add_set_argument(p)
   p.add_argument("--lora-alpha", type=float, help="LoRA alpha (default: the rank)")
   p.set_defaults(run=cmd_test)
 
