@@ -286,6 +286,52 @@ def cmd_download(args: argparse.Namespace) -> int:
   return 0
 
 
+def cmd_cache_list(args: argparse.Namespace) -> int:
+  from tunix_zoo import cache
+
+  entries = cache.list_cached()
+  if args.json:
+    print(json.dumps([dict(source=e.source, model=e.model, path=str(e.path), size=e.size,
+                           last_used=e.last_used, refs=list(e.refs)) for e in entries],
+                     indent=1))
+    return 0
+  if not entries:
+    print("the cache is empty")
+    return 0
+  width = max(len(e.model) for e in entries)
+  print(f"{'source':<12} {'model':<{width}} {'size':>10}  last used            refs")
+  for e in entries:
+    used = time.strftime("%Y-%m-%d %H:%M:%S", time.localtime(e.last_used))
+    print(f"{e.source:<12} {e.model:<{width}} {human_bytes(e.size):>10}  {used}  "
+          f"{','.join(e.refs)}")
+  return 0
+
+
+EXIT_CACHE_MISMATCH = 1
+EXIT_CACHE_UNVERIFIED = 3
+
+
+def cmd_cache_verify(args: argparse.Namespace) -> int:
+  from tunix_zoo import cache
+
+  reports = cache.verify(args.model)
+  for r in reports:
+    detail = f"{r.checked} files" if r.status == cache.VERIFIED else (
+        "bad: " + ", ".join(r.bad_files) if r.bad_files else "nothing to compare against")
+    print(f"{r.status:<22} {r.model.source:<12} {r.model.model}  ({detail})")
+  if any(r.status == cache.MISMATCH for r in reports):
+    return EXIT_CACHE_MISMATCH
+  return EXIT_CACHE_UNVERIFIED if any(not r.ok for r in reports) else 0
+
+
+def cmd_cache_remove(args: argparse.Namespace) -> int:
+  from tunix_zoo import cache
+
+  for entry in cache.remove(args.model):
+    print(f"removed {entry.source} {entry.model} ({human_bytes(entry.size)})")
+  return 0
+
+
 def add_model_arguments(p: argparse.ArgumentParser, *, mesh: bool = True) -> None:
   p.add_argument("model", help="HF id, config id, Kaggle/GCS name (with --model-path), folder")
   p.add_argument("--source", default="huggingface",
@@ -380,6 +426,21 @@ def build_parser() -> argparse.ArgumentParser:
   p.add_argument("--out-dtype", help="dtype of the written weights, e.g. bfloat16")
   p.add_argument("--overwrite", action="store_true")
   p.set_defaults(run=cmd_export)
+
+  p = sub.add_parser("cache", help="list, verify or remove downloaded models")
+  cache_sub = p.add_subparsers(dest="cache_command", required=True)
+  q = cache_sub.add_parser("list", help="cached models per source: size, last used")
+  q.add_argument("--json", action="store_true")
+  q.set_defaults(run=cmd_cache_list)
+  q = cache_sub.add_parser(
+      "verify", help="re-hash cached files; exit 1 naming any file that changed, 3 when a "
+      "model has no recorded checksums")
+  q.add_argument("model", nargs="?", help="repo[@revision], Kaggle handle or gs:// URL "
+                 "(default: everything cached)")
+  q.set_defaults(run=cmd_cache_verify)
+  q = cache_sub.add_parser("remove", help="delete one model's files (shared blobs stay)")
+  q.add_argument("model", help="repo[@revision], Kaggle handle[/version] or gs:// URL")
+  q.set_defaults(run=cmd_cache_remove)
 
   p = sub.add_parser("download", help="fetch a checkpoint into the cache and print its folder")
   add_model_arguments(p, mesh=False)

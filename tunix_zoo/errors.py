@@ -63,3 +63,8 @@ class LoraError(ZooError, ValueError):
 
 class ConfigError(ZooError, ValueError):
     """A config field override is unknown, has the wrong type, or breaks the architecture."""
+
+
+class CacheError(ZooError):
+    """A cached model named for verify or remove is not in the cache, or its records are
+    unreadable."""
