@@ -11,6 +11,8 @@ Example::
     tunix-zoo list
     tunix-zoo info qwen3_8b --mesh 1x8 --dtype bfloat16
     tunix-zoo info qwen3_8b --mesh 1x4 --lora-rank 32 --batch-size 8 --seq-len 2048 --remat layer
+    tunix-zoo construct qwen3_0p6b --set num_layers=2 --set hidden_size=128 --save-checkpoint /tmp/t
+    tunix-zoo cache list
 """
 
 from __future__ import annotations
@@ -44,8 +46,10 @@ def human_bytes(n: int) -> str:
   return f"{n} B"
 
 
-def resolve_config(model: str) -> tuple[str, DecoderConfig]:
-  """A preset id, an HF id naming one, a local checkpoint folder or ``tiny-demo``."""
+def resolve_config(model: str, overrides: Sequence[str] = ()) -> tuple[str, DecoderConfig]:
+  """A preset id, an HF id naming one, a local checkpoint folder or ``tiny-demo``, with
+  the ``--set key=value`` overrides applied."""
+  from tunix_zoo.config_overrides import config_with_overrides, parse_overrides
   from tunix_zoo.demo import DEMO_ID, demo_checkpoint
 
   if model == DEMO_ID:
@@ -54,9 +58,11 @@ def resolve_config(model: str) -> tuple[str, DecoderConfig]:
     from tunix_zoo.automodel import read_hf_config
 
     hf = read_hf_config(model)
-    return model, registry.family_for_hf_config(hf).config_class.from_hf_config(hf)
-  config_id = registry.resolve_config_id(ModelNaming(model_id=model).model_config_id)
-  return config_id, registry.get_config(config_id)
+    label, config = model, registry.family_for_hf_config(hf).config_class.from_hf_config(hf)
+  else:
+    label = registry.resolve_config_id(ModelNaming(model_id=model).model_config_id)
+    config = registry.get_config(label)
+  return label, config_with_overrides(config, parse_overrides(overrides))
 
 
 def cmd_list(args: argparse.Namespace) -> int:
@@ -77,9 +83,14 @@ def cmd_list(args: argparse.Namespace) -> int:
 
 
 def cmd_info(args: argparse.Namespace) -> int:
+  label, config = resolve_config(args.model, args.set)
+  return describe(label, config, args)
+
+
+def describe(label: str, config: DecoderConfig, args: argparse.Namespace) -> int:
+  """Prints (or, with ``--json``, dumps) the config, parameter count and bytes per device."""
   from tunix_zoo.planning import parse_mesh, plan_model, plan_training
 
-  label, config = resolve_config(args.model)
   plan = plan_model(config, parse_mesh(args.mesh), args.dtype)
   training = None
   if args.batch_size or args.seq_len or args.lora_rank or args.remat != "none":
@@ -204,9 +215,14 @@ def cmd_test(args: argparse.Namespace) -> int:
   from tunix_zoo.training import train
 
   if args.load:
+    if args.set:
+      from tunix_zoo.errors import ConfigError
+
+      raise ConfigError("--set changes a config built from scratch; with --load the "
+                        "checkpoint's config.json decides. Drop --load or --set.")
     model, _ = load(args)
   else:
-    _, config = resolve_config(args.model)
+    _, config = resolve_config(args.model, args.set)
     dtype = args.dtype or "float32"
     model = AutoModel.from_config(config, make_mesh(args.mesh), param_dtype=dtype, dtype=dtype,
                                   rngs=args.seed)
@@ -244,11 +260,75 @@ def cmd_export(args: argparse.Namespace) -> int:
   return 0
 
 
+def cmd_construct(args: argparse.Namespace) -> int:
+  label, config = resolve_config(args.model, args.set)
+  describe(label, config, argparse.Namespace(
+      **vars(args), batch_size=None, seq_len=None, lora_rank=None, remat="none"))
+  if args.save_checkpoint is None:
+    return 0
+  from tunix_zoo.automodel import AutoModel
+  from tunix_zoo.checkpoint.export import save_pretrained
+
+  model = AutoModel.from_config(config, make_mesh(args.mesh), param_dtype=args.dtype,
+                                dtype=args.dtype, rngs=args.seed)
+  out = save_pretrained(model, args.save_checkpoint, overwrite=args.overwrite,
+                        source_dir=label if os.path.isdir(label) else None)
+  # With --json, stdout stays one JSON document.
+  print(f"saved        {out}", file=sys.stderr if args.json else sys.stdout)
+  return 0
+
+
 def cmd_download(args: argparse.Namespace) -> int:
   from tunix_zoo.sources import fetch
 
   kwargs = source_kwargs(args)
   print(fetch(args.model, source=kwargs.pop("model_source"), **kwargs))
+  return 0
+
+
+def cmd_cache_list(args: argparse.Namespace) -> int:
+  from tunix_zoo import cache
+
+  entries = cache.list_cached()
+  if args.json:
+    print(json.dumps([dict(source=e.source, model=e.model, path=str(e.path), size=e.size,
+                           last_used=e.last_used, refs=list(e.refs)) for e in entries],
+                     indent=1))
+    return 0
+  if not entries:
+    print("the cache is empty")
+    return 0
+  width = max(len(e.model) for e in entries)
+  print(f"{'source':<12} {'model':<{width}} {'size':>10}  last used            refs")
+  for e in entries:
+    used = time.strftime("%Y-%m-%d %H:%M:%S", time.localtime(e.last_used))
+    print(f"{e.source:<12} {e.model:<{width}} {human_bytes(e.size):>10}  {used}  "
+          f"{','.join(e.refs)}")
+  return 0
+
+
+EXIT_CACHE_MISMATCH = 1
+EXIT_CACHE_UNVERIFIED = 3
+
+
+def cmd_cache_verify(args: argparse.Namespace) -> int:
+  from tunix_zoo import cache
+
+  reports = cache.verify(args.model)
+  for r in reports:
+    detail = f"{r.checked} files" if r.status == cache.VERIFIED else (
+        "bad: " + ", ".join(r.bad_files) if r.bad_files else "nothing to compare against")
+    print(f"{r.status:<22} {r.model.source:<12} {r.model.model}  ({detail})")
+  if any(r.status == cache.MISMATCH for r in reports):
+    return EXIT_CACHE_MISMATCH
+  return EXIT_CACHE_UNVERIFIED if any(not r.ok for r in reports) else 0
+
+
+def cmd_cache_remove(args: argparse.Namespace) -> int:
+  from tunix_zoo import cache
+
+  for entry in cache.remove(args.model):
+    print(f"removed {entry.source} {entry.model} ({human_bytes(entry.size)})")
   return 0
 
 
@@ -276,6 +356,12 @@ def add_training_arguments(p: argparse.ArgumentParser) -> None:
                  "(default: every attention and MLP projection)")
 
 
+def add_set_argument(p: argparse.ArgumentParser) -> None:
+  p.add_argument("--set", action="append", default=[], metavar="KEY=VALUE",
+                 help="override a config field, e.g. --set num_layers=4 --set rope.theta=1e6 "
+                 "(repeatable; field names as `info` prints them)")
+
+
 def build_parser(command: str | None = None) -> argparse.ArgumentParser:
   """The argument parser; given the ``command`` being run, it skips the training
   arguments of other commands, whose choices import the model code (and so jax)."""
@@ -296,7 +382,22 @@ def build_parser(command: str | None = None) -> argparse.ArgumentParser:
   p.add_argument("--seq-len", type=int, help="... of rows of this many tokens (default 2048)")
   if command in (None, "info"):
     add_training_arguments(p)
+  add_set_argument(p)
   p.set_defaults(run=cmd_info)
+
+  p = sub.add_parser("construct", help="build a preset or config.json folder with fields "
+                     "overridden; print its plan, optionally save it initialised")
+  p.add_argument("model", help="config id (qwen3_0p6b), HF id naming one, or checkpoint folder")
+  add_set_argument(p)
+  p.add_argument("--dtype", default="float32", help="parameter dtype (default float32)")
+  p.add_argument("--mesh", default="1x1", help="FSDPxTP for bytes per device (default 1x1)")
+  p.add_argument("--json", action="store_true")
+  p.add_argument("--save-checkpoint", metavar="DIR",
+                 help="write a randomly initialised HF checkpoint (config.json + safetensors, "
+                 "and the tokenizer files of a MODEL folder) to DIR")
+  p.add_argument("--overwrite", action="store_true", help="replace a non-empty DIR")
+  p.add_argument("--seed", type=int, default=0)
+  p.set_defaults(run=cmd_construct)
 
   p = sub.add_parser("run", help="load a model and generate text (tiny-demo works offline)")
   add_model_arguments(p)
@@ -319,6 +420,7 @@ def build_parser(command: str | None = None) -> argparse.ArgumentParser:
   p.add_argument("--seed", type=int, default=0)
   if command in (None, "test"):
     add_training_arguments(p)
+  add_set_argument(p)
   p.add_argument("--lora-alpha", type=float, help="LoRA alpha (default: the rank)")
   p.set_defaults(run=cmd_test)
 
@@ -328,6 +430,21 @@ def build_parser(command: str | None = None) -> argparse.ArgumentParser:
   p.add_argument("--out-dtype", help="dtype of the written weights, e.g. bfloat16")
   p.add_argument("--overwrite", action="store_true")
   p.set_defaults(run=cmd_export)
+
+  p = sub.add_parser("cache", help="list, verify or remove downloaded models")
+  cache_sub = p.add_subparsers(dest="cache_command", required=True)
+  q = cache_sub.add_parser("list", help="cached models per source: size, last used")
+  q.add_argument("--json", action="store_true")
+  q.set_defaults(run=cmd_cache_list)
+  q = cache_sub.add_parser(
+      "verify", help="re-hash cached files; exit 1 naming any file that changed, 3 when a "
+      "model has no recorded checksums")
+  q.add_argument("model", nargs="?", help="repo[@revision], Kaggle handle or gs:// URL "
+                 "(default: everything cached)")
+  q.set_defaults(run=cmd_cache_verify)
+  q = cache_sub.add_parser("remove", help="delete one model's files (shared blobs stay)")
+  q.add_argument("model", help="repo[@revision], Kaggle handle[/version] or gs:// URL")
+  q.set_defaults(run=cmd_cache_remove)
 
   p = sub.add_parser("download", help="fetch a checkpoint into the cache and print its folder")
   add_model_arguments(p, mesh=False)

@@ -64,3 +64,12 @@ class LoraError(ZooError, ValueError):
 class ArgumentError(ZooError, ValueError):
     """A public function got an argument of the wrong type or out of range (a dtype that
     is not floating, a negative size, a string where a mesh belongs)."""
+
+
+class ConfigError(ZooError, ValueError):
+    """A config field override is unknown, has the wrong type, or breaks the architecture."""
+
+
+class CacheError(ZooError):
+    """A cached model named for verify or remove is not in the cache, or its records are
+    unreadable."""
