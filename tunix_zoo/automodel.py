@@ -15,6 +15,7 @@ Example::
 
 from __future__ import annotations
 
+import importlib
 import json
 import logging
 import os
@@ -28,11 +29,12 @@ from flax import nnx
 from jax.sharding import Mesh
 
 from tunix_zoo import arguments, registry, sharding
-from tunix_zoo.build import abstract_model, initialise, parameter_shardings
+from tunix_zoo.build import abstract_model, initialise, module_path, parameter_shardings
+from tunix_zoo.checkpoint import orbax_io
 from tunix_zoo.checkpoint.loader import load_checkpoint
 from tunix_zoo.checkpoint.safetensors_io import CheckpointFiles
 from tunix_zoo.config import DecoderConfig
-from tunix_zoo.errors import CheckpointError, ConfigMismatchError, SourceError, ZooError
+from tunix_zoo.errors import CheckpointError, ConfigError, ConfigMismatchError, SourceError, ZooError
 from tunix_zoo.naming import ModelNaming
 from tunix_zoo.progress import progress_class
 from tunix_zoo.sources import ModelSource, fetch
@@ -206,7 +208,15 @@ def load_folder(
     sharding_rules: sharding.Rules | None = None,
     remat: str = "none",
 ) -> nnx.Module:
-  """Loads a local HF checkpoint folder (config.json + safetensors) onto ``mesh``."""
+  """Loads a local HF checkpoint folder (config.json + safetensors) onto ``mesh``.
+
+  A folder without config.json that holds an orbax (Kaggle Flax) checkpoint is read by
+  :func:`load_orbax_folder`, with the architecture of the preset ``preset_id`` names.
+  """
+  if not (pathlib.Path(folder) / "config.json").is_file() and orbax_io.is_orbax_folder(folder):
+    return load_orbax_folder(folder, mesh, preset_id=preset_id, dtype=dtype,
+                             param_dtype=param_dtype, sharding_rules=sharding_rules,
+                             remat=remat)
   hf_config = read_hf_config(folder)
   spec = registry.family_for_hf_config(hf_config)
   config = spec.config_class.from_hf_config(hf_config)
@@ -225,10 +235,79 @@ def load_folder(
       config, param_dtype=param_dtype, dtype=dtype, mesh=mesh, sharding_rules=sharding_rules,
       remat=remat,
   )
+  return _load_with_progress(abstract, folder, spec.param_table, mesh, sharding_rules)
+
+
+def _load_with_progress(abstract, reader, key_map, mesh, sharding_rules) -> nnx.Module:
   total = sum(v.size * np.dtype(v.dtype).itemsize
               for _, v in nnx.to_flat_state(nnx.state(abstract, nnx.Param)))
   # disable=None: drawn on a terminal only, so logs and CI output stay clean.
   with progress_class()(total=total, unit="B", unit_scale=True, desc="load",
                         disable=None) as bar:
-    return load_checkpoint(abstract, folder, spec.param_table, mesh,
+    return load_checkpoint(abstract, reader, key_map, mesh,
                            sharding_rules=sharding_rules, progress=bar.update)
+
+
+def orbax_checkpoint(folder: str | os.PathLike, preset_id: str | None,
+                     abstract: nnx.Module | None = None) -> tuple[Any, DecoderConfig, Any]:
+  """``(family spec, preset config, OrbaxCheckpoint reader)`` of an orbax folder.
+
+  The reader is None when ``abstract`` (whose parameter shapes it needs) is None.
+  Raises ConfigError when ``preset_id`` names no preset: orbax checkpoints carry no
+  config, so the preset decides the architecture.
+  """
+  preset = preset_for(preset_id)
+  if preset is None:
+    raise ConfigError(
+        f"{folder} is an orbax (Flax) checkpoint, which carries no config.json, and "
+        f"{preset_id!r} names no preset. Pass the preset as model_id (CLI: --model-id), "
+        "e.g. 'gemma2_2b_it', 'gemma3_1b' or 'google/gemma-3-1b-it'; `tunix-zoo list` "
+        "shows them all.")
+  config_id, config = preset
+  spec = registry.family_of_config(config_id)
+  table = getattr(importlib.import_module(spec.model_class.__module__.rsplit(".", 1)[0]
+                                          + ".params"), "ORBAX_LAYOUT", None)
+  if table is None:
+    raise CheckpointError(
+        f"{folder} is an orbax checkpoint, but the {spec.category} family has no orbax "
+        "layout (only the Gemma families do). Use its safetensors checkpoint.")
+  if abstract is None:
+    return spec, config, None
+  expected = {}
+  for path, var in nnx.to_flat_state(nnx.state(abstract, nnx.Param)):
+    expected[spec.param_table.checkpoint_key(module_path(path))] = tuple(var.shape)
+  return spec, config, orbax_io.OrbaxCheckpoint(folder, table, expected)
+
+
+def load_orbax_folder(
+    folder: str | os.PathLike,
+    mesh: Mesh | None = None,
+    *,
+    preset_id: str | None,
+    dtype: Any = None,
+    param_dtype: Any = None,
+    sharding_rules: sharding.Rules | None = None,
+    remat: str = "none",
+) -> nnx.Module:
+  """Loads an orbax (Kaggle Flax Gemma) checkpoint folder with the preset's architecture.
+
+  Example::
+
+      model = load_orbax_folder("/kaggle/gemma2-2b-it", mesh, preset_id="gemma2_2b_it")
+  """
+  _, config, _ = orbax_checkpoint(folder, preset_id)
+  mesh = mesh or default_mesh()
+  if param_dtype is None:
+    leaves = orbax_io.read_metadata(orbax_io.find_checkpoint(folder))
+    by_dtype: dict[np.dtype, int] = {}
+    for meta in leaves.values():
+      dt = np.dtype(meta.dtype)
+      by_dtype[dt] = by_dtype.get(dt, 0) + int(np.prod(meta.shape)) * dt.itemsize
+    param_dtype = max(by_dtype, key=by_dtype.get)
+  dtype = dtype or param_dtype
+  abstract = abstract_model(
+      config, param_dtype=param_dtype, dtype=dtype, mesh=mesh, sharding_rules=sharding_rules,
+      remat=remat,
+  )
+  spec, _, reader = orbax_checkpoint(folder, preset_id, abstract)
+  return _load_with_progress(abstract, reader, spec.param_table, mesh, sharding_rules)

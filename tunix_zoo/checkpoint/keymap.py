@@ -27,6 +27,7 @@ Example::
 from __future__ import annotations
 
 import dataclasses
+import math
 import re
 from typing import Iterable
 
@@ -163,3 +164,85 @@ class KeyMap:
 
   def is_ignored(self, checkpoint_key: str) -> bool:
     return any(re.fullmatch(pattern, checkpoint_key) for pattern in self.ignored)
+
+
+@dataclasses.dataclass(frozen=True)
+class OrbaxRule:
+  """An HF checkpoint tensor as a view of one leaf of an orbax (Flax Gemma) checkpoint.
+
+  The HF tensor is ``leaf[select]`` (or the whole leaf when ``select`` is None),
+  transposed by ``perm``, then reshaped by merging consecutive axes: ``merge`` gives how
+  many transposed axes make each HF axis (``(2, 1)``: ``[N, H, D] -> [N*H, D]``).
+  ``leaf`` is the '/'-joined path of module and leaf name, ``{i}`` the layer.
+  ``resize_rows`` marks an embedding whose row count may differ from the model's vocab:
+  extra rows are dropped, missing ones read as zeros.
+
+  Several rules may name one HF key: the first whose leaf exists and whose view has the
+  model's shape wins (Gemma 7B's ``qkv_einsum`` against ``q_einsum``+``kv_einsum``; the
+  ``[2, D, F]`` against ``[2, F, D]`` gating orientations).
+  """
+
+  hf: str
+  leaf: str
+  select: int | None = None
+  perm: tuple[int, ...] | None = None
+  merge: tuple[int, ...] | None = None
+  resize_rows: bool = False
+
+  def __post_init__(self) -> None:
+    object.__setattr__(self, "_hf_re", _pattern(self.hf))
+    if set(_PLACEHOLDER.findall(self.hf)) != set(_PLACEHOLDER.findall(self.leaf)):
+      raise ValueError(f"OrbaxRule {self.hf!r} <- {self.leaf!r}: placeholders differ.")
+
+  def leaf_for(self, hf_key: str) -> str | None:
+    """The leaf this rule reads ``hf_key`` from, or None when it does not make that key."""
+    found = self._hf_re.match(hf_key)
+    return None if found is None else self.leaf.format(**found.groupdict())
+
+  def view_shape(self, leaf_shape: tuple[int, ...]) -> tuple[int, ...] | None:
+    """The HF shape this rule makes of a leaf of ``leaf_shape``; None if it cannot."""
+    shape = tuple(leaf_shape)
+    if self.select is not None:
+      if not shape or not 0 <= self.select < shape[0]:
+        return None
+      shape = shape[1:]
+    perm = self.perm or tuple(range(len(shape)))
+    if sorted(perm) != list(range(len(shape))):
+      return None
+    shape = tuple(shape[p] for p in perm)
+    merge = self.merge or (1,) * len(shape)
+    if sum(merge) != len(shape):
+      return None
+    out, start = [], 0
+    for count in merge:
+      out.append(math.prod(shape[start:start + count]))
+      start += count
+    return tuple(out)
+
+
+@dataclasses.dataclass(frozen=True)
+class OrbaxTable:
+  """A family's orbax layout: :class:`OrbaxRule` per HF key, and leaves left unread.
+
+  Example::
+
+      table = OrbaxTable([OrbaxRule("model.norm.weight", "transformer/final_norm/scale")],
+                         ignored=[r"transformer/embedder/mm_.*"])
+  """
+
+  rules: tuple[OrbaxRule, ...]
+  ignored: tuple[str, ...] = ()
+
+  def __init__(self, rules: Iterable[OrbaxRule], ignored: Iterable[str] = ()):
+    object.__setattr__(self, "rules", tuple(rules))
+    object.__setattr__(self, "ignored", tuple(ignored))
+
+  def extend(self, rules: Iterable[OrbaxRule] = (), ignored: Iterable[str] = ()) -> "OrbaxTable":
+    """A new table; new rules for an HF key replace the old ones for it."""
+    new_rules = tuple(rules)
+    replaced = {r.hf for r in new_rules}
+    kept = tuple(r for r in self.rules if r.hf not in replaced)
+    return OrbaxTable(kept + new_rules, self.ignored + tuple(ignored))
+
+  def is_ignored(self, leaf: str) -> bool:
+    return any(re.fullmatch(pattern, leaf) for pattern in self.ignored)

@@ -1,10 +1,15 @@
-"""Streams a safetensors checkpoint into an abstract NNX model, already sharded.
+"""Streams a checkpoint into an abstract NNX model, already sharded.
 
 For every parameter of the abstract model (built with ``nnx.eval_shape``, so no
 memory), the family's key map names the checkpoint tensor, the sharding rules give its
 ``NamedSharding`` on the caller's mesh, and ``jax.make_array_from_callback`` asks for
-each addressable device's slice, read straight from the memory-mapped file. Host memory
-stays bounded by the slices in flight; a process reads only the slices its devices hold.
+each addressable device's slice, read straight from the checkpoint. Host memory stays
+bounded by the slices in flight; a process reads only the slices its devices hold.
+
+The checkpoint is any :class:`CheckpointReader`: a safetensors folder
+(:class:`~tunix_zoo.checkpoint.safetensors_io.CheckpointFiles`, opened from a path) or
+an orbax one (:class:`~tunix_zoo.checkpoint.orbax_io.OrbaxCheckpoint`, whose tensorstore
+reads fetch only the slice asked for).
 
 Example::
 
@@ -19,7 +24,7 @@ import concurrent.futures
 import logging
 import os
 import threading
-from typing import Any, Callable
+from typing import Any, Callable, Protocol
 
 import jax
 import numpy as np
@@ -41,16 +46,31 @@ READ_THREADS = min(8, os.cpu_count() or 1)
 MAX_BYTES_IN_FLIGHT = 256 << 20
 
 
+class CheckpointReader(Protocol):
+  """HF-named tensors read slice by slice: what :func:`load_checkpoint` reads from."""
+
+  def keys(self) -> list[str]: ...
+
+  def shape(self, key: str) -> tuple[int, ...]: ...
+
+  def read(self, key: str, index: tuple[slice, ...] | None = None) -> np.ndarray:
+    """A new host array holding ``tensor[index]``."""
+
+  def __enter__(self) -> "CheckpointReader": ...
+
+  def __exit__(self, *exc_info: object) -> None: ...
+
+
 def load_checkpoint(
     abstract: nnx.Module,
-    folder: str | os.PathLike,
+    folder: str | os.PathLike | CheckpointReader,
     key_map: KeyMap,
     mesh: Mesh,
     *,
     sharding_rules: sharding.Rules | None = None,
     progress: Callable[[int], None] | None = None,
 ) -> nnx.Module:
-  """Fills ``abstract``'s parameters from the checkpoint in ``folder``.
+  """Fills ``abstract``'s parameters from the checkpoint in ``folder`` (or a reader).
 
   Raises CheckpointError for missing, unexpected or misshaped tensors. Each parameter
   is cast to the abstract model's dtype. ``progress`` is called with bytes loaded.
@@ -58,7 +78,9 @@ def load_checkpoint(
   graphdef, params, rest = nnx.split(abstract, nnx.Param, ...)
   shardings = parameter_shardings(abstract, mesh, sharding_rules)
   flat = nnx.to_flat_state(params)
-  with CheckpointFiles(folder) as ckpt:
+  reader = CheckpointFiles(folder) if isinstance(folder, (str, os.PathLike)) else folder
+  folder = getattr(reader, "folder", folder)
+  with reader as ckpt:
     available = set(ckpt.keys())
     # Module path -> its checkpoint keys: one, or one per slice of a stacked parameter.
     wanted: dict[str, list[str]] = {}
