@@ -2,6 +2,8 @@
 
 import os
 
+import pytest
+
 # Must precede the first jax import anywhere in the test session.
 os.environ.setdefault("XLA_FLAGS", "--xla_force_host_platform_device_count=8")
 os.environ.setdefault("TUNIX_ZOO_QUIET", "1")
@@ -9,3 +11,12 @@ os.environ.setdefault("TUNIX_ZOO_QUIET", "1")
 import jax  # noqa: E402
 
 jax.config.update("jax_default_matmul_precision", "highest")
+
+
+def pytest_collection_modifyitems(config, items):
+  # The Kaggle test server must bind the fixed port 7777 (KAGGLE_API_ENVIRONMENT=TEST), so
+  # under pytest-xdist every test that needs it runs in the same worker.
+  group = pytest.mark.xdist_group("kaggle_port_7777")
+  for item in items:
+    if "kaggle_server" in getattr(item, "fixturenames", ()):
+      item.add_marker(group)
