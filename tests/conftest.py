@@ -1,12 +1,17 @@
 """Test-wide set-up: 8 CPU devices for mesh tests, float32 matmuls."""
 
 import os
+import tempfile
 
 import pytest
 
 # Must precede the first jax import anywhere in the test session.
 os.environ.setdefault("XLA_FLAGS", "--xla_force_host_platform_device_count=8")
 os.environ.setdefault("TUNIX_ZOO_QUIET", "1")
+# One persistent compilation cache for the session and the CLI / example subprocesses it
+# starts (training.train and the CLI turn it on), outside the user's own cache.
+os.environ.setdefault("TUNIX_ZOO_COMPILATION_CACHE",
+                      tempfile.mkdtemp(prefix="tunix_zoo_test_jax_cache_"))
 
 import jax  # noqa: E402
 

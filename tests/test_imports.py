@@ -20,15 +20,16 @@ LAYERS: list[tuple[str, ...]] = [
     ("tunix_zoo.errors", "tunix_zoo.progress"),
     ("tunix_zoo.registry",),
     ("tunix_zoo.naming",),
-    ("tunix_zoo.config",),
+    ("tunix_zoo.config", "tunix_zoo.config_overrides"),
     ("tunix_zoo.models", "tunix_zoo.models.*.config"),  # family tables: no jax
-    ("tunix_zoo.sharding", "tunix_zoo.checkpoint.keymap", "tunix_zoo.models.decoder_params",
+    ("tunix_zoo.sharding", "tunix_zoo.arguments", "tunix_zoo.checkpoint.keymap", "tunix_zoo.models.decoder_params",
      "tunix_zoo.models.*.params"),
     ("tunix_zoo.layers.*", "tunix_zoo.models.*.model"),  # model math
     ("tunix_zoo.build",),
     ("tunix_zoo.checkpoint", "tunix_zoo.checkpoint.*"),
     ("tunix_zoo.sources", "tunix_zoo.sources.*", "tunix_zoo.tokenizer", "tunix_zoo.generate",
-     "tunix_zoo.training", "tunix_zoo.lora", "tunix_zoo.planning"),
+     "tunix_zoo.training", "tunix_zoo.lora", "tunix_zoo.planning",
+     "tunix_zoo.compilation_cache", "tunix_zoo.cache"),
     ("tunix_zoo.automodel", "tunix_zoo.demo", "tunix_zoo.cli", "tunix_zoo"),
 ]
 # Families whose identity registry and naming read: importing them must not import jax.

@@ -30,6 +30,8 @@ from tunix_zoo.errors import ZooError
 from tunix_zoo.naming import ModelNaming
 
 EXIT_USER_ERROR = 2
+# Commands that compile programs, and so start with the persistent compilation cache on.
+COMPILING_COMMANDS = ("run", "test", "export", "construct")
 
 
 def human_count(n: int) -> str:
@@ -455,6 +457,10 @@ def build_parser(command: str | None = None) -> argparse.ArgumentParser:
 def main(argv: Sequence[str] | None = None) -> int:
   argv = list(sys.argv[1:] if argv is None else argv)
   args = build_parser(argv[0] if argv and not argv[0].startswith("-") else None).parse_args(argv)
+  if args.command in COMPILING_COMMANDS:
+    from tunix_zoo import compilation_cache
+
+    compilation_cache.enable()
   try:
     return args.run(args)
   except ZooError as e:
