@@ -196,7 +196,7 @@ def cmd_run(args: argparse.Namespace) -> int:
   out = generate(
       model, [prompt], args.max_new_tokens, temperature=args.temperature, top_k=args.top_k,
       top_p=args.top_p, seed=args.seed, tokenizer=tokenizer,
-      pad_id=tokenizer.pad_id if tokenizer.pad_id is not None else 0,
+      pad_id=tokenizer.pad_id() or 0,
   )
   print(prompt + out.text[0])
   print(

@@ -231,6 +231,18 @@ def _compile(fn: Callable, graphdef, opts: _Options, args: tuple, donate: tuple[
   return executable, seconds
 
 
+def _batch_sharded(x: np.ndarray, mesh: Mesh | None, rules: sharding.Rules | None) -> jax.Array:
+  """``x`` ``[B, ...]`` split over the mesh axes the rules give the batch.
+
+  On an Explicit mesh the model types its logits (and so every decoding step) by the
+  tokens' batch sharding.
+  """
+  if not sharding.has_explicit_axes(mesh):
+    return jnp.asarray(x)
+  logical = ("batch",) + (None,) * (x.ndim - 1)
+  return jax.device_put(x, sharding.named_sharding(logical, x.shape, mesh, rules))
+
+
 def _left_pad(rows: Sequence[Sequence[int]], pad_id: int) -> tuple[np.ndarray, np.ndarray]:
   length = max(len(r) for r in rows)
   tokens = np.full((len(rows), length), pad_id, np.int32)
@@ -370,13 +382,14 @@ def generate(
     eos_ids = getattr(getattr(model, "config", None), "eos_token_id", None)
   eos_ids = _eos_array(eos_ids)
   graphdef, state = nnx.split(model)
+  mesh = getattr(model, "mesh", None)
   opts = _Options(
       greedy=temperature == 0,
       use_top_k=top_k is not None,
       use_top_p=top_p is not None,
       max_new_tokens=max_new_tokens,
       streaming=stream is not None,
-      mesh=getattr(model, "mesh", None),
+      mesh=mesh,
   )
   knobs = {
       "temperature": jnp.asarray(temperature or 1.0, jnp.float32),
@@ -390,7 +403,11 @@ def generate(
   block = decode_attention.BLOCK_KEYS
   cache_len = -(-(prompt_len + max_new_tokens) // block) * block
   cache = model.init_cache(batch, cache_len)
-  prefill_args = (state, jnp.asarray(tokens), jnp.asarray(mask), cache, jax.random.key(seed), knobs)
+  rules = getattr(model, "sharding_rules", None)
+  prefill_args = (
+      state, _batch_sharded(tokens, mesh, rules), _batch_sharded(mask, mesh, rules), cache,
+      jax.random.key(seed), knobs,
+  )
   prefill, prefill_compile = _compile(_prefill, graphdef, opts, prefill_args, donate=(3,))
 
   start = time.perf_counter()

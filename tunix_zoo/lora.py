@@ -44,10 +44,22 @@ from tunix_zoo.layers.lora import LoRALinear
 
 log = logging.getLogger(__name__)
 
-__all__ = ["DEFAULT_MODULE_PATH", "apply_lora", "merge_lora", "lora_layers", "save_lora_adapter"]
+__all__ = ["DEFAULT_MODULE_PATH", "TUNIX_ALIASES", "apply_lora", "merge_lora", "lora_layers", "save_lora_adapter"]
 
 # Every attention and MLP projection: what fine-tuning configs usually name.
 DEFAULT_MODULE_PATH = ".*q_proj|.*k_proj|.*v_proj|.*o_proj|.*gate_proj|.*up_proj|.*down_proj"
+
+# Tunix's module names (its Gemma recipes' default regex names them) of our projections:
+# a path matches when it, or it with the last name replaced by an alias, matches.
+TUNIX_ALIASES: dict[str, tuple[str, ...]] = {
+    "q_proj": ("q_einsum",),
+    "k_proj": ("kv_einsum",),
+    "v_proj": ("kv_einsum",),
+    "o_proj": ("attn_vec_einsum",),
+    "gate_proj": ("gating_einsum",),
+    "up_proj": ("gating_einsum",),
+    "down_proj": ("linear",),
+}
 
 ADAPTER_CONFIG = "adapter_config.json"
 ADAPTER_WEIGHTS = "adapter_model.safetensors"
@@ -67,7 +79,12 @@ def apply_lora(
 
   Paths are the dotted module paths of the model (``layers.3.attn.q_proj``,
   ``layers.3.mlp.down_proj``, ``lm_head``), matched with ``re.fullmatch`` as Tunix and
-  qwix match theirs. The model is changed in place and returned.
+  qwix match theirs. Tunix's names of the same projections are accepted as aliases
+  (:data:`TUNIX_ALIASES`): ``q_einsum`` is ``q_proj``, ``kv_einsum`` ``k_proj`` and
+  ``v_proj``, ``attn_vec_einsum`` ``o_proj``, ``gating_einsum`` ``gate_proj`` and
+  ``up_proj``, ``linear`` ``down_proj``; so Tunix's default
+  ``.*q_einsum|.*kv_einsum|.*gate_proj|.*down_proj|.*up_proj|.*attn_vec_einsum`` adapts
+  every attention and MLP projection. The model is changed in place and returned.
 
   Args:
     model: a tunix_zoo model (or any NNX module holding Linear layers).
@@ -97,7 +114,7 @@ def apply_lora(
       dotted(path): module for path, module in nnx.iter_modules(model)
       if isinstance(module, Linear)
   }
-  chosen = {path: linear for path, linear in linears.items() if pattern.fullmatch(path)}
+  chosen = {path: linear for path, linear in linears.items() if _matches(pattern, path)}
   if not chosen:
     raise LoraError(
         f"module_path {module_path!r} matches none of the model's Linear layers, whose paths "
@@ -222,6 +239,16 @@ def _check_settings(rank: int, alpha: float, dropout: float) -> None:
     raise LoraError(f"LoRA alpha must be a positive number; got {alpha!r}.")
   if not 0.0 <= dropout < 1.0:
     raise LoraError(f"LoRA dropout must be in [0, 1); got {dropout!r}.")
+
+
+def _matches(pattern: re.Pattern, path: str) -> bool:
+  """Whether ``pattern`` fully matches ``path`` or its name under a Tunix alias."""
+  parent, _, name = path.rpartition(".")
+  prefix = parent + "." if parent else ""
+  return any(
+      pattern.fullmatch(candidate)
+      for candidate in (path, *(prefix + alias for alias in TUNIX_ALIASES.get(name, ())))
+  )
 
 
 def _path_patterns(paths: dict[str, Any]) -> list[str]:

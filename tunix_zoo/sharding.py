@@ -17,7 +17,7 @@ import logging
 from typing import Any, Callable, Mapping, Sequence
 
 import jax
-from jax.sharding import AxisType, Mesh, NamedSharding, PartitionSpec
+from jax.sharding import AbstractMesh, AxisType, Mesh, NamedSharding, PartitionSpec
 
 from tunix_zoo.errors import ShardingError
 
@@ -43,7 +43,8 @@ DEFAULT_RULES: dict[str, MeshAxes] = {
 _warned: set[tuple[Any, ...]] = set()
 
 
-def _mesh_axes(value: MeshAxes) -> tuple[str, ...]:
+def mesh_axes(value: MeshAxes) -> tuple[str, ...]:
+  """The mesh axes of one PartitionSpec entry, as a tuple."""
   if value is None:
     return ()
   return (value,) if isinstance(value, str) else tuple(value)
@@ -52,7 +53,7 @@ def _mesh_axes(value: MeshAxes) -> tuple[str, ...]:
 def validate_rules(rules: Rules, mesh: Mesh) -> None:
   """Raises ShardingError when a rule names an axis the mesh does not have."""
   for logical, axes in rules.items():
-    for axis in _mesh_axes(axes):
+    for axis in mesh_axes(axes):
       if axis not in mesh.axis_names:
         raise ShardingError(
             f"Sharding rule {logical!r} -> {axis!r} names a mesh axis the mesh lacks "
@@ -103,13 +104,14 @@ def partition_spec(
     rules: Rules | None = None,
     counts: Mapping[str, int] | None = None,
     what: str = "",
+    keep_unit_axes: bool = False,
 ) -> PartitionSpec:
   """The PartitionSpec of an array with these logical axes on ``mesh``.
 
   ``counts`` gives, per logical axis, the number that must divide evenly (e.g. the
   number of heads for a flattened ``heads * head_dim`` dimension); by default the
   dimension itself. Axes that do not divide are replicated (logged once per logical
-  axis and size).
+  axis and size). Mesh axes of size 1 are left out unless ``keep_unit_axes``.
   """
   rules = DEFAULT_RULES if rules is None else rules
   counts = counts or {}
@@ -118,8 +120,8 @@ def partition_spec(
   for dim, logical in zip(shape, logical_axes):
     # Axes of size 1 shard nothing; leaving them out keeps Explicit types simple.
     axes = tuple(
-        a for a in _mesh_axes(rules.get(logical) if logical else None)
-        if a in mesh.shape and mesh.shape[a] > 1 and a not in used
+        a for a in mesh_axes(rules.get(logical) if logical else None)
+        if a in mesh.shape and (keep_unit_axes or mesh.shape[a] > 1) and a not in used
     )
     size = 1
     for a in axes:
@@ -154,7 +156,23 @@ def named_sharding(
   return NamedSharding(mesh, partition_spec(logical_axes, shape, mesh, rules, counts, what))
 
 
-def has_explicit_axes(mesh: Mesh | None) -> bool:
+def mesh_of(x: Any) -> Mesh | AbstractMesh | None:
+  """The mesh ``x`` is sharded over: concrete for an array, abstract inside a trace;
+  None off a mesh (one device, or a shape without sharding)."""
+  if isinstance(x, jax.core.Tracer):
+    mesh = jax.typeof(x).sharding.mesh
+    return None if mesh.empty else mesh
+  placement = getattr(x, "sharding", None)
+  return placement.mesh if isinstance(placement, NamedSharding) else None
+
+
+def batch_axes(x: Any) -> MeshAxes:
+  """The mesh axes ``x``'s leading (batch) dimension is typed with; None if unsharded."""
+  spec = jax.typeof(x).sharding.spec
+  return spec[0] if len(spec) else None
+
+
+def has_explicit_axes(mesh: Mesh | AbstractMesh | None) -> bool:
   return mesh is not None and any(t == AxisType.Explicit for t in mesh.axis_types)
 
 

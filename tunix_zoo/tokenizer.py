@@ -150,15 +150,20 @@ class Tokenizer:
     """The id of one token's text, or None when it is not in the vocabulary."""
     return self.backend.token_to_id(token)
 
-  @property
+  # Methods, not properties: Tunix's TokenizerAdapter calls bos_id(), eos_id(), pad_id().
   def bos_id(self) -> int | None:
     """The id of ``bos_token``; None for tokenizers without one (Qwen)."""
     return self._special_id("bos_token")
 
-  @property
+  def eos_id(self) -> int | None:
+    """The first of :attr:`eos_ids` (what Tunix stops on by default); None if none."""
+    return self.eos_ids[0] if self.eos_ids else None
+
   def pad_id(self) -> int | None:
-    """The id of ``pad_token``; None when the tokenizer names none (Llama 3)."""
-    return self._special_id("pad_token")
+    """The id of ``pad_token``; where the tokenizer names none (Llama 3), :meth:`eos_id`,
+    as Tunix does for such HF tokenizers."""
+    pad = self._special_id("pad_token")
+    return self.eos_id() if pad is None else pad
 
   @property
   def eos_ids(self) -> tuple[int, ...]:

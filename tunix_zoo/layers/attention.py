@@ -19,7 +19,7 @@ from typing import Any
 import jax
 import jax.numpy as jnp
 from flax import nnx
-from jax.sharding import Mesh, PartitionSpec
+from jax.sharding import AbstractMesh, Mesh, PartitionSpec
 
 from tunix_zoo import sharding
 from tunix_zoo.config import DecoderConfig
@@ -118,7 +118,6 @@ class Attention(nnx.Module):
       rngs: nnx.Rngs | None,
       dtype: Any = jnp.float32,
       param_dtype: Any = jnp.float32,
-      mesh: Mesh | None = None,
       sharding_rules: sharding.Rules | None = None,
   ):
     c = config
@@ -127,7 +126,7 @@ class Attention(nnx.Module):
     self.softcap = c.attn_logit_softcap
     self.window = c.layer_window(layer)
     self.rope = c.layer_rope(layer)
-    self.mesh, self.sharding_rules = mesh, sharding_rules
+    self.sharding_rules = sharding_rules
     kw = dict(rngs=rngs, dtype=dtype, param_dtype=param_dtype)
     q_dim, kv_dim = c.num_heads * c.head_dim, c.num_kv_heads * c.head_dim
     self.q_proj = Linear(c.hidden_size, q_dim, ("heads", "embed"), use_bias=c.attention_bias, **kw)
@@ -142,10 +141,15 @@ class Attention(nnx.Module):
     self.q_norm = RMSNorm.of(c.head_dim, c, **norm_kw) if c.qk_norm else None
     self.k_norm = RMSNorm.of(c.head_dim, c, **norm_kw) if c.qk_norm else None
 
-  def _heads(self, x: jax.Array, num: int, logical: str) -> jax.Array:
+  @property
+  def mesh(self) -> Mesh | AbstractMesh | None:
+    """The mesh the layer's parameters are on (abstract inside a trace)."""
+    return sharding.mesh_of(self.q_proj.weight.get_value())
+
+  def _heads(self, x: jax.Array, num: int, logical: str, mesh) -> jax.Array:
     x = x.reshape(*x.shape[:2], num, self.head_dim)
     return sharding.constrain(
-        x, ("batch", None, logical, None), self.mesh, self.sharding_rules, {logical: num}
+        x, ("batch", None, logical, None), mesh, self.sharding_rules, {logical: num}
     )
 
   def __call__(
@@ -156,9 +160,10 @@ class Attention(nnx.Module):
       layer_cache: LayerCache | None,
       cache_index: jax.Array | int,
   ) -> tuple[jax.Array, LayerCache | None]:
-    q = self._heads(self.q_proj(x), self.num_heads, "heads")
-    k = self._heads(self.k_proj(x), self.num_kv_heads, "kv_heads")
-    v = self._heads(self.v_proj(x), self.num_kv_heads, "kv_heads")
+    mesh = self.mesh
+    q = self._heads(self.q_proj(x), self.num_heads, "heads", mesh)
+    k = self._heads(self.k_proj(x), self.num_kv_heads, "kv_heads", mesh)
+    v = self._heads(self.v_proj(x), self.num_kv_heads, "kv_heads", mesh)
     if self.q_norm is not None:
       q, k = self.q_norm(q), self.k_norm(k)
     inv_freq = inverse_frequencies(self.rope, self.head_dim)
@@ -174,21 +179,21 @@ class Attention(nnx.Module):
     mask = masks[self.window]
     out = None
     if mask is not None and decode_attention.applies(q, k):
-      out = self._decode_attention(q, k, v, mask)
+      out = self._decode_attention(q, k, v, mask, mesh)
     if out is None:
       out = dot_product_attention(q, k, v, mask, self.scale, self.softcap, self.window)
     return self.o_proj(out.reshape(*out.shape[:2], -1)), layer_cache
 
-  def _decode_attention(self, q, k, v, mask) -> jax.Array | None:
+  def _decode_attention(self, q, k, v, mask, mesh) -> jax.Array | None:
     """The one-kernel decode attention, per device on a mesh; None where heads and KV
     heads are split differently over it (a query head would need another device's KV)."""
     attend = functools.partial(
         decode_attention.decode_attention, scale=self.scale, softcap=self.softcap
     )
-    if self.mesh is None or self.mesh.size == 1:
+    if mesh is None or mesh.size == 1:
       return attend(q, k, v, mask)
     spec = lambda logical, x: sharding.partition_spec(  # noqa: E731
-        logical, x.shape, self.mesh, self.sharding_rules
+        logical, x.shape, mesh, self.sharding_rules
     )
     q_spec = spec(("batch", None, "heads", None), q)
     kv_spec = spec(("batch", None, "kv_heads", None), k)
@@ -197,7 +202,7 @@ class Attention(nnx.Module):
     context = jax.sharding.get_abstract_mesh()
     return jax.shard_map(
         attend,
-        mesh=self.mesh if context.empty else context,
+        mesh=mesh if context.empty else context,
         in_specs=(q_spec, kv_spec, kv_spec, PartitionSpec(q_spec[0], None, None)),
         out_specs=q_spec,
         check_vma=False,

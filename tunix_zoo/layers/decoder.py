@@ -9,6 +9,14 @@ Call convention (the one Tunix models use, so RL code can call ours)::
 
 ``attention_mask`` is a ``[B, T]`` padding mask (1 = real token) or a full boolean
 ``[B, T, S]`` mask; ``positions`` default to the count of real tokens before each one.
+Every cache leaf leads with the batch axis (Tunix's beam search repeats and gathers
+them along it); ``cache["index"]`` ``[B]`` counts the slots written, the same in every
+row (batches are left-padded), as Tunix's ``end_index``.
+
+The model works on whatever mesh its parameters are on (``model.mesh`` reads it from
+them), so state resharded onto another mesh and merged back runs there; each parameter
+carries ``out_sharding`` metadata (its mesh axes), which ``nnx.get_partition_spec``
+reads.
 
 ``remat`` trades compute for activation memory in training: ``"layer"`` keeps only each
 decoder layer's input and recomputes the layer in the backward pass, ``"attention"``
@@ -25,7 +33,7 @@ from typing import Any, Callable
 import jax
 import jax.numpy as jnp
 from flax import nnx
-from jax.sharding import Mesh, NamedSharding, PartitionSpec
+from jax.sharding import AbstractMesh, Mesh, NamedSharding, PartitionSpec
 
 from tunix_zoo import sharding
 from tunix_zoo.config import DecoderConfig
@@ -84,7 +92,6 @@ class DecoderLayer(nnx.Module):
       rngs: nnx.Rngs | None,
       dtype: Any = jnp.float32,
       param_dtype: Any = jnp.float32,
-      mesh: Mesh | None = None,
       sharding_rules: sharding.Rules | None = None,
   ):
     c = config
@@ -93,8 +100,7 @@ class DecoderLayer(nnx.Module):
     )
     self.pre_attn_norm = norm()
     self.attn = Attention(
-        c, layer, rngs=rngs, dtype=dtype, param_dtype=param_dtype, mesh=mesh,
-        sharding_rules=sharding_rules,
+        c, layer, rngs=rngs, dtype=dtype, param_dtype=param_dtype, sharding_rules=sharding_rules,
     )
     self.post_attn_norm = norm() if c.sandwich_norms else None
     self.pre_mlp_norm = norm()
@@ -153,12 +159,11 @@ class DecoderLM(nnx.Module):
     self.config = config
     self.remat = check_remat(remat)
     self.dtype = dtype
-    self.mesh = mesh
     self.sharding_rules = dict(sharding_rules) if sharding_rules is not None else None
     kw = dict(rngs=rngs, dtype=dtype, param_dtype=param_dtype)
     self.embed_tokens = Embedding(c.vocab_size, c.hidden_size, **kw)
     self.layers = nnx.List([
-        self.layer_class(c, i, **kw, mesh=mesh, sharding_rules=self.sharding_rules)
+        self.layer_class(c, i, **kw, sharding_rules=self.sharding_rules)
         for i in range(c.num_layers)
     ])
     self.final_norm = RMSNorm.of(
@@ -168,8 +173,39 @@ class DecoderLM(nnx.Module):
         None if c.tie_word_embeddings
         else Linear(c.hidden_size, c.vocab_size, ("vocab", "embed"), **kw)
     )
+    if mesh is not None:
+      self._annotate_mesh_axes(mesh)
+
+  def _annotate_mesh_axes(self, mesh: Mesh) -> None:
+    """Records each parameter's mesh axes as ``out_sharding`` metadata (what flax's
+    ``nnx.get_partition_spec`` and so Tunix's resharding read).
+
+    Axes of size 1 are kept: a model loaded on one device then resharded onto a larger
+    mesh is sharded there, not replicated. ``eager_sharding=False``: flax must not place
+    copies of these variables (optimizer states) itself.
+    """
+    # As checkpoint.loader.axis_counts: a mesh axis must divide the heads, not the width.
+    counts = {"heads": self.config.num_heads, "kv_heads": self.config.num_kv_heads}
+    for _, var in nnx.to_flat_state(nnx.state(self, nnx.Param)):
+      logical = var.get_metadata().get("logical_axes")
+      if logical is None:
+        continue
+      spec = sharding.partition_spec(
+          logical, var.shape, mesh, self.sharding_rules, counts, keep_unit_axes=True
+      )
+      var.set_metadata(out_sharding=tuple(spec), eager_sharding=False)
 
   # -- sharding of activations and cache ---------------------------------------------
+  @property
+  def mesh(self) -> Mesh | AbstractMesh | None:
+    """The mesh the parameters are on (abstract inside a trace); None off a mesh."""
+    return sharding.mesh_of(self.embed_tokens.weight.get_value())
+
+  @property
+  def num_embed(self) -> int:
+    """The vocabulary size (the name Tunix's sampler reads)."""
+    return self.config.vocab_size
+
   def _spec(self, logical: tuple[str | None, ...], shape: tuple[int, ...]) -> PartitionSpec:
     counts = {"kv_heads": self.config.num_kv_heads}
     return sharding.partition_spec(logical, shape, self.mesh, self.sharding_rules, counts)
@@ -182,27 +218,53 @@ class DecoderLM(nnx.Module):
     return {
         "layers": [{"k": kv, "v": kv} for _ in range(self.config.num_layers)],
         "valid": self._spec(("batch", None), (batch, max_len)),
+        # Replicated: every device reads the write slot without a collective.
         "index": PartitionSpec(),
     }
 
   def init_cache(self, batch_size: int, max_len: int, dtype: Any = None) -> Cache:
-    """An empty KV cache for ``batch_size`` rows of up to ``max_len`` tokens."""
+    """An empty KV cache for ``batch_size`` rows of up to ``max_len`` tokens, on the
+    devices the parameters are on."""
     c = self.config
     dtype = dtype or self.dtype
     kv_shape = (batch_size, max_len, c.num_kv_heads, c.head_dim)
     shapes = {
         "layers": [{"k": (kv_shape, dtype), "v": (kv_shape, dtype)} for _ in range(c.num_layers)],
         "valid": ((batch_size, max_len), jnp.bool_),
-        "index": ((), jnp.int32),
+        "index": ((batch_size,), jnp.int32),
     }
     is_leaf = lambda x: isinstance(x, tuple) and isinstance(x[0], tuple)  # noqa: E731
-    if self.mesh is None:
-      return jax.tree.map(lambda sd: jnp.zeros(*sd), shapes, is_leaf=is_leaf)
+    weight = self.embed_tokens.weight.get_value()
+    mesh = self.mesh
+    if mesh is None:
+      # One device: where the parameters are (JAX's default in a trace or without them).
+      traced = isinstance(weight, jax.core.Tracer)
+      device = None if traced else getattr(weight, "sharding", None)
+      return jax.tree.map(lambda sd: jnp.zeros(*sd, device=device), shapes, is_leaf=is_leaf)
     specs = self._cache_specs(batch_size, max_len)
+    if isinstance(mesh, AbstractMesh):
+      # Inside a trace: only an Explicit type can be stated; Auto is the compiler's.
+      place = (
+          (lambda x, spec: jax.sharding.reshard(x, NamedSharding(mesh, spec)))
+          if sharding.has_explicit_axes(mesh) else (lambda x, spec: x)
+      )
+      return jax.tree.map(lambda sd, spec: place(jnp.zeros(*sd), spec), shapes, specs,
+                          is_leaf=is_leaf)
     return jax.tree.map(
-        lambda sd, spec: jnp.zeros(*sd, device=NamedSharding(self.mesh, spec)),
+        lambda sd, spec: jnp.zeros(*sd, device=NamedSharding(mesh, spec)),
         shapes, specs, is_leaf=is_leaf,
     )
+
+  def get_model_input(self) -> dict[str, Any]:
+    """Dummy ``__call__`` arguments, as Tunix's models give them to qwix's LoRA
+    (``qwix.apply_lora_to_model(model, provider, **model.get_model_input())``): a batch
+    of 2 (divisible by a 2-device FSDP axis) of one token."""
+    return {
+        "input_tokens": jnp.ones((2, 1), jnp.int32),
+        "positions": jnp.zeros((2, 1), jnp.int32),
+        "cache": None,
+        "attention_mask": jnp.ones((2, 1, 1), jnp.bool_),
+    }
 
   # -- forward ------------------------------------------------------------------------
   def __call__(
@@ -215,35 +277,58 @@ class DecoderLM(nnx.Module):
     """Logits ``[B, T, vocab]`` and the updated cache (None when none was given)."""
     if not sharding.has_explicit_axes(self.mesh):
       return self._forward(input_tokens, positions, cache, attention_mask)
-    batch, length = input_tokens.shape
-    out_specs = (
-        self._spec(("batch", None, "vocab"), (batch, length, self.config.vocab_size)),
-        None if cache is None else self._cache_specs(batch, cache["valid"].shape[1]),
-    )
     return self.call_with_auto_axes(
-        DecoderLM._forward, out_specs, input_tokens, positions, cache, attention_mask
+        DecoderLM._forward, self._output_specs(input_tokens, cache),
+        input_tokens, positions, cache, attention_mask,
     )
+
+  def _output_specs(self, input_tokens: jax.Array, cache: Cache | None) -> tuple[Any, Any]:
+    """On an Explicit mesh: the logits typed by the tokens' batch sharding alone (size-1
+    axes included), as the caller's own arrays (Tunix's buffers, targets) are typed;
+    the cache as it came in."""
+    logits = PartitionSpec(sharding.batch_axes(input_tokens), None, None)
+    if cache is None:
+      return logits, None
+    return logits, jax.tree.map(lambda leaf: jax.typeof(leaf).sharding.spec, cache)
 
   def call_with_auto_axes(self, fn: Callable[..., Any], out_specs: Any, *args: Any) -> Any:
     """``fn(self, *args)`` with the mesh's Explicit axes treated as Auto, its outputs
     placed by ``out_specs`` (a tree of PartitionSpecs).
 
-    ``fn`` runs on a functional copy of the model, so the RNG state it advances (LoRA
-    dropout keys) is written back; other state changes are not.
+    ``fn`` runs on a functional copy of the model; the variables it changes or creates
+    (RNG counts of LoRA dropout, qwix's LoRA parameters) are written back, in the
+    sharding they had, or a new one's ``out_sharding`` metadata (else replicated).
     """
+    mesh = self.mesh
     graphdef, state = nnx.split(self)
-    replicated = NamedSharding(self.mesh, PartitionSpec())
-    out_sharding = (
-        jax.tree.map(lambda s: NamedSharding(self.mesh, s), out_specs),
-        jax.tree.map(lambda _: replicated, nnx.state(self, nnx.RngState)),
-    )
+    original = dict(nnx.to_flat_state(state))
+    changed: dict[tuple[Any, ...], nnx.Variable] = {}
 
     def run(state, *args):
+      given = {path: var.get_raw_value() for path, var in nnx.to_flat_state(state)}
       model = nnx.merge(graphdef, state)
-      return fn(model, *args), nnx.state(model, nnx.RngState)
+      out = fn(model, *args)
+      # Leaves the auto-axes block as a side output: its shardings are known only now.
+      for path, var in nnx.to_flat_state(nnx.state(model)):
+        if path not in given or var.get_raw_value() is not given[path]:
+          changed[path] = var
+      return out
 
-    out, rng_state = sharding.run_with_auto_axes(run, self.mesh, out_sharding)(state, *args)
-    nnx.update(self, rng_state)
+    out_sharding = jax.tree.map(lambda s: NamedSharding(mesh, s), out_specs)
+    out = sharding.run_with_auto_axes(run, mesh, out_sharding)(state, *args)
+    if changed:
+      updates = []
+      for path, var in changed.items():
+        if path in original:
+          spec = jax.typeof(original[path].get_raw_value()).sharding.spec
+        else:
+          spec = PartitionSpec(*(
+              axes if set(sharding.mesh_axes(axes)) <= set(mesh.axis_names) else None
+              for axes in var.get_metadata().get("out_sharding") or ()
+          ))
+        value = jax.sharding.reshard(var.get_raw_value(), NamedSharding(mesh, spec))
+        updates.append((path, var.replace(value)))
+      nnx.update(self, nnx.from_flat_state(updates))
     return out
 
   def _forward(self, input_tokens, positions, cache, attention_mask):
@@ -269,12 +354,14 @@ class DecoderLM(nnx.Module):
       key_valid = new_valid
       done = jnp.zeros((batch,), jnp.int32)
     else:
-      index = cache["index"]
+      # Every row writes the same slot (see the module docstring).
+      index = cache["index"][0]
       key_valid = jax.lax.dynamic_update_slice(cache["valid"], new_valid, (0, index))
       done = cache["valid"].sum(axis=-1, dtype=jnp.int32)
     if positions is None:
       # Real tokens count from 0 in every row, whatever padding precedes them.
       positions = done[:, None] + jnp.maximum(jnp.cumsum(new_valid, axis=-1) - 1, 0)
+    mesh = self.mesh
     windows = {layer.attn.window for layer in self.layers}
     if cache is None and attention_mask is None:
       # Plain causal: no mask array, so attention can take the flash-attention kernels.
@@ -294,12 +381,12 @@ class DecoderLM(nnx.Module):
         x, layer_cache = layer(
             x, positions, masks, layer_cache, index, remat_attention=remat == "attention"
         )
-      x = sharding.constrain(x, ("batch", None, None), self.mesh, self.sharding_rules)
+      x = sharding.constrain(x, ("batch", None, None), mesh, self.sharding_rules)
       new_layers.append(layer_cache)
     x = self.final_norm(x)
     if cache is None:
       return x, None
-    return x, {"layers": new_layers, "valid": key_valid, "index": index + length}
+    return x, {"layers": new_layers, "valid": key_valid, "index": cache["index"] + length}
 
   def embed(self, tokens: jax.Array) -> jax.Array:
     x = self.embed_tokens(tokens)

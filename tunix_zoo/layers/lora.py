@@ -6,7 +6,8 @@
 ``lora_b`` starts at zero, so a fresh adapter leaves the layer's output unchanged.
 
 Each adapter carries the logical axis of the base weight's side it touches (``lora_a``
-the in-axis, ``lora_b`` the out-axis), so it shards like the base weight on a mesh.
+the in-axis, ``lora_b`` the out-axis), so it shards like the base weight on a mesh, and
+that side's mesh axes as ``out_sharding`` (what ``nnx.get_partition_spec`` reads).
 :func:`tunix_zoo.lora.apply_lora` puts these layers into a model.
 
 Example::
@@ -103,6 +104,11 @@ class LoRALinear(Linear):
       b_value = _initialiser(b_shape, dtype, 0.0, shardings[1])(key)
     self.lora_a = nnx.LoRAParam(a_value, logical_axes=(None, in_axis))
     self.lora_b = nnx.LoRAParam(b_value, logical_axes=(out_axis, None))
+    out_mesh_axes = base.weight.get_metadata().get("out_sharding")
+    if out_mesh_axes:
+      # The mesh axes of the base weight's sides, as the model annotates its parameters.
+      self.lora_a.set_metadata(out_sharding=(None, out_mesh_axes[1]), eager_sharding=False)
+      self.lora_b.set_metadata(out_sharding=(out_mesh_axes[0], None), eager_sharding=False)
     self.dropout = nnx.Dropout(dropout, rngs=rngs) if dropout else None
 
   @property

@@ -20,7 +20,7 @@ from typing import Any
 
 import jax
 from flax import nnx
-from jax.sharding import NamedSharding
+from jax.sharding import PartitionSpec
 
 from tunix_zoo import sharding
 from tunix_zoo.layers.decoder import Cache, DecoderLayer, DecoderLM
@@ -70,17 +70,9 @@ class Qwen3ForCausalLM(DecoderLM):
     if not sharding.has_explicit_axes(self.mesh):
       return forward(self, *args)
     c = self.config
-    batch, length = input_tokens.shape
     sparse_layers = sum(c.is_sparse_layer(i) for i in range(c.num_layers))
-    out_specs = (
-        self._spec(("batch", None, "vocab"), (batch, length, c.vocab_size)),
-        None if cache is None else self._cache_specs(batch, cache["valid"].shape[1]),
-        (self._spec(("batch", None, None), (batch, length, c.num_experts)),) * sparse_layers,
+    logits_spec, cache_specs = self._output_specs(input_tokens, cache)
+    router_spec = PartitionSpec(logits_spec[0], None, None)
+    return self.call_with_auto_axes(
+        forward, (logits_spec, cache_specs, (router_spec,) * sparse_layers), *args
     )
-    out_sharding = jax.tree.map(lambda s: NamedSharding(self.mesh, s), out_specs)
-    graphdef, state = nnx.split(self)
-
-    def run(state, *args):
-      return forward(nnx.merge(graphdef, state), *args)
-
-    return sharding.run_with_auto_axes(run, self.mesh, out_sharding)(state, *args)
