@@ -59,3 +59,7 @@ class RematError(ZooError, ValueError):
 class LoraError(ZooError, ValueError):
     """LoRA adapters cannot be applied, merged or saved as asked (e.g. a module path
     regex matching no projection)."""
+
+
+class ConfigError(ZooError, ValueError):
+    """A config field override is unknown, has the wrong type, or breaks the architecture."""

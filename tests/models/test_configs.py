@@ -284,7 +284,9 @@ def test_gemma3_scaled_local_rope_survives_export():
 
 
 def test_qwen2_window_is_ignored_unless_switched_on():
-  hub = hub_spelling(transformers.Qwen2Config(**SMALL, num_hidden_layers=2).to_dict())
+  hub = hub_spelling(
+      transformers.Qwen2Config(**SMALL, num_hidden_layers=2, num_key_value_heads=2).to_dict()
+  )
   hub.update(sliding_window=131_072, use_sliding_window=False, max_window_layers=0)
   cfg = Qwen2p5Config.from_hf_config(hub)
   assert cfg.sliding_window is None and cfg.layer_window(1) is None
