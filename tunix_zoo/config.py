@@ -127,8 +127,8 @@ class HFField:
 
   ``default`` (in config.json terms, so it goes through ``read``) is what transformers
   assumes when the key is absent; ``derive(hf, fields)`` computes it from the keys
-  already read instead. ``null`` means absent unless ``nullable``. ``aliases`` are older
-  spellings, read before ``key``; ``write_aliases`` writes them too.
+  already read instead. ``null`` means absent unless ``nullable``. ``aliases`` are other
+  spellings, read before ``key``; ``also_write`` names keys written besides ``key``.
 
   Example::
 
@@ -144,7 +144,7 @@ class HFField:
   nullable: bool = False
   aliases: tuple[str, ...] = ()
   write: Callable[[Any], Any] = _json_value
-  write_aliases: bool = False
+  also_write: tuple[str, ...] = ()
 
   def read_from(self, hf: Mapping[str, Any], fields: dict[str, Any]) -> Any:
     for key in (*self.aliases, self.key):
@@ -252,11 +252,13 @@ TOKEN_ID_FIELDS = ("bos_token_id", "eos_token_id", "pad_token_id")
 
 @dataclasses.dataclass(frozen=True)
 class TokenIds:
-  """Special token ids, from the text config or (multimodal) the top level."""
+  """Special token ids. A multimodal config.json's top level wins over its text config:
+  it is what the whole model generates with (Gemma 3: ``eos_token_id: [1, 106]`` at the
+  top, transformers' text default ``1`` inside)."""
 
   def read(self, hf: Mapping[str, Any], top: Mapping[str, Any], fields: dict[str, Any]) -> None:
     for name in TOKEN_ID_FIELDS:
-      value = hf.get(name, top.get(name))
+      value = top.get(name) if top is not hf and top.get(name) is not None else hf.get(name)
       fields[name] = None if value is None else read_token_ids(value, name)
 
   def write(self, config: "DecoderConfig", out: dict[str, Any]) -> None:
@@ -359,7 +361,7 @@ class QwenSlidingWindow:
     num_layers = fields["num_layers"]
     fields.update(sliding_window=None, layer_types=())
     on = hf.get("use_sliding_window")
-    window = hf.get("sliding_window")
+    window = hf.get("sliding_window", 4096)  # transformers' default; null means none
     if on is None or not read_bool(on, "use_sliding_window") or window is None:
       return
     window = read_int(window, "sliding_window")
@@ -533,7 +535,7 @@ class DecoderConfig:
     out: dict[str, Any] = {"architectures": [self.architecture], "model_type": self.model_type}
     for row in self.HF_FIELDS:
       value = row.write(getattr(self, row.field))
-      for key in (*row.aliases, row.key) if row.write_aliases else (row.key,):
+      for key in (row.key, *row.also_write):
         out[key] = value
     out.update(self.HF_CONSTANTS)
     for transform in self.HF_TRANSFORMS:
@@ -574,6 +576,11 @@ def check_structure(hf: Any) -> Mapping[str, Any]:
 def check_fields(fields: Mapping[str, Any]) -> None:
   """What holds between fields: heads divide, layer indices exist, experts fit."""
   heads, kv_heads = fields["num_heads"], fields["num_kv_heads"]
+  if fields["head_dim"] < 1:
+    raise ConfigError(
+        f"config.json gives no head_dim and hidden_size={fields['hidden_size']} is smaller "
+        f"than num_attention_heads={heads}; add the checkpoint's head_dim."
+    )
   if heads % kv_heads:
     raise ConfigError(
         f"config.json num_attention_heads={heads} is not a multiple of "

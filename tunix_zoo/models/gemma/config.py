@@ -36,9 +36,10 @@ def read_gemma1_activation(value: Any, key: str) -> str:
 # transformers 4 reads ``hidden_activation``, transformers 5 ``hidden_act``: read the
 # former first, write both.
 GEMMA_ACTIVATION = HFField("hidden_act", "hidden_act", read_gemma1_activation, default=GELU_TANH,
-                           aliases=("hidden_activation",), write_aliases=True)
+                           aliases=("hidden_activation",), also_write=("hidden_activation",))
 GEMMA_FIELDS = replacing(
-    with_defaults(LLAMA_FIELDS, head_dim=256, tie_word_embeddings=True), GEMMA_ACTIVATION
+    with_defaults(LLAMA_FIELDS, num_key_value_heads=16, head_dim=256, tie_word_embeddings=True),
+    GEMMA_ACTIVATION,
 )
 # Gemma switches the shared layers cannot honour: fail instead of loading wrong math.
 GEMMA_UNSUPPORTED = {

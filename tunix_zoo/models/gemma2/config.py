@@ -26,15 +26,18 @@ from tunix_zoo.config import (
     read_positive_int,
     read_str,
     replacing,
+    with_defaults,
 )
 from tunix_zoo.models.gemma.config import GELU_TANH, GemmaConfig
 from tunix_zoo.registry import register_family, register_presets
 
 GEMMA2_FIELDS = replacing(
-    GemmaConfig.HF_FIELDS,
-    # Gemma 2 and 3 take "gelu" at its word.
-    HFField("hidden_act", "hidden_act", read_str, default=GELU_TANH,
-            aliases=("hidden_activation",), write_aliases=True),
+    tuple(row for row in with_defaults(GemmaConfig.HF_FIELDS, num_key_value_heads=4)
+          if row.field != "hidden_act"),
+    # Gemma 2 and 3 compute with ``hidden_activation`` alone (transformers ignores their
+    # ``hidden_act``) and take "gelu" at its word.
+    HFField("hidden_activation", "hidden_act", read_str, default=GELU_TANH,
+            also_write=("hidden_act",)),
     HFField("query_pre_attn_scalar", "query_pre_attn_scalar", read_positive_float,
             default=256, nullable=True, write=int_if_whole),
     HFField("attn_logit_softcapping", "attn_logit_softcap", read_positive_float,

@@ -34,7 +34,9 @@ class Qwen2p5Config(DecoderConfig):
   model_type: ClassVar[str] = "qwen2"
   architecture: ClassVar[str] = "Qwen2ForCausalLM"
   # transformers' Qwen2Config defaults for keys a config.json may leave out.
-  HF_FIELDS: ClassVar = with_defaults(LLAMA_FIELDS, max_position_embeddings=32_768)
+  HF_FIELDS: ClassVar = with_defaults(
+      LLAMA_FIELDS, num_key_value_heads=32, max_position_embeddings=32_768
+  )
   HF_TRANSFORMS: ClassVar = (TokenIds(), Rope(), QwenSlidingWindow())
 
   # Qwen2 has no switch for it: q/k/v always carry a bias, o never does.

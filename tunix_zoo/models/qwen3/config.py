@@ -90,7 +90,9 @@ class Qwen3Config(DecoderConfig):
   architectures: ClassVar[tuple[str, ...]] = ("Qwen3ForCausalLM", MOE_ARCHITECTURE)
   HF_FIELDS: ClassVar = replacing(
       with_defaults(LLAMA_FIELDS, max_position_embeddings=32_768),
-      # Dense Qwen3 defaults head_dim to 128; Qwen3-MoE to hidden_size / heads.
+      # transformers' defaults differ between dense Qwen3 and Qwen3-MoE.
+      HFField("num_key_value_heads", "num_kv_heads", read_positive_int,
+              derive=lambda hf, fields: 4 if is_moe(hf) else 32),
       HFField("head_dim", "head_dim", read_positive_int, derive=lambda hf, fields: (
           fields["hidden_size"] // fields["num_heads"] if is_moe(hf) else 128)),
   )
