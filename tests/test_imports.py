@@ -44,7 +44,8 @@ def layer_of(module: str) -> int:
           return rank
       elif "*" in pattern:
         head, tail = pattern.split("*")
-        if module.startswith(head) and module.endswith(tail) and module.count(".") == pattern.count("."):
+        depth_matches = module.count(".") == pattern.count(".")
+        if module.startswith(head) and module.endswith(tail) and depth_matches:
           return rank
       elif module == pattern:
         return rank

@@ -1,9 +1,17 @@
-"""The architecture fields the shared layers consume, and config.json reading.
+"""The architecture fields the shared layers consume, and config.json as data.
 
-Every family's config dataclass derives from :class:`DecoderConfig`; a family says
-only how its config.json differs. Both spellings of config.json are read: the one
-transformers 5 writes (``rope_parameters``, ``layer_types``, ``dtype``) and the one
-published checkpoints use (``rope_theta``, ``rope_scaling``, ``torch_dtype``).
+Every family's config dataclass derives from :class:`DecoderConfig` and states how its
+config.json differs in three tables: ``HF_FIELDS`` (config.json key <-> field, default,
+reader), ``HF_TRANSFORMS`` (the irregular keys: rope, layer types, MoE, as named
+transforms) and ``HF_UNSUPPORTED`` (switches the shared layers cannot honour). One
+generic :meth:`DecoderConfig.from_hf_config` / :meth:`DecoderConfig.to_hf_config` reads
+and writes every family from them, validating each value (type, range, divisibility)
+before anything is built: a bad config.json raises :class:`ConfigError` naming the key,
+the value and the fix.
+
+Both spellings of config.json are read: the one transformers 5 writes
+(``rope_parameters``, ``layer_types``, ``dtype``) and the one published checkpoints use
+(``rope_theta``, ``rope_scaling``, ``torch_dtype``).
 
 Example::
 
@@ -14,10 +22,171 @@ Example::
 from __future__ import annotations
 
 import dataclasses
-from typing import Any, ClassVar
+import math
+from typing import Any, Callable, ClassVar, Mapping, Protocol
+
+from tunix_zoo.errors import ConfigError, ConfigMismatchError
 
 FULL_ATTENTION = "full_attention"
 SLIDING_ATTENTION = "sliding_attention"
+ROPE_KINDS = ("default", "linear", "llama3")
+# A config.json nests at most a few levels (text_config -> rope_parameters -> per layer
+# type); anything deeper is not a model config, and is refused before it is walked.
+MAX_NESTING = 8
+
+
+# -- readers: a config.json value -> a field value, by meaning, never by truthiness ------
+def _bad(key: str, value: Any, expected: str, fix: str | None = None) -> ConfigError:
+  shown = repr(value)
+  shown = shown if len(shown) <= 80 else shown[:77] + "..."
+  return ConfigError(
+      f"config.json key {key!r} is {shown} ({type(value).__name__}); expected {expected}. "
+      + (fix or f"Write {key!r} as {expected}, as the checkpoint's transformers config does.")
+  )
+
+
+def read_int(value: Any, key: str, *, minimum: int = 0) -> int:
+  """An integer ``>= minimum``; a float holding a whole number counts (``4096.0``)."""
+  if isinstance(value, float) and value.is_integer():
+    value = int(value)
+  if isinstance(value, bool) or not isinstance(value, int):
+    raise _bad(key, value, f"an integer >= {minimum}")
+  if value < minimum:
+    raise _bad(key, value, f"an integer >= {minimum}")
+  return value
+
+
+def read_positive_int(value: Any, key: str) -> int:
+  return read_int(value, key, minimum=1)
+
+
+def read_float(value: Any, key: str, *, positive: bool = False) -> float:
+  """A finite number (``positive``: above zero)."""
+  if isinstance(value, bool) or not isinstance(value, (int, float)):
+    raise _bad(key, value, "a positive number" if positive else "a number")
+  value = float(value)
+  if not math.isfinite(value) or (positive and value <= 0):
+    raise _bad(key, value, "a finite positive number" if positive else "a finite number")
+  return value
+
+
+def read_positive_float(value: Any, key: str) -> float:
+  return read_float(value, key, positive=True)
+
+
+def read_bool(value: Any, key: str) -> bool:
+  """``true`` / ``false`` (or 0 / 1). The string ``"false"`` is refused, not read as true."""
+  if isinstance(value, bool):
+    return value
+  if isinstance(value, int) and value in (0, 1):
+    return bool(value)
+  raise _bad(key, value, "true or false",
+             f"Write {key!r} as a JSON boolean (true or false, without quotes).")
+
+
+def read_str(value: Any, key: str) -> str:
+  if not isinstance(value, str) or not value:
+    raise _bad(key, value, "a non-empty string")
+  return value
+
+
+def read_int_list(value: Any, key: str) -> tuple[int, ...]:
+  if not isinstance(value, (list, tuple)):
+    raise _bad(key, value, "a list of integers")
+  return tuple(read_int(v, key) for v in value)
+
+
+def read_token_ids(value: Any, key: str) -> int | tuple[int, ...]:
+  """One id, or several (``eos_token_id: [1, 106]``); a one-element list is its id."""
+  if isinstance(value, (list, tuple)):
+    ids = read_int_list(value, key)
+    return ids[0] if len(ids) == 1 else ids
+  return read_int(value, key)
+
+
+def _json_value(value: Any) -> Any:
+  return list(value) if isinstance(value, tuple) else value
+
+
+def int_if_whole(value: float | None) -> float | int | None:
+  """``256.0`` -> ``256`` (transformers 5 validates some float-valued keys as ints)."""
+  return int(value) if value is not None and float(value).is_integer() else value
+
+
+class _Required:
+  def __repr__(self) -> str:
+    return "REQUIRED"
+
+
+REQUIRED: Any = _Required()
+
+
+@dataclasses.dataclass(frozen=True)
+class HFField:
+  """One config.json key and the config field it fills.
+
+  ``default`` (in config.json terms, so it goes through ``read``) is what transformers
+  assumes when the key is absent; ``derive(hf, fields)`` computes it from the keys
+  already read instead. ``null`` means absent unless ``nullable``. ``aliases`` are other
+  spellings, read before ``key``; ``also_write`` names keys written besides ``key``.
+
+  Example::
+
+      HFField("num_key_value_heads", "num_kv_heads", read_positive_int,
+              derive=lambda hf, fields: fields["num_heads"])
+  """
+
+  key: str
+  field: str
+  read: Callable[[Any, str], Any] = lambda value, key: value
+  default: Any = REQUIRED
+  derive: Callable[[Mapping[str, Any], dict[str, Any]], Any] | None = None
+  nullable: bool = False
+  aliases: tuple[str, ...] = ()
+  write: Callable[[Any], Any] = _json_value
+  also_write: tuple[str, ...] = ()
+
+  def read_from(self, hf: Mapping[str, Any], fields: dict[str, Any]) -> Any:
+    for key in (*self.aliases, self.key):
+      if key in hf and (hf[key] is not None or self.nullable):
+        return None if hf[key] is None else self.read(hf[key], key)
+    if self.derive is not None:
+      return self.derive(hf, fields)
+    if self.default is REQUIRED:
+      raise ConfigError(
+          f"config.json has no {self.key!r}, which this architecture needs; use the "
+          "config.json that belongs to these weights (or add the key)."
+      )
+    return None if self.default is None else self.read(self.default, self.key)
+
+
+def with_defaults(table: tuple[HFField, ...], **defaults: Any) -> tuple[HFField, ...]:
+  """``table`` with other defaults, by config.json key (a family's transformers defaults)."""
+  unknown = set(defaults) - {f.key for f in table}
+  assert not unknown, f"no such keys in the table: {unknown}"
+  return tuple(
+      dataclasses.replace(f, default=defaults[f.key], derive=None) if f.key in defaults else f
+      for f in table
+  )
+
+
+def replacing(table: tuple[HFField, ...], *rows: HFField) -> tuple[HFField, ...]:
+  """``table`` with the rows of the same keys replaced, and new keys appended."""
+  by_key = {row.key: row for row in rows}
+  kept = tuple(by_key.pop(f.key, f) for f in table)
+  return kept + tuple(by_key.values())
+
+
+class HFTransform(Protocol):
+  """An irregular part of config.json: keys that fill fields jointly, or depend on each
+  other. ``read`` fills ``fields`` from the (text) config and its multimodal top level;
+  ``write`` adds the keys to ``out``."""
+
+  def read(self, hf: Mapping[str, Any], top: Mapping[str, Any], fields: dict[str, Any]) -> None:
+    ...
+
+  def write(self, config: "DecoderConfig", out: dict[str, Any]) -> None:
+    ...
 
 
 @dataclasses.dataclass(frozen=True)
@@ -32,24 +201,34 @@ class RopeConfig:
   original_max_position_embeddings: int = 8192
 
   @classmethod
-  def from_hf(cls, params: dict[str, Any] | None, theta: float) -> "RopeConfig":
+  def from_hf(
+      cls, params: Any, theta: float, key: str = "rope_scaling"
+  ) -> "RopeConfig":
     """Reads a ``rope_scaling`` / ``rope_parameters`` dict (either spelling)."""
-    params = dict(params or {})
+    if params is None:
+      params = {}
+    if not isinstance(params, Mapping):
+      raise _bad(key, params, "an object (or null)",
+                 f"Write {key!r} as a JSON object such as "
+                 '{"rope_type": "linear", "factor": 8.0}, or null for no scaling.')
     kind = params.get("rope_type", params.get("type", "default")) or "default"
-    if kind not in ("default", "linear", "llama3"):
-      from tunix_zoo.errors import ConfigMismatchError
-
+    if kind not in ROPE_KINDS:
       raise ConfigMismatchError(
-          f"rope type {kind!r} is not supported (supported: default, linear, llama3)."
+          f"{key}: rope type {kind!r} is not supported (supported: {', '.join(ROPE_KINDS)})."
       )
+
+    def number(name: str, default: float) -> float:
+      return read_positive_float(params.get(name, default), f"{key}.{name}")
+
     return cls(
-        theta=float(params.get("rope_theta", theta)),
+        theta=number("rope_theta", theta),
         kind=kind,
-        factor=float(params.get("factor", 1.0)),
-        low_freq_factor=float(params.get("low_freq_factor", 1.0)),
-        high_freq_factor=float(params.get("high_freq_factor", 4.0)),
-        original_max_position_embeddings=int(
-            params.get("original_max_position_embeddings", 8192)
+        factor=number("factor", 1.0),
+        low_freq_factor=number("low_freq_factor", 1.0),
+        high_freq_factor=number("high_freq_factor", 4.0),
+        original_max_position_embeddings=read_positive_int(
+            params.get("original_max_position_embeddings", 8192),
+            f"{key}.original_max_position_embeddings",
         ),
     )
 
@@ -67,12 +246,184 @@ class RopeConfig:
     return out
 
 
+# -- named transforms shared by several families -----------------------------------------
+TOKEN_ID_FIELDS = ("bos_token_id", "eos_token_id", "pad_token_id")
+
+
+@dataclasses.dataclass(frozen=True)
+class TokenIds:
+  """Special token ids. A multimodal config.json's top level wins over its text config:
+  it is what the whole model generates with (Gemma 3: ``eos_token_id: [1, 106]`` at the
+  top, transformers' text default ``1`` inside)."""
+
+  def read(self, hf: Mapping[str, Any], top: Mapping[str, Any], fields: dict[str, Any]) -> None:
+    for name in TOKEN_ID_FIELDS:
+      value = top.get(name) if top is not hf and top.get(name) is not None else hf.get(name)
+      fields[name] = None if value is None else read_token_ids(value, name)
+
+  def write(self, config: "DecoderConfig", out: dict[str, Any]) -> None:
+    for name in TOKEN_ID_FIELDS:
+      if (value := getattr(config, name)) is not None:
+        out[name] = _json_value(value)
+
+
+def read_rope(hf: Mapping[str, Any], theta: float = 10_000.0) -> RopeConfig:
+  """The rope of a config.json, from ``rope_parameters`` or ``rope_theta``/``rope_scaling``."""
+  params = hf.get("rope_parameters")
+  if params is not None and not isinstance(params, Mapping):
+    raise _bad("rope_parameters", params, "an object")
+  if params and FULL_ATTENTION in params:
+    return RopeConfig.from_hf(params[FULL_ATTENTION], theta, f"rope_parameters.{FULL_ATTENTION}")
+  if params:
+    return RopeConfig.from_hf(params, theta, "rope_parameters")
+  theta = read_positive_float(hf.get("rope_theta", theta), "rope_theta")
+  return RopeConfig.from_hf(hf.get("rope_scaling"), theta)
+
+
+@dataclasses.dataclass(frozen=True)
+class Rope:
+  """``rope`` from ``rope_parameters`` (transformers 5) or ``rope_theta`` + ``rope_scaling``
+  (Hub); ``theta`` is the family's default base."""
+
+  theta: float = 10_000.0
+
+  def read(self, hf: Mapping[str, Any], top: Mapping[str, Any], fields: dict[str, Any]) -> None:
+    fields["rope"] = read_rope(hf, self.theta)
+
+  def write(self, config: "DecoderConfig", out: dict[str, Any]) -> None:
+    out.update(rope_theta=config.rope.theta, rope_scaling=config.rope.to_hf())
+
+
+def alternating_layer_types(num_layers: int, period: int) -> tuple[str, ...]:
+  """Every ``period``-th layer (1-based) is full attention, the rest slide: transformers' rule."""
+  return tuple(
+      SLIDING_ATTENTION if (i + 1) % period else FULL_ATTENTION for i in range(num_layers)
+  )
+
+
+def normalized_layer_types(types: tuple[str, ...]) -> tuple[str, ...]:
+  """``()`` when every layer is full attention, so both spellings compare equal."""
+  return () if all(t == FULL_ATTENTION for t in types) else tuple(types)
+
+
+def read_layer_types(value: Any, num_layers: int) -> tuple[str, ...]:
+  kinds = (FULL_ATTENTION, SLIDING_ATTENTION)
+  if not isinstance(value, (list, tuple)) or any(t not in kinds for t in value):
+    raise _bad("layer_types", value, f"a list of {' / '.join(map(repr, kinds))}")
+  if len(value) != num_layers:
+    raise ConfigError(
+        f"config.json 'layer_types' has {len(value)} entries for num_hidden_layers="
+        f"{num_layers}; give one entry per layer."
+    )
+  return tuple(value)
+
+
+@dataclasses.dataclass(frozen=True)
+class LayerPattern:
+  """Local/global layers (Gemma 2 and 3): ``layer_types`` as written, else every
+  ``period``-th layer is global, the period read from ``period_key`` when the family has
+  one (Gemma 3's ``sliding_window_pattern``)."""
+
+  period: int
+  period_key: str | None = None
+
+  def read(self, hf: Mapping[str, Any], top: Mapping[str, Any], fields: dict[str, Any]) -> None:
+    num_layers = fields["num_layers"]
+    if hf.get("layer_types") is not None:
+      types = read_layer_types(hf["layer_types"], num_layers)
+    else:
+      period = self.period
+      if self.period_key is not None and hf.get(self.period_key) is not None:
+        period = read_positive_int(hf[self.period_key], self.period_key)
+      types = alternating_layer_types(num_layers, period)
+    fields["layer_types"] = normalized_layer_types(types)
+
+  def write(self, config: "DecoderConfig", out: dict[str, Any]) -> None:
+    out["layer_types"] = list(config.layer_types or [FULL_ATTENTION] * config.num_layers)
+    if self.period_key is None:
+      return
+    for period in range(1, config.num_layers + 1):
+      derived = normalized_layer_types(alternating_layer_types(config.num_layers, period))
+      if derived == config.layer_types:
+        out[self.period_key] = period
+        return
+
+
+@dataclasses.dataclass(frozen=True)
+class QwenSlidingWindow:
+  """Qwen's ``sliding_window``: it counts only under ``use_sliding_window``, and then
+  covers the layers from ``max_window_layers`` on (``every_layer(hf)``: all of them, as
+  Qwen3-MoE does), unless ``layer_types`` says otherwise."""
+
+  every_layer: Callable[[Mapping[str, Any]], bool] = lambda hf: False
+
+  def read(self, hf: Mapping[str, Any], top: Mapping[str, Any], fields: dict[str, Any]) -> None:
+    num_layers = fields["num_layers"]
+    fields.update(sliding_window=None, layer_types=())
+    on = hf.get("use_sliding_window")
+    window = hf.get("sliding_window", 4096)  # transformers' default; null means none
+    if on is None or not read_bool(on, "use_sliding_window") or window is None:
+      return
+    window = read_int(window, "sliding_window")
+    if window == 0:
+      return
+    if self.every_layer(hf):
+      types = (SLIDING_ATTENTION,) * num_layers
+    elif hf.get("layer_types") is not None:
+      types = read_layer_types(hf["layer_types"], num_layers)
+    else:
+      first = read_int(hf.get("max_window_layers", 28), "max_window_layers")
+      types = tuple(
+          SLIDING_ATTENTION if i >= first else FULL_ATTENTION for i in range(num_layers)
+      )
+    if SLIDING_ATTENTION in types:
+      fields.update(sliding_window=window, layer_types=types)
+
+  def write(self, config: "DecoderConfig", out: dict[str, Any]) -> None:
+    if SLIDING_ATTENTION not in config.layer_types:
+      out.update(use_sliding_window=False, sliding_window=None,
+                 max_window_layers=config.num_layers)
+      return
+    out.update(
+        use_sliding_window=True,
+        sliding_window=config.sliding_window,
+        max_window_layers=config.layer_types.index(SLIDING_ATTENTION),
+        layer_types=list(config.layer_types),
+    )
+
+
+# -- the keys every Llama-style config.json spells the same way --------------------------
+LLAMA_FIELDS: tuple[HFField, ...] = (
+    HFField("vocab_size", "vocab_size", read_positive_int),
+    HFField("hidden_size", "hidden_size", read_positive_int),
+    HFField("num_hidden_layers", "num_layers", read_positive_int),
+    HFField("num_attention_heads", "num_heads", read_positive_int),
+    HFField("num_key_value_heads", "num_kv_heads", read_positive_int,
+            derive=lambda hf, fields: fields["num_heads"]),
+    HFField("head_dim", "head_dim", read_positive_int,
+            derive=lambda hf, fields: fields["hidden_size"] // fields["num_heads"]),
+    HFField("intermediate_size", "intermediate_size", read_positive_int),
+    HFField("rms_norm_eps", "norm_eps", read_positive_float, default=1e-6),
+    HFField("max_position_embeddings", "max_position_embeddings", read_positive_int,
+            default=8192),
+    HFField("tie_word_embeddings", "tie_word_embeddings", read_bool, default=False),
+    HFField("hidden_act", "hidden_act", read_str, default="silu"),
+)
+
+
 @dataclasses.dataclass(frozen=True)
 class DecoderConfig:
   """A decoder-only transformer, described by the features the shared layers offer."""
 
   model_type: ClassVar[str] = ""
   architecture: ClassVar[str] = ""
+  # config.json <-> fields; see the module docstring.
+  HF_FIELDS: ClassVar[tuple[HFField, ...]] = LLAMA_FIELDS
+  HF_TRANSFORMS: ClassVar[tuple[HFTransform, ...]] = (TokenIds(), Rope())
+  # Switches the shared layers cannot honour: key -> what it would need.
+  HF_UNSUPPORTED: ClassVar[Mapping[str, str]] = {}
+  # Keys written as they are (what transformers needs to read the family back).
+  HF_CONSTANTS: ClassVar[Mapping[str, Any]] = {}
 
   vocab_size: int
   hidden_size: int
@@ -118,8 +469,6 @@ class DecoderConfig:
 
   def __post_init__(self) -> None:
     if self.layer_types and len(self.layer_types) != self.num_layers:
-      from tunix_zoo.errors import ConfigMismatchError
-
       raise ConfigMismatchError(
           f"layer_types has {len(self.layer_types)} entries for {self.num_layers} layers."
       )
@@ -153,122 +502,103 @@ class DecoderConfig:
 
   # -- config.json -------------------------------------------------------------
   @classmethod
-  def from_hf_config(cls, hf: dict[str, Any]) -> "DecoderConfig":
-    """Builds the config from a checkpoint's config.json (either spelling)."""
-    return cls(**cls.hf_fields(hf))
+  def from_hf_config(cls, hf: Any) -> "DecoderConfig":
+    """Builds the config from a checkpoint's config.json (either spelling).
 
-  @classmethod
-  def hf_fields(cls, hf: dict[str, Any]) -> dict[str, Any]:
-    """The fields every Llama-style config.json spells the same way."""
-    top, hf = hf, text_config(hf)
-    num_heads = hf["num_attention_heads"]
-    fields: dict[str, Any] = dict(
-        vocab_size=hf["vocab_size"],
-        hidden_size=hf["hidden_size"],
-        num_layers=hf["num_hidden_layers"],
-        num_heads=num_heads,
-        num_kv_heads=hf.get("num_key_value_heads") or num_heads,
-        head_dim=hf.get("head_dim") or hf["hidden_size"] // num_heads,
-        intermediate_size=hf["intermediate_size"],
-        norm_eps=hf.get("rms_norm_eps", 1e-6),
-        rope=read_rope(hf),
-        max_position_embeddings=hf.get("max_position_embeddings", 8192),
-        tie_word_embeddings=bool(hf.get("tie_word_embeddings", False)),
-        hidden_act=hf.get("hidden_act") or "silu",
-        **_token_ids(hf, top),
-    )
-    return fields
+    Raises ConfigError for a value of the wrong type or range, a missing key or heads
+    that do not divide; ConfigMismatchError for a switch the family cannot honour.
+
+    Example::
+
+        cfg = Llama3Config.from_hf_config({"vocab_size": 128, "hidden_size": 64, ...})
+    """
+    top = check_structure(hf)
+    text = text_config(top)
+    for key, why in cls.HF_UNSUPPORTED.items():
+      if text.get(key) is not None and read_bool(text[key], key):
+        raise ConfigMismatchError(f"This config.json sets {key}=true: {why}")
+    fields: dict[str, Any] = {}
+    for row in cls.HF_FIELDS:
+      fields[row.field] = row.read_from(text, fields)
+    for transform in cls.HF_TRANSFORMS:
+      transform.read(text, top, fields)
+    check_fields(fields)
+    return cls(**fields)
 
   def to_hf_config(self) -> dict[str, Any]:
-    """config.json in the Hub spelling (what transformers 4 and 5 both read)."""
-    return {
-        "architectures": [self.architecture],
-        "model_type": self.model_type,
-        "vocab_size": self.vocab_size,
-        "hidden_size": self.hidden_size,
-        "num_hidden_layers": self.num_layers,
-        "num_attention_heads": self.num_heads,
-        "num_key_value_heads": self.num_kv_heads,
-        "head_dim": self.head_dim,
-        "intermediate_size": self.intermediate_size,
-        "rms_norm_eps": self.norm_eps,
-        "rope_theta": self.rope.theta,
-        "rope_scaling": self.rope.to_hf(),
-        "max_position_embeddings": self.max_position_embeddings,
-        "tie_word_embeddings": self.tie_word_embeddings,
-        "hidden_act": self.hidden_act,
-        **{name: list(value) if isinstance(value, tuple) else value
-           for name in TOKEN_ID_FIELDS if (value := getattr(self, name)) is not None},
-    }
+    """config.json in the Hub spelling (what transformers 4 and 5 both read).
+
+    Example::
+
+        json.dump(cfg.to_hf_config(), open("config.json", "w"))
+    """
+    out: dict[str, Any] = {"architectures": [self.architecture], "model_type": self.model_type}
+    for row in self.HF_FIELDS:
+      value = row.write(getattr(self, row.field))
+      for key in (row.key, *row.also_write):
+        out[key] = value
+    out.update(self.HF_CONSTANTS)
+    for transform in self.HF_TRANSFORMS:
+      transform.write(self, out)
+    return out
 
 
-TOKEN_ID_FIELDS = ("bos_token_id", "eos_token_id", "pad_token_id")
-
-
-def _token_ids(text: dict[str, Any], top: dict[str, Any]) -> dict[str, Any]:
-  """The special token ids of a config.json (a multimodal one may keep them at its top)."""
-  ids: dict[str, Any] = {}
-  for name in TOKEN_ID_FIELDS:
-    value = text.get(name, top.get(name))
-    if isinstance(value, list):
-      value = tuple(value) if len(value) != 1 else value[0]
-    ids[name] = value
-  return ids
-
-
-def text_config(hf: dict[str, Any]) -> dict[str, Any]:
+def text_config(hf: Mapping[str, Any]) -> Mapping[str, Any]:
   """The language model part of a config.json (multimodal configs nest it)."""
-  return hf.get("text_config") or hf
+  nested = hf.get("text_config")
+  if nested is None:
+    return hf
+  if not isinstance(nested, Mapping):
+    raise _bad("text_config", nested, "an object (the language model's config)")
+  return nested or hf
 
 
-def read_rope(hf: dict[str, Any], layer_type: str | None = None) -> RopeConfig:
-  """The rope of a config.json, from ``rope_parameters`` or ``rope_theta``/``rope_scaling``.
-
-  ``layer_type`` picks one entry when ``rope_parameters`` is a dict per layer type.
-  """
-  params = hf.get("rope_parameters")
-  if params and layer_type and layer_type in params:
-    params = params[layer_type]
-  elif params and FULL_ATTENTION in params:
-    params = params[FULL_ATTENTION]
-  if params:
-    return RopeConfig.from_hf(params, float(params.get("rope_theta", 10_000.0)))
-  return RopeConfig.from_hf(hf.get("rope_scaling"), float(hf.get("rope_theta", 10_000.0)))
-
-
-def read_sliding_window(
-    hf: dict[str, Any], num_layers: int, *, every_layer: bool = False
-) -> dict[str, Any]:
-  """``sliding_window`` and ``layer_types`` of a Qwen config.json (both spellings).
-
-  The window counts only under ``use_sliding_window``; it then covers the layers from
-  ``max_window_layers`` on (``every_layer``: all of them, as Qwen3-MoE does), unless
-  ``layer_types`` says otherwise.
-  """
-  if not hf.get("use_sliding_window") or not hf.get("sliding_window"):
-    return dict(sliding_window=None, layer_types=())
-  if every_layer:
-    types = (SLIDING_ATTENTION,) * num_layers
-  else:
-    first = hf.get("max_window_layers", 28)
-    types = tuple(hf.get("layer_types") or (
-        SLIDING_ATTENTION if i >= first else FULL_ATTENTION for i in range(num_layers)
-    ))
-  if SLIDING_ATTENTION not in types:
-    return dict(sliding_window=None, layer_types=())
-  return dict(sliding_window=int(hf["sliding_window"]), layer_types=types)
+def check_structure(hf: Any) -> Mapping[str, Any]:
+  """``hf`` if it is a JSON object nested no deeper than :data:`MAX_NESTING`."""
+  if not isinstance(hf, Mapping):
+    raise ConfigError(
+        f"config.json holds {type(hf).__name__ if hf is not None else 'null'}, not an "
+        "object; use the config.json that belongs to these weights."
+    )
+  stack = [(hf, 1)]
+  while stack:
+    node, depth = stack.pop()
+    if depth > MAX_NESTING:
+      raise ConfigError(
+          f"config.json nests deeper than {MAX_NESTING} levels, which no model config "
+          "does; use the config.json that belongs to these weights."
+      )
+    children = node.values() if isinstance(node, Mapping) else node
+    stack += [(c, depth + 1) for c in children if isinstance(c, (Mapping, list, tuple))]
+  return hf
 
 
-def sliding_window_hf(config: DecoderConfig) -> dict[str, Any]:
-  """The Qwen config.json keys that say where the sliding window applies."""
-  if SLIDING_ATTENTION not in config.layer_types:
-    return dict(use_sliding_window=False, sliding_window=None, max_window_layers=config.num_layers)
-  return dict(
-      use_sliding_window=True,
-      sliding_window=config.sliding_window,
-      max_window_layers=config.layer_types.index(SLIDING_ATTENTION),
-      layer_types=list(config.layer_types),
-  )
+def check_fields(fields: Mapping[str, Any]) -> None:
+  """What holds between fields: heads divide, layer indices exist, experts fit."""
+  heads, kv_heads = fields["num_heads"], fields["num_kv_heads"]
+  if fields["head_dim"] < 1:
+    raise ConfigError(
+        f"config.json gives no head_dim and hidden_size={fields['hidden_size']} is smaller "
+        f"than num_attention_heads={heads}; add the checkpoint's head_dim."
+    )
+  if heads % kv_heads:
+    raise ConfigError(
+        f"config.json num_attention_heads={heads} is not a multiple of "
+        f"num_key_value_heads={kv_heads}; grouped-query attention needs it to be."
+    )
+  num_layers = fields["num_layers"]
+  bad = [i for i in fields.get("mlp_only_layers", ()) if i >= num_layers]
+  if bad:
+    raise ConfigError(
+        f"config.json mlp_only_layers names layers {bad} of a {num_layers}-layer model; "
+        "give indices below num_hidden_layers."
+    )
+  experts = fields.get("num_experts", 0)
+  if experts and not 0 < fields["num_experts_per_tok"] <= experts:
+    raise ConfigError(
+        f"config.json num_experts_per_tok={fields['num_experts_per_tok']} does not fit "
+        f"num_experts={experts}; a token is routed to 1..num_experts experts."
+    )
 
 
 def count_parameters(config: DecoderConfig, *, active: bool = False) -> int:

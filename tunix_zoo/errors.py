@@ -67,7 +67,8 @@ class ArgumentError(ZooError, ValueError):
 
 
 class ConfigError(ZooError, ValueError):
-    """A config field override is unknown, has the wrong type, or breaks the architecture."""
+    """A config.json value or a config override is unknown, has the wrong type or range, or
+    breaks the architecture (heads not a multiple of KV heads, ...)."""
 
 
 class CacheError(ZooError):

@@ -11,8 +11,7 @@ look up families; they are imported when a model is built::
                     model_class="tunix_zoo.models.qwen3.model:Qwen3ForCausalLM",
                     param_table="tunix_zoo.models.qwen3.params:QWEN3_PARAMS")
 
-    @register_config("qwen3_0p6b")
-    def qwen3_0p6b() -> Qwen3Config: ...
+    register_presets(_qwen3, {"qwen3_0p6b": dict(hidden_size=1024, num_layers=28, ...)})
 
 ``register_family`` also decorates a model class (then the class is the model class).
 Third-party packages register the same way; to be found without an explicit import
@@ -23,6 +22,7 @@ from __future__ import annotations
 
 import dataclasses
 import difflib
+import functools
 import importlib
 import importlib.metadata
 import logging
@@ -141,6 +141,19 @@ def register_config(config_id: str, *, family: str | None = None) -> Callable[[T
     return factory
 
   return decorate
+
+
+def register_presets(
+    factory: Callable[..., Any], table: dict[str, dict[str, Any]], *, family: str | None = None
+) -> None:
+  """Registers every row of ``table`` as the preset ``factory(**row)``.
+
+  Example::
+
+      register_presets(_qwen3, {"qwen3_0p6b": dict(hidden_size=1024, num_layers=28, ...)})
+  """
+  for config_id, fields in table.items():
+    register_config(config_id, family=family)(functools.partial(factory, **fields))
 
 
 def ensure_loaded() -> None:

@@ -284,7 +284,9 @@ def test_gemma3_scaled_local_rope_survives_export():
 
 
 def test_qwen2_window_is_ignored_unless_switched_on():
-  hub = hub_spelling(transformers.Qwen2Config(**SMALL, num_hidden_layers=2).to_dict())
+  hub = hub_spelling(
+      transformers.Qwen2Config(**SMALL, num_hidden_layers=2, num_key_value_heads=2).to_dict()
+  )
   hub.update(sliding_window=131_072, use_sliding_window=False, max_window_layers=0)
   cfg = Qwen2p5Config.from_hf_config(hub)
   assert cfg.sliding_window is None and cfg.layer_window(1) is None
@@ -460,3 +462,168 @@ def test_parameter_count_matches_published(config_id: str):
 def test_parameter_count_from_fields_matches_the_built_model(config_id: str):
   # `tunix-zoo list` counts from the config's fields; the model's shapes are the truth.
   assert count_parameters(registry.get_config(config_id)) == model_parameter_count(config_id)
+
+
+# -- round trips, generated from each family's tables -----------------------------------
+from tunix_zoo import config as config_tables  # noqa: E402
+from tunix_zoo.models.gemma.config import read_gemma1_activation  # noqa: E402
+from tunix_zoo.models.gemma3.config import Gemma3Ropes  # noqa: E402
+from tunix_zoo.models.qwen3.config import MOE_FIELDS, Qwen3Moe  # noqa: E402
+
+# A value strategy per reader: each table row draws its config.json value by its reader.
+READER_VALUES = {
+    config_tables.read_positive_int: st.integers(1, 64),
+    config_tables.read_positive_float: st.sampled_from([1e-6, 1e-5, 0.5, 24.0, 50.0, 1e4, 5e5]),
+    config_tables.read_float: st.sampled_from([0.0, 0.001, 0.01]),
+    config_tables.read_bool: st.booleans(),
+    config_tables.read_str: st.sampled_from(["silu", "gelu_pytorch_tanh"]),
+    read_gemma1_activation: st.sampled_from(["gelu", "gelu_pytorch_tanh"]),
+    config_tables.read_int_list: st.just([]),
+}
+# Keys whose values transformers 5 validates more narrowly than their reader does.
+KEY_VALUES = {"query_pre_attn_scalar": st.sampled_from([16, 24, 256])}
+ROPE_SCALINGS = st.sampled_from([
+    None, {"rope_type": "linear", "factor": 8.0}, {"rope_type": "linear", "factor": 2.0},
+    LLAMA31_SCALING,
+])
+FAMILIES = {
+    "gemma": GemmaConfig, "gemma2": Gemma2Config, "gemma3_text": Gemma3Config,
+    "llama": Llama3Config, "qwen2": Qwen2p5Config, "qwen3": Qwen3Config,
+    "qwen3_moe": Qwen3Config,
+}
+# Keys the draw decides jointly (heads must divide, sizes must fit), not per row.
+SHAPE_KEYS = ("num_attention_heads", "num_key_value_heads", "num_hidden_layers", "hidden_size",
+              "head_dim")
+
+
+@st.composite
+def hf_configs(draw, model_type: str) -> dict[str, Any]:
+  """A Hub-spelling config.json of ``model_type``: every table row either drawn by its
+  reader or (when it has a default) left out, and the keys of each transform."""
+  config_class = FAMILIES[model_type]
+  kv_heads, group = draw(st.integers(1, 3)), draw(st.integers(1, 3))
+  layers = draw(st.integers(1, 8))
+  heads = kv_heads * group
+  hf: dict[str, Any] = {
+      "model_type": model_type, "num_attention_heads": heads, "num_hidden_layers": layers,
+      "hidden_size": heads * draw(st.integers(1, 8)) * 2, "num_key_value_heads": kv_heads,
+  }
+  if draw(st.booleans()):
+    hf["head_dim"] = 2 * draw(st.integers(1, 8))  # rope needs an even head_dim
+  for row in config_class.HF_FIELDS:
+    optional = row.default is not config_tables.REQUIRED or row.derive is not None
+    if row.key in SHAPE_KEYS or (optional and draw(st.booleans())):
+      continue
+    hf[row.key] = draw(KEY_VALUES.get(row.key, READER_VALUES[row.read]))
+  for transform in config_class.HF_TRANSFORMS:
+    hf.update(draw(TRANSFORM_KEYS[type(transform)](model_type, layers)))
+  return hf
+
+
+def _token_id_keys(model_type: str, layers: int):
+  return st.fixed_dictionaries({}, optional={
+      "bos_token_id": st.integers(0, 9), "pad_token_id": st.integers(0, 9),
+      "eos_token_id": st.one_of(
+          st.integers(0, 9), st.lists(st.integers(0, 9), min_size=2, max_size=3)
+      ),
+  })
+
+
+def _rope_keys(model_type: str, layers: int):
+  return st.fixed_dictionaries({}, optional={
+      "rope_theta": st.sampled_from([1e4, 5e5, 1e6]), "rope_scaling": ROPE_SCALINGS,
+  })
+
+
+def _gemma3_rope_keys(model_type: str, layers: int):
+  return st.fixed_dictionaries({}, optional={
+      "rope_theta": st.sampled_from([1e4, 1e6]),
+      "rope_local_base_freq": st.sampled_from([1e4, 2e4]),
+      "rope_scaling": st.sampled_from([None, {"rope_type": "linear", "factor": 8.0}]),
+  })
+
+
+def _layer_pattern_keys(model_type: str, layers: int):
+  explicit = st.lists(st.sampled_from([S, F]), min_size=layers, max_size=layers)
+  keys = {"layer_types": explicit}
+  if model_type == "gemma3_text":
+    keys = {"sliding_window_pattern": st.integers(1, 8)}  # the Hub spelling
+  return st.fixed_dictionaries({}, optional=keys)
+
+
+def _qwen_window_keys(model_type: str, layers: int):
+  return st.fixed_dictionaries({}, optional={
+      "use_sliding_window": st.booleans(), "sliding_window": st.integers(1, 64),
+      "max_window_layers": st.integers(0, layers + 1),
+  })
+
+
+def _moe_keys(model_type: str, layers: int):
+  if model_type != "qwen3_moe":
+    return st.just({})
+  return st.integers(2, 8).flatmap(lambda experts: st.fixed_dictionaries(
+      # transformers' default of 8 experts per token would not fit fewer experts.
+      {"num_experts": st.just(experts), "num_experts_per_tok": st.integers(1, experts)},
+      optional={
+          "moe_intermediate_size": st.integers(1, 32),
+          "decoder_sparse_step": st.integers(1, 3),
+          "mlp_only_layers": st.lists(st.integers(0, layers - 1), unique=True, max_size=layers),
+          "norm_topk_prob": st.booleans(),
+          "router_aux_loss_coef": st.sampled_from([0.0, 0.001]),
+      },
+  ))
+
+
+TRANSFORM_KEYS = {
+    config_tables.TokenIds: _token_id_keys, config_tables.Rope: _rope_keys,
+    Gemma3Ropes: _gemma3_rope_keys, config_tables.LayerPattern: _layer_pattern_keys,
+    config_tables.QwenSlidingWindow: _qwen_window_keys, Qwen3Moe: _moe_keys,
+}
+
+
+def test_every_table_row_and_transform_has_a_strategy():
+  for config_class in set(FAMILIES.values()):
+    assert {row.read for row in config_class.HF_FIELDS} <= set(READER_VALUES)
+    assert {type(t) for t in config_class.HF_TRANSFORMS} <= set(TRANSFORM_KEYS)
+  assert {row.read for row in MOE_FIELDS} <= set(READER_VALUES)
+
+
+@pytest.mark.parametrize("model_type", sorted(FAMILIES))
+@settings(max_examples=25, deadline=None)
+@given(data=st.data())
+def test_round_trips_through_both_spellings(model_type: str, data):
+  config_class = FAMILIES[model_type]
+  hub = data.draw(hf_configs(model_type))
+  cfg = config_class.from_hf_config(hub)
+  # transformers reads the same config.json (defaults included) to the same model...
+  written_by_transformers = transformers_reading(hub)
+  assert config_class.from_hf_config(written_by_transformers) == cfg
+  # ...and writes it in the transformers 5 spelling, which we read as well.
+  assert "rope_parameters" in written_by_transformers and "rope_theta" not in written_by_transformers
+  # What we write (the Hub spelling) reads back to the same config, in both libraries.
+  written = cfg.to_hf_config()
+  assert "rope_theta" in written and "torch_dtype" not in written
+  assert config_class.from_hf_config(written) == cfg
+  assert config_class.from_hf_config(transformers_reading(written)) == cfg
+  # Token ids are compare=False: check them on their own.
+  for name in config_tables.TOKEN_ID_FIELDS:
+    assert getattr(config_class.from_hf_config(written), name) == getattr(cfg, name)
+
+
+def test_multimodal_gemma3_keeps_its_top_level_eos_token_ids():
+  # google/gemma-3-4b-it: the eos ids sit at the top level, beside text_config. They used
+  # to be lost when the text config was flattened (eos None: generation never stopped).
+  hub = {
+      "architectures": ["Gemma3ForConditionalGeneration"], "model_type": "gemma3",
+      "eos_token_id": [1, 106], "bos_token_id": 2, "pad_token_id": 0,
+      "text_config": {"hidden_size": 2560, "intermediate_size": 10240,
+                      "model_type": "gemma3_text", "num_hidden_layers": 34,
+                      "rope_scaling": {"factor": 8.0, "rope_type": "linear"},
+                      "sliding_window": 1024},
+  }
+  cfg = Gemma3Config.from_hf_config(hub)
+  assert (cfg.eos_token_id, cfg.bos_token_id, cfg.pad_token_id) == ((1, 106), 2, 0)
+  assert cfg.to_hf_config()["eos_token_id"] == [1, 106]
+  # transformers 5 writes the text config's own default (1) inside: the top level wins.
+  assert transformers_reading(hub)["text_config"]["eos_token_id"] == 1
+  assert Gemma3Config.from_hf_config(transformers_reading(hub)).eos_token_id == (1, 106)

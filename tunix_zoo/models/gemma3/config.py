@@ -15,26 +15,60 @@ Example::
 from __future__ import annotations
 
 import dataclasses
-from typing import Any, ClassVar
+from typing import Any, ClassVar, Mapping
 
 from tunix_zoo.config import (
     FULL_ATTENTION,
     SLIDING_ATTENTION,
+    LayerPattern,
     RopeConfig,
-    read_rope,
-    text_config,
-)
-from tunix_zoo.models.gemma.config import GemmaConfig
-from tunix_zoo.models.gemma2.config import (
-    Gemma2Config,
+    TokenIds,
     alternating_layer_types,
-    normalized_layer_types,
+    read_positive_float,
+    read_rope,
+    with_defaults,
 )
-from tunix_zoo.registry import register_config, register_family
+from tunix_zoo.models.gemma2.config import Gemma2Config
+from tunix_zoo.registry import register_family, register_presets
 
 GLOBAL_THETA = 1_000_000.0
 LOCAL_THETA = 10_000.0
 SLIDING_WINDOW_PATTERN = 6
+
+
+@dataclasses.dataclass(frozen=True)
+class Gemma3Ropes:
+  """The global and the local (sliding-window) rope: ``rope_parameters`` per layer type
+  (transformers 5), or ``rope_theta`` / ``rope_scaling`` and ``rope_local_base_freq``."""
+
+  def read(self, hf: Mapping[str, Any], top: Mapping[str, Any], fields: dict[str, Any]) -> None:
+    local_theta = read_positive_float(
+        hf.get("rope_local_base_freq", LOCAL_THETA), "rope_local_base_freq"
+    )
+    params = hf.get("rope_parameters")
+    if isinstance(params, Mapping) and (FULL_ATTENTION in params or SLIDING_ATTENTION in params):
+      theta = read_positive_float(hf.get("rope_theta", GLOBAL_THETA), "rope_theta")
+      fields["rope"] = RopeConfig.from_hf(
+          params.get(FULL_ATTENTION), theta, f"rope_parameters.{FULL_ATTENTION}"
+      )
+      fields["local_rope"] = RopeConfig.from_hf(
+          params.get(SLIDING_ATTENTION), local_theta, f"rope_parameters.{SLIDING_ATTENTION}"
+      )
+    else:
+      fields["rope"] = read_rope(hf, GLOBAL_THETA)
+      fields["local_rope"] = RopeConfig(theta=local_theta)
+
+  def write(self, config: "Gemma3Config", out: dict[str, Any]) -> None:
+    local_rope = config.local_rope or config.rope
+    out.update(rope_theta=config.rope.theta, rope_scaling=config.rope.to_hf(),
+               rope_local_base_freq=local_rope.theta)
+    if local_rope.kind != "default":
+      # The Hub spelling has no key for a scaled local rope; transformers 5 reads this one.
+      out["rope_parameters"] = {
+          FULL_ATTENTION: {**(config.rope.to_hf() or {"rope_type": "default"}),
+                           "rope_theta": config.rope.theta},
+          SLIDING_ATTENTION: {**local_rope.to_hf(), "rope_theta": local_rope.theta},
+      }
 
 
 @dataclasses.dataclass(frozen=True)
@@ -50,58 +84,19 @@ class Gemma3Config(Gemma2Config):
       "Gemma3ForConditionalGeneration",
   )
   # transformers' Gemma3TextConfig defaults: multimodal config.json files rely on them.
-  hf_defaults: ClassVar[dict[str, Any]] = {
-      **GemmaConfig.hf_defaults,
-      "vocab_size": 262_208,
-      "hidden_size": 2304,
-      "intermediate_size": 9216,
-      "num_hidden_layers": 26,
-      "num_attention_heads": 8,
-      "num_key_value_heads": 4,
-      "max_position_embeddings": 131_072,
-      "rope_theta": GLOBAL_THETA,
-      "rope_local_base_freq": LOCAL_THETA,
-      "query_pre_attn_scalar": 256,
-      "attn_logit_softcapping": None,
-      "final_logit_softcapping": None,
-      "sliding_window": 4096,
-      "sliding_window_pattern": SLIDING_WINDOW_PATTERN,
-  }
+  HF_FIELDS: ClassVar = with_defaults(
+      Gemma2Config.HF_FIELDS,
+      vocab_size=262_208, hidden_size=2304, intermediate_size=9216, num_hidden_layers=26,
+      num_attention_heads=8, num_key_value_heads=4, max_position_embeddings=131_072,
+      attn_logit_softcapping=None, final_logit_softcapping=None,
+  )
+  HF_TRANSFORMS: ClassVar = (
+      TokenIds(), Gemma3Ropes(),
+      LayerPattern(period=SLIDING_WINDOW_PATTERN, period_key="sliding_window_pattern"),
+  )
 
   qk_norm: bool = True
   local_rope: RopeConfig | None = RopeConfig(theta=LOCAL_THETA)
-
-  @classmethod
-  def hf_fields(cls, hf: dict[str, Any]) -> dict[str, Any]:
-    hf = {**cls.hf_defaults, **text_config(hf)}
-    fields = super().hf_fields(hf)
-    rope, local_rope = _read_ropes(hf)
-    fields.update(qk_norm=True, rope=rope, local_rope=local_rope)
-    return fields
-
-  @classmethod
-  def read_layer_types(cls, hf: dict[str, Any], num_layers: int) -> tuple[str, ...]:
-    """``layer_types`` as written, else from ``sliding_window_pattern`` as transformers does."""
-    types = hf.get("layer_types") or alternating_layer_types(
-        num_layers, period=int(hf["sliding_window_pattern"])
-    )
-    return normalized_layer_types(types)
-
-  def to_hf_config(self) -> dict[str, Any]:
-    out = super().to_hf_config()
-    local_rope = self.local_rope or self.rope
-    out["rope_local_base_freq"] = local_rope.theta
-    pattern = _pattern_of(self.layer_types, self.num_layers)
-    if pattern is not None:
-      out["sliding_window_pattern"] = pattern
-    if local_rope.kind != "default":
-      # The Hub spelling has no key for a scaled local rope; transformers 5 reads this one.
-      out["rope_parameters"] = {
-          FULL_ATTENTION: {**(self.rope.to_hf() or {"rope_type": "default"}),
-                           "rope_theta": self.rope.theta},
-          SLIDING_ATTENTION: {**local_rope.to_hf(), "rope_theta": local_rope.theta},
-      }
-    return out
 
 
 FAMILY = register_family(
@@ -112,27 +107,6 @@ FAMILY = register_family(
     model_class="tunix_zoo.layers.decoder:DecoderLM",
     param_table="tunix_zoo.models.gemma3.params:GEMMA3_PARAMS",
 )
-
-
-def _read_ropes(hf: dict[str, Any]) -> tuple[RopeConfig, RopeConfig]:
-  """The global and local ropes, from ``rope_parameters`` per layer type or the Hub keys."""
-  params = hf.get("rope_parameters") or {}
-  if FULL_ATTENTION in params or SLIDING_ATTENTION in params:
-    full = params.get(FULL_ATTENTION) or {}
-    local = params.get(SLIDING_ATTENTION) or {}
-    return (
-        RopeConfig.from_hf(full, float(full.get("rope_theta", hf["rope_theta"]))),
-        RopeConfig.from_hf(local, float(local.get("rope_theta", hf["rope_local_base_freq"]))),
-    )
-  return read_rope(hf), RopeConfig(theta=float(hf["rope_local_base_freq"]))
-
-
-def _pattern_of(layer_types: tuple[str, ...], num_layers: int) -> int | None:
-  """The ``sliding_window_pattern`` that derives ``layer_types``, if one does."""
-  for period in range(1, num_layers + 1):
-    if normalized_layer_types(alternating_layer_types(num_layers, period)) == layer_types:
-      return period
-  return None
 
 
 def _gemma3(**fields: Any) -> Gemma3Config:
@@ -151,81 +125,33 @@ def _gemma3(**fields: Any) -> Gemma3Config:
 _LONG_ROPE = RopeConfig(theta=GLOBAL_THETA, kind="linear", factor=8.0)
 
 
-@register_config("gemma3_270m")
-def gemma3_270m() -> Gemma3Config:
-  """google/gemma-3-270m: 268M parameters."""
-  return _gemma3(
-      vocab_size=262_144,
-      hidden_size=640,
-      num_layers=18,
-      num_heads=4,
-      num_kv_heads=1,
-      intermediate_size=2048,
-      sliding_window=512,
-      max_position_embeddings=32_768,
-  )
-
-
-@register_config("gemma3_1b")
-def gemma3_1b() -> Gemma3Config:
-  """google/gemma-3-1b-pt: 1.0B parameters."""
-  return _gemma3(
-      vocab_size=262_144,
-      hidden_size=1152,
-      num_layers=26,
-      num_heads=4,
-      num_kv_heads=1,
-      intermediate_size=6912,
-      sliding_window=512,
-      max_position_embeddings=32_768,
-  )
-
-
-@register_config("gemma3_4b")
-def gemma3_4b() -> Gemma3Config:
-  """google/gemma-3-4b-pt text decoder: 3.88B parameters (4.3B with the vision tower)."""
-  return _gemma3(
-      vocab_size=262_208,
-      hidden_size=2560,
-      num_layers=34,
-      num_heads=8,
-      num_kv_heads=4,
-      intermediate_size=10_240,
-      sliding_window=1024,
-      max_position_embeddings=131_072,
-      rope=_LONG_ROPE,
-  )
-
-
-@register_config("gemma3_12b")
-def gemma3_12b() -> Gemma3Config:
-  """google/gemma-3-12b-pt text decoder: 11.8B parameters (12.2B with the vision tower)."""
-  return _gemma3(
-      vocab_size=262_208,
-      hidden_size=3840,
-      num_layers=48,
-      num_heads=16,
-      num_kv_heads=8,
-      intermediate_size=15_360,
-      sliding_window=1024,
-      max_position_embeddings=131_072,
-      rope=_LONG_ROPE,
-  )
-
-
-@register_config("gemma3_27b")
-def gemma3_27b() -> Gemma3Config:
-  """google/gemma-3-27b-pt text decoder: 27.0B parameters (27.4B with the vision tower)."""
-  return _gemma3(
-      vocab_size=262_208,
-      hidden_size=5376,
-      num_layers=62,
-      num_heads=32,
-      num_kv_heads=16,
-      head_dim=128,
-      intermediate_size=21_504,
-      query_pre_attn_scalar=168.0,
-      sliding_window=1024,
-      max_position_embeddings=131_072,
-      rope=_LONG_ROPE,
-  )
+register_presets(_gemma3, {
+    # google/gemma-3-270m: 268M parameters.
+    "gemma3_270m": dict(
+        vocab_size=262_144, hidden_size=640, num_layers=18, num_heads=4, num_kv_heads=1,
+        intermediate_size=2048, sliding_window=512, max_position_embeddings=32_768,
+    ),
+    # google/gemma-3-1b-pt: 1.0B parameters.
+    "gemma3_1b": dict(
+        vocab_size=262_144, hidden_size=1152, num_layers=26, num_heads=4, num_kv_heads=1,
+        intermediate_size=6912, sliding_window=512, max_position_embeddings=32_768,
+    ),
+    # google/gemma-3-4b-pt text decoder: 3.88B parameters (4.3B with the vision tower).
+    "gemma3_4b": dict(
+        vocab_size=262_208, hidden_size=2560, num_layers=34, num_heads=8, num_kv_heads=4,
+        intermediate_size=10_240, sliding_window=1024, max_position_embeddings=131_072,
+        rope=_LONG_ROPE,
+    ),
+    # google/gemma-3-12b-pt text decoder: 11.8B parameters (12.2B with the vision tower).
+    "gemma3_12b": dict(
+        vocab_size=262_208, hidden_size=3840, num_layers=48, num_heads=16, num_kv_heads=8,
+        intermediate_size=15_360, sliding_window=1024, max_position_embeddings=131_072,
+        rope=_LONG_ROPE,
+    ),
+    # google/gemma-3-27b-pt text decoder: 27.0B parameters (27.4B with the vision tower).
+    "gemma3_27b": dict(
+        vocab_size=262_208, hidden_size=5376, num_layers=62, num_heads=32, num_kv_heads=16,
+        head_dim=128, intermediate_size=21_504, query_pre_attn_scalar=168.0,
+        sliding_window=1024, max_position_embeddings=131_072, rope=_LONG_ROPE,
+    ),
+})

@@ -14,9 +14,8 @@ from __future__ import annotations
 import dataclasses
 from typing import Any, ClassVar
 
-from tunix_zoo.config import DecoderConfig, RopeConfig, text_config
-from tunix_zoo.errors import ConfigMismatchError
-from tunix_zoo.registry import register_config, register_family
+from tunix_zoo.config import LLAMA_FIELDS, DecoderConfig, RopeConfig, with_defaults
+from tunix_zoo.registry import register_family, register_presets
 
 
 @dataclasses.dataclass(frozen=True)
@@ -25,24 +24,13 @@ class Llama3Config(DecoderConfig):
 
   model_type: ClassVar[str] = "llama"
   architecture: ClassVar[str] = "LlamaForCausalLM"
-  # What transformers' LlamaConfig assumes for keys a config.json may leave out.
-  hf_defaults: ClassVar[dict[str, Any]] = {
-      "rms_norm_eps": 1e-6,
-      "rope_theta": 10_000.0,
-      "max_position_embeddings": 2048,
-      "tie_word_embeddings": False,
+  # transformers' LlamaConfig defaults for keys a config.json may leave out.
+  HF_FIELDS: ClassVar = with_defaults(LLAMA_FIELDS, max_position_embeddings=2048)
+  HF_UNSUPPORTED: ClassVar = {
+      flag: "no published Llama 3 has projection biases and tunix_zoo does not implement "
+      "them; load a checkpoint without them."
+      for flag in ("attention_bias", "mlp_bias")
   }
-
-  @classmethod
-  def hf_fields(cls, hf: dict[str, Any]) -> dict[str, Any]:
-    hf = {**cls.hf_defaults, **text_config(hf)}
-    for flag in ("attention_bias", "mlp_bias"):
-      if hf.get(flag):
-        raise ConfigMismatchError(
-            f"This Llama config.json sets {flag}=true, which no published Llama 3 uses and "
-            "tunix_zoo does not implement; load a checkpoint without projection biases."
-        )
-    return super().hf_fields(hf)
 
 
 FAMILY = register_family(
@@ -78,64 +66,41 @@ def _llama3p1_rope(factor: float) -> RopeConfig:
   )
 
 
-@register_config("llama3_8b")
-def llama3_8b() -> Llama3Config:
-  """meta-llama/Meta-Llama-3-8B: 8.03B parameters."""
-  return _llama3(
-      hidden_size=4096, num_layers=32, num_heads=32, num_kv_heads=8, intermediate_size=14_336,
-      rope=_LLAMA3_ROPE, max_position_embeddings=8192,
-  )
-
-
-@register_config("llama3_70b")
-def llama3_70b() -> Llama3Config:
-  """meta-llama/Meta-Llama-3-70B: 70.6B parameters."""
-  return _llama3(
-      hidden_size=8192, num_layers=80, num_heads=64, num_kv_heads=8, intermediate_size=28_672,
-      rope=_LLAMA3_ROPE, max_position_embeddings=8192,
-  )
-
-
-@register_config("llama3p1_8b")
-def llama3p1_8b() -> Llama3Config:
-  """meta-llama/Llama-3.1-8B: 8.03B parameters."""
-  return _llama3(
-      hidden_size=4096, num_layers=32, num_heads=32, num_kv_heads=8, intermediate_size=14_336,
-      rope=_llama3p1_rope(8.0), max_position_embeddings=131_072,
-  )
-
-
-@register_config("llama3p1_70b")
-def llama3p1_70b() -> Llama3Config:
-  """meta-llama/Llama-3.1-70B: 70.6B parameters."""
-  return _llama3(
-      hidden_size=8192, num_layers=80, num_heads=64, num_kv_heads=8, intermediate_size=28_672,
-      rope=_llama3p1_rope(8.0), max_position_embeddings=131_072,
-  )
-
-
-@register_config("llama3p1_405b")
-def llama3p1_405b() -> Llama3Config:
-  """meta-llama/Llama-3.1-405B: 405.9B parameters."""
-  return _llama3(
-      hidden_size=16_384, num_layers=126, num_heads=128, num_kv_heads=8,
-      intermediate_size=53_248, rope=_llama3p1_rope(8.0), max_position_embeddings=131_072,
-  )
-
-
-@register_config("llama3p2_1b")
-def llama3p2_1b() -> Llama3Config:
-  """meta-llama/Llama-3.2-1B: 1.24B parameters (tied LM head)."""
-  return _llama3(
-      hidden_size=2048, num_layers=16, num_heads=32, num_kv_heads=8, intermediate_size=8192,
-      rope=_llama3p1_rope(32.0), max_position_embeddings=131_072, tie_word_embeddings=True,
-  )
-
-
-@register_config("llama3p2_3b")
-def llama3p2_3b() -> Llama3Config:
-  """meta-llama/Llama-3.2-3B: 3.21B parameters (tied LM head)."""
-  return _llama3(
-      hidden_size=3072, num_layers=28, num_heads=24, num_kv_heads=8, intermediate_size=8192,
-      rope=_llama3p1_rope(32.0), max_position_embeddings=131_072, tie_word_embeddings=True,
-  )
+PRESETS = {
+    # meta-llama/Meta-Llama-3-8B: 8.03B parameters.
+    "llama3_8b": dict(
+        hidden_size=4096, num_layers=32, num_heads=32, num_kv_heads=8,
+        intermediate_size=14_336, rope=_LLAMA3_ROPE, max_position_embeddings=8192,
+    ),
+    # meta-llama/Meta-Llama-3-70B: 70.6B parameters.
+    "llama3_70b": dict(
+        hidden_size=8192, num_layers=80, num_heads=64, num_kv_heads=8,
+        intermediate_size=28_672, rope=_LLAMA3_ROPE, max_position_embeddings=8192,
+    ),
+    # meta-llama/Llama-3.1-8B: 8.03B parameters.
+    "llama3p1_8b": dict(
+        hidden_size=4096, num_layers=32, num_heads=32, num_kv_heads=8,
+        intermediate_size=14_336, rope=_llama3p1_rope(8.0), max_position_embeddings=131_072,
+    ),
+    # meta-llama/Llama-3.1-70B: 70.6B parameters.
+    "llama3p1_70b": dict(
+        hidden_size=8192, num_layers=80, num_heads=64, num_kv_heads=8,
+        intermediate_size=28_672, rope=_llama3p1_rope(8.0), max_position_embeddings=131_072,
+    ),
+    # meta-llama/Llama-3.1-405B: 405.9B parameters.
+    "llama3p1_405b": dict(
+        hidden_size=16_384, num_layers=126, num_heads=128, num_kv_heads=8,
+        intermediate_size=53_248, rope=_llama3p1_rope(8.0), max_position_embeddings=131_072,
+    ),
+    # meta-llama/Llama-3.2-1B: 1.24B parameters (tied LM head).
+    "llama3p2_1b": dict(
+        hidden_size=2048, num_layers=16, num_heads=32, num_kv_heads=8, intermediate_size=8192,
+        rope=_llama3p1_rope(32.0), max_position_embeddings=131_072, tie_word_embeddings=True,
+    ),
+    # meta-llama/Llama-3.2-3B: 3.21B parameters (tied LM head).
+    "llama3p2_3b": dict(
+        hidden_size=3072, num_layers=28, num_heads=24, num_kv_heads=8, intermediate_size=8192,
+        rope=_llama3p1_rope(32.0), max_position_embeddings=131_072, tie_word_embeddings=True,
+    ),
+}
+register_presets(_llama3, PRESETS)

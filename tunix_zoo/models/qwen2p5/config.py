@@ -16,13 +16,15 @@ import dataclasses
 from typing import Any, ClassVar
 
 from tunix_zoo.config import (
+    LLAMA_FIELDS,
     DecoderConfig,
+    QwenSlidingWindow,
+    Rope,
     RopeConfig,
-    read_sliding_window,
-    sliding_window_hf,
-    text_config,
+    TokenIds,
+    with_defaults,
 )
-from tunix_zoo.registry import register_config, register_family
+from tunix_zoo.registry import register_family, register_presets
 
 
 @dataclasses.dataclass(frozen=True)
@@ -31,26 +33,14 @@ class Qwen2p5Config(DecoderConfig):
 
   model_type: ClassVar[str] = "qwen2"
   architecture: ClassVar[str] = "Qwen2ForCausalLM"
-  # What transformers' Qwen2Config assumes for keys a config.json may leave out.
-  hf_defaults: ClassVar[dict[str, Any]] = {
-      "rms_norm_eps": 1e-6,
-      "rope_theta": 10_000.0,
-      "max_position_embeddings": 32_768,
-      "tie_word_embeddings": False,
-  }
+  # transformers' Qwen2Config defaults for keys a config.json may leave out.
+  HF_FIELDS: ClassVar = with_defaults(
+      LLAMA_FIELDS, num_key_value_heads=32, max_position_embeddings=32_768
+  )
+  HF_TRANSFORMS: ClassVar = (TokenIds(), Rope(), QwenSlidingWindow())
 
+  # Qwen2 has no switch for it: q/k/v always carry a bias, o never does.
   attention_bias: bool = True
-
-  @classmethod
-  def hf_fields(cls, hf: dict[str, Any]) -> dict[str, Any]:
-    hf = {**cls.hf_defaults, **text_config(hf)}
-    fields = super().hf_fields(hf)
-    # Qwen2 has no switch for it: q/k/v always carry a bias, o never does.
-    fields.update(attention_bias=True, **read_sliding_window(hf, fields["num_layers"]))
-    return fields
-
-  def to_hf_config(self) -> dict[str, Any]:
-    return {**super().to_hf_config(), **sliding_window_hf(self)}
 
 
 FAMILY = register_family(
@@ -71,64 +61,41 @@ def _qwen2p5(**fields: Any) -> Qwen2p5Config:
   )
 
 
-@register_config("qwen2p5_0p5b")
-def qwen2p5_0p5b() -> Qwen2p5Config:
-  """Qwen/Qwen2.5-0.5B: 0.49B parameters."""
-  return _qwen2p5(
-      vocab_size=151_936, hidden_size=896, num_layers=24, num_heads=14, num_kv_heads=2,
-      intermediate_size=4864, max_position_embeddings=32_768, tie_word_embeddings=True,
-  )
-
-
-@register_config("qwen2p5_1p5b")
-def qwen2p5_1p5b() -> Qwen2p5Config:
-  """Qwen/Qwen2.5-1.5B: 1.54B parameters."""
-  return _qwen2p5(
-      vocab_size=151_936, hidden_size=1536, num_layers=28, num_heads=12, num_kv_heads=2,
-      intermediate_size=8960, max_position_embeddings=32_768, tie_word_embeddings=True,
-  )
-
-
-@register_config("qwen2p5_3b")
-def qwen2p5_3b() -> Qwen2p5Config:
-  """Qwen/Qwen2.5-3B: 3.09B parameters."""
-  return _qwen2p5(
-      vocab_size=151_936, hidden_size=2048, num_layers=36, num_heads=16, num_kv_heads=2,
-      intermediate_size=11_008, max_position_embeddings=32_768, tie_word_embeddings=True,
-  )
-
-
-@register_config("qwen2p5_7b")
-def qwen2p5_7b() -> Qwen2p5Config:
-  """Qwen/Qwen2.5-7B: 7.62B parameters."""
-  return _qwen2p5(
-      vocab_size=152_064, hidden_size=3584, num_layers=28, num_heads=28, num_kv_heads=4,
-      intermediate_size=18_944, max_position_embeddings=131_072,
-  )
-
-
-@register_config("qwen2p5_14b")
-def qwen2p5_14b() -> Qwen2p5Config:
-  """Qwen/Qwen2.5-14B: 14.7B parameters."""
-  return _qwen2p5(
-      vocab_size=152_064, hidden_size=5120, num_layers=48, num_heads=40, num_kv_heads=8,
-      intermediate_size=13_824, max_position_embeddings=131_072,
-  )
-
-
-@register_config("qwen2p5_32b")
-def qwen2p5_32b() -> Qwen2p5Config:
-  """Qwen/Qwen2.5-32B: 32.8B parameters."""
-  return _qwen2p5(
-      vocab_size=152_064, hidden_size=5120, num_layers=64, num_heads=40, num_kv_heads=8,
-      intermediate_size=27_648, max_position_embeddings=131_072,
-  )
-
-
-@register_config("qwen2p5_72b")
-def qwen2p5_72b() -> Qwen2p5Config:
-  """Qwen/Qwen2.5-72B: 72.7B parameters."""
-  return _qwen2p5(
-      vocab_size=152_064, hidden_size=8192, num_layers=80, num_heads=64, num_kv_heads=8,
-      intermediate_size=29_568, max_position_embeddings=131_072,
-  )
+PRESETS = {
+    # Qwen/Qwen2.5-0.5B: 0.49B parameters.
+    "qwen2p5_0p5b": dict(
+        vocab_size=151_936, hidden_size=896, num_layers=24, num_heads=14, num_kv_heads=2,
+        intermediate_size=4864, max_position_embeddings=32_768, tie_word_embeddings=True,
+    ),
+    # Qwen/Qwen2.5-1.5B: 1.54B parameters.
+    "qwen2p5_1p5b": dict(
+        vocab_size=151_936, hidden_size=1536, num_layers=28, num_heads=12, num_kv_heads=2,
+        intermediate_size=8960, max_position_embeddings=32_768, tie_word_embeddings=True,
+    ),
+    # Qwen/Qwen2.5-3B: 3.09B parameters.
+    "qwen2p5_3b": dict(
+        vocab_size=151_936, hidden_size=2048, num_layers=36, num_heads=16, num_kv_heads=2,
+        intermediate_size=11_008, max_position_embeddings=32_768, tie_word_embeddings=True,
+    ),
+    # Qwen/Qwen2.5-7B: 7.62B parameters.
+    "qwen2p5_7b": dict(
+        vocab_size=152_064, hidden_size=3584, num_layers=28, num_heads=28, num_kv_heads=4,
+        intermediate_size=18_944, max_position_embeddings=131_072,
+    ),
+    # Qwen/Qwen2.5-14B: 14.7B parameters.
+    "qwen2p5_14b": dict(
+        vocab_size=152_064, hidden_size=5120, num_layers=48, num_heads=40, num_kv_heads=8,
+        intermediate_size=13_824, max_position_embeddings=131_072,
+    ),
+    # Qwen/Qwen2.5-32B: 32.8B parameters.
+    "qwen2p5_32b": dict(
+        vocab_size=152_064, hidden_size=5120, num_layers=64, num_heads=40, num_kv_heads=8,
+        intermediate_size=27_648, max_position_embeddings=131_072,
+    ),
+    # Qwen/Qwen2.5-72B: 72.7B parameters.
+    "qwen2p5_72b": dict(
+        vocab_size=152_064, hidden_size=8192, num_layers=80, num_heads=64, num_kv_heads=8,
+        intermediate_size=29_568, max_position_embeddings=131_072,
+    ),
+}
+register_presets(_qwen2p5, PRESETS)
