@@ -642,7 +642,10 @@ class _StreamedFile:
     os.remove(self._data_path)
 
   def abort(self) -> None:
-    self._data.close()
+    try:
+      self._data.close()
+    except OSError:
+      pass  # Flushing what a full disk refused fails again; the file is removed below.
     for path in (self._data_path, self.path):
       if os.path.exists(path):
         os.remove(path)
