@@ -31,7 +31,7 @@ from jax.sharding import Mesh
 from tunix_zoo import arguments, registry, sharding
 from tunix_zoo.build import abstract_model, initialise, module_path, parameter_shardings
 from tunix_zoo.checkpoint import orbax_io
-from tunix_zoo.checkpoint.loader import load_checkpoint
+from tunix_zoo.checkpoint.loader import check_layer_count, load_checkpoint
 from tunix_zoo.checkpoint.safetensors_io import CheckpointFiles
 from tunix_zoo.config import DecoderConfig
 from tunix_zoo.errors import CheckpointError, ConfigError, ConfigMismatchError, SourceError, ZooError
@@ -223,6 +223,7 @@ def load_folder(
   preset = preset_for(preset_id)
   if preset is not None:
     check_against_preset(config, *preset)
+  check_layer_count(folder, spec.param_table, config.num_layers)
   if "ConditionalGeneration" in " ".join(hf_config.get("architectures") or ()):
     log.warning(
         "%s is a multimodal checkpoint: loading its language model only; the vision "

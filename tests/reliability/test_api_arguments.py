@@ -4,7 +4,10 @@ leaves the checkpoint folder as it was."""
 from __future__ import annotations
 
 import hashlib
+import json
 import pathlib
+import shutil
+import time
 
 import jax
 import jax.numpy as jnp
@@ -14,7 +17,8 @@ from flax import nnx
 
 from tests.sources import servers
 from tunix_zoo import AutoModel, sharding
-from tunix_zoo.errors import ArgumentError, ShardingError, SourceError, ZooError
+from tunix_zoo.errors import (ArgumentError, CheckpointError, ShardingError, SourceError,
+                              ZooError)
 
 
 @pytest.fixture(scope="module")
@@ -76,3 +80,16 @@ def test_rules_for_foreign_axes_shard_the_parameters():
 
 def test_every_argument_error_is_a_zoo_error():
   assert issubclass(ArgumentError, ZooError) and issubclass(ArgumentError, ValueError)
+
+
+def test_config_claiming_more_layers_than_the_weights_fails_before_building(folder, tmp_path):
+  bad = tmp_path / "bad"
+  shutil.copytree(folder, bad)
+  config = json.loads((bad / "config.json").read_text())
+  config["num_hidden_layers"] = 50000
+  (bad / "config.json").write_text(json.dumps(config))
+  start = time.monotonic()
+  with pytest.raises(CheckpointError, match=r"says the model has 50000 layers, but the weights "
+                     r"hold 1 \(numbered 0\.\.0\)"):
+    AutoModel.from_pretrained(str(bad))
+  assert time.monotonic() - start < 5  # building 50000 layers takes minutes

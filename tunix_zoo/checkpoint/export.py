@@ -14,8 +14,17 @@ holds about one parameter (plus the writer's copy buffer) whatever the model's s
 
 Atomicity: everything is written into a hidden staging folder next to ``out_dir`` (same
 filesystem) and renamed into place at the end, so ``out_dir`` either does not exist or
-is complete. An exception removes the staging folder; a hard kill can leave only a
-hidden ``.<name>.partial-*`` folder, which never passes for a checkpoint.
+is complete. Replacing an existing ``out_dir`` (``overwrite=True``) swaps the two folders
+in one step with Linux's ``renameat2(RENAME_EXCHANGE)``, so ``out_dir`` always holds
+the old or the new checkpoint. Where that call is missing (other systems, filesystems
+without it), the old folder is first renamed to a hidden ``.<name>.replaced-*`` folder;
+a process killed between the two renames leaves it there, and the next
+``save_pretrained`` to the same ``out_dir`` puts it back before anything else. An
+exception removes the staging folder; a hard kill can leave a hidden
+``.<name>.partial-*`` folder, which never passes for a checkpoint and is deleted by the
+next successful export to the same ``out_dir`` (each staging folder is ``flock``-ed
+while in use, so a concurrent export's is left alone). A full disk or a read-only
+folder is an ``ExportError`` naming the folder.
 
 Several processes (multi-host): every process must call ``save_pretrained`` with the same
 arguments, as with any collective. A tensor whose shards on process 0's devices already
@@ -29,12 +38,16 @@ raises or returns together and none returns before the folder exists.
 
 from __future__ import annotations
 
+import ctypes
 import dataclasses
+import errno
+import fcntl
 import json
 import logging
 import os
 import pathlib
 import shutil
+import sys
 import uuid
 from typing import Any
 
@@ -98,6 +111,10 @@ def save_pretrained(
 
       save_pretrained(model, "/ckpt/my-sft", dtype=jnp.bfloat16, source_dir=original_folder)
   """
+  if not isinstance(out_dir, (str, os.PathLike)) or not os.fspath(out_dir):
+    raise ExportError(f"out_dir={out_dir!r} is not a folder path; pass e.g. '/ckpt/my-sft'.")
+  if not isinstance(overwrite, bool):
+    raise ExportError(f"overwrite={overwrite!r} must be True or False.")
   out = pathlib.Path(out_dir).absolute()
   target_dtype = _target_dtype(dtype)
   max_shard_size = parse_size(max_shard_size)
@@ -136,8 +153,11 @@ def save_pretrained(
     if writer is not None:
       writer.abort()
       shutil.rmtree(staging, ignore_errors=True)
+      _release(staging)
     if isinstance(e, Exception):
       _all_agree(False)  # The other processes wait for this verdict below.
+    if isinstance(e, OSError):
+      raise _os_error(e, out.parent) from e
     raise
   if not _all_agree(True):
     raise ExportError(f"Exporting to {out} failed on process 0; see its error.")
@@ -234,15 +254,79 @@ def new_staging_folder(out: pathlib.Path, overwrite: bool) -> pathlib.Path:
   """
   if out.exists() and not out.is_dir():
     raise ExportError(f"{out} exists and is not a folder; choose another out_dir.")
+  _recover_replaced(out)
   if out.is_dir() and any(out.iterdir()) and not overwrite:
     raise ExportError(
         f"{out} already exists and is not empty; pass overwrite=True to replace it, or "
         "choose another out_dir."
     )
-  out.parent.mkdir(parents=True, exist_ok=True)
-  staging = out.parent / f".{out.name}.partial-{uuid.uuid4().hex[:12]}"
-  staging.mkdir()  # Not tempfile.mkdtemp: its 0700 mode would end up on out_dir.
+  try:
+    out.parent.mkdir(parents=True, exist_ok=True)
+    staging = out.parent / f".{out.name}.partial-{uuid.uuid4().hex[:12]}"
+    staging.mkdir()  # Not tempfile.mkdtemp: its 0700 mode would end up on out_dir.
+  except OSError as e:
+    raise _os_error(e, out.parent) from e
+  _hold(staging)
   return staging
+
+
+def _os_error(e: OSError, where: pathlib.Path) -> ExportError:
+  """An ExportError saying which folder refused the write and what to do."""
+  if e.errno in (errno.ENOSPC, errno.EFBIG, errno.EDQUOT):
+    return ExportError(f"Cannot write the export in {where}: {e.strerror} ({e.filename or where})."
+                       " Free space there (or raise the file size limit), or choose an out_dir "
+                       "on another disk; nothing was left half-written.")
+  if e.errno in (errno.EACCES, errno.EPERM, errno.EROFS):
+    return ExportError(f"Cannot write in {where}: {e.strerror}. Choose an out_dir you can write "
+                       "to, or fix the folder's permissions; nothing was written.")
+  return ExportError(f"Cannot write the export in {where}: {e}.")
+
+
+# Staging folders this process is filling, each with its open, flock-ed descriptor.
+_held: dict[pathlib.Path, int] = {}
+
+
+def _hold(staging: pathlib.Path) -> None:
+  fd = os.open(staging, os.O_RDONLY)
+  fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+  _held[staging] = fd
+
+
+def _release(staging: pathlib.Path) -> None:
+  fd = _held.pop(staging, None)
+  if fd is not None:
+    os.close(fd)
+
+
+def _recover_replaced(out: pathlib.Path) -> None:
+  """Puts back the previous checkpoint that a process killed mid-replacement left hidden."""
+  if out.exists():
+    return
+  retired = sorted(out.parent.glob(f".{out.name}.replaced-*"), key=lambda p: p.stat().st_mtime)
+  if retired:
+    log.warning("%s is missing and %s holds the checkpoint an interrupted export was "
+                "replacing; restoring it.", out, retired[-1])
+    os.replace(retired[-1], out)
+
+
+def _remove_stale_staging(out: pathlib.Path) -> None:
+  """Deletes the staging and retired folders of earlier, killed exports to ``out``."""
+  stale_folders = [*out.parent.glob(f".{out.name}.partial-*"),
+                   *out.parent.glob(f".{out.name}.replaced-*")]
+  for stale in stale_folders:
+    if not stale.is_dir() or stale in _held:
+      continue
+    try:
+      fd = os.open(stale, os.O_RDONLY)
+    except OSError:
+      continue
+    try:
+      fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)  # fails while an export fills it
+    except OSError:
+      os.close(fd)
+      continue
+    shutil.rmtree(stale, ignore_errors=True)
+    os.close(fd)
 
 
 def _prepare_staging(
@@ -268,8 +352,11 @@ def _prepare_staging(
     if source is not None:
       _copy_tokenizer_files(source, staging)
     return staging, ShardedWriter(staging, max_shard_size)
-  except BaseException:
+  except BaseException as e:
     shutil.rmtree(staging, ignore_errors=True)
+    _release(staging)
+    if isinstance(e, OSError):
+      raise _os_error(e, out.parent) from e
     raise
 
 
@@ -325,20 +412,49 @@ def _block(index: tuple[slice, ...], shape: tuple[int, ...]) -> tuple[tuple[int,
   return tuple(s.indices(dim)[:2] for s, dim in zip(index, shape))
 
 
+_AT_FDCWD = -100
+_RENAME_EXCHANGE = 2
+
+
+def exchange_paths(a: pathlib.Path, b: pathlib.Path) -> bool:
+  """Swaps two existing paths in one atomic step (Linux ``renameat2(RENAME_EXCHANGE)``).
+
+  Returns False, having changed nothing, where the system or filesystem lacks the call.
+  """
+  renameat2 = getattr(ctypes.CDLL(None, use_errno=True), "renameat2", None) \
+      if sys.platform == "linux" else None
+  if renameat2 is None:  # not Linux, or glibc older than 2.28
+    return False
+  if renameat2(_AT_FDCWD, os.fsencode(a), _AT_FDCWD, os.fsencode(b), _RENAME_EXCHANGE) == 0:
+    return True
+  code = ctypes.get_errno()
+  if code in (errno.ENOSYS, errno.EINVAL, errno.EOPNOTSUPP):
+    return False
+  raise OSError(code, os.strerror(code), str(b))
+
+
 def move_into_place(staging: pathlib.Path, out: pathlib.Path) -> None:
-  """Renames ``staging`` to ``out``, retiring a previous ``out`` (checked replaceable)."""
-  if not out.is_dir() or not any(out.iterdir()):
-    os.replace(staging, out)  # Atomic; replaces an empty folder on POSIX.
-  else:
-    retired = out.parent / f".{out.name}.replaced-{uuid.uuid4().hex[:12]}"
-    os.replace(out, retired)
-    try:
-      os.replace(staging, out)
-    except BaseException:
-      os.replace(retired, out)
-      raise
-    shutil.rmtree(retired, ignore_errors=True)
+  """Renames ``staging`` to ``out``, replacing a previous ``out`` (checked replaceable)
+  atomically where the system allows (see the module docstring); then deletes what
+  earlier killed exports to ``out`` left behind."""
+  try:
+    if not out.is_dir() or not any(out.iterdir()):
+      os.replace(staging, out)  # Atomic; replaces an empty folder on POSIX.
+    elif exchange_paths(staging, out):
+      shutil.rmtree(staging, ignore_errors=True)  # now the previous checkpoint
+    else:
+      retired = out.parent / f".{out.name}.replaced-{uuid.uuid4().hex[:12]}"
+      os.replace(out, retired)
+      try:
+        os.replace(staging, out)
+      except BaseException:
+        os.replace(retired, out)
+        raise
+      shutil.rmtree(retired, ignore_errors=True)
+  finally:
+    _release(staging)
   _sync_folder(out.parent)
+  _remove_stale_staging(out)
 
 
 def _sync_folder(folder: pathlib.Path) -> None:

@@ -23,6 +23,7 @@ import collections
 import concurrent.futures
 import logging
 import os
+import re
 import threading
 from typing import Any, Callable, Protocol
 
@@ -59,6 +60,34 @@ class CheckpointReader(Protocol):
   def __enter__(self) -> "CheckpointReader": ...
 
   def __exit__(self, *exc_info: object) -> None: ...
+
+
+_LAYER_PATH = re.compile(r"layers\.(\d+)\.")
+
+
+def check_layer_count(folder: str | os.PathLike, key_map: KeyMap, num_layers: int) -> None:
+  """Raises CheckpointError when the checkpoint lacks some of ``num_layers`` decoder layers.
+
+  Read from the tensor names alone, before any model is built: a config.json claiming
+  50000 layers over a one-layer checkpoint fails here at once, not after building them.
+  """
+  layers: set[int] = set()
+  with CheckpointFiles(folder) as ckpt:
+    for key in ckpt.keys():
+      for spelling in [key] + [old + key[len(new):] for old, new in key_map.aliases
+                               if key.startswith(new)]:
+        path = key_map.module_path(spelling)
+        match = _LAYER_PATH.match(path) if path else None
+        if match:
+          layers.add(int(match[1]))
+          break
+  # Layers the weights hold beyond the config are left to the loader's unused-tensor check.
+  if layers and not set(range(num_layers)) <= layers:
+    raise CheckpointError(
+        f"config.json in {folder} says the model has {num_layers} layers, but the weights "
+        f"hold {len(layers)} (numbered {min(layers)}..{max(layers)}): config.json and weights "
+        "disagree. Use the config.json that belongs to these weights."
+    )
 
 
 def load_checkpoint(

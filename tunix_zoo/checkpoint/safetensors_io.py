@@ -66,6 +66,8 @@ _DTYPE_NAMES = {dtype: name for name, dtype in SAFETENSORS_DTYPES.items()}
 
 # The reference implementation refuses larger headers; so do we, before allocating one.
 MAX_HEADER_BYTES = 100_000_000
+# numpy's limit on an array's bytes (strides are int64).
+_MAX_BYTES = 2**63
 # A slice is copied in blocks of about this many source bytes, and each block's pages are
 # unmapped after the copy, so reading a column slice of a huge tensor does not leave the
 # whole tensor resident.
@@ -113,6 +115,9 @@ def _parse_header(path: str, file_size: int, raw: bytes) -> tuple[dict[str, _Ten
   redownload = "The file is corrupt or truncated: download or export it again."
   try:
     header = json.loads(raw.decode("utf-8"), object_pairs_hook=_json_object_without_duplicates)
+  except RecursionError:
+    raise CheckpointError(f"{path}: the safetensors header nests JSON too deeply to be a "
+                          f"header. {redownload}") from None
   except ValueError as e:  # Covers UnicodeDecodeError and JSONDecodeError.
     raise CheckpointError(f"{path}: the safetensors header is not valid JSON ({e}). "
                           f"{redownload}") from e
@@ -140,6 +145,9 @@ def _parse_header(path: str, file_size: int, raw: bytes) -> tuple[dict[str, _Ten
           f"e.g. bfloat16.")
     if not isinstance(shape, list) or not all(_is_int(d) and d >= 0 for d in shape):
       raise CheckpointError(f"{where} has shape {shape!r}, not a list of sizes. {redownload}")
+    if math.prod(d for d in shape if d) * SAFETENSORS_DTYPES[dtype_name].itemsize >= _MAX_BYTES:
+      raise CheckpointError(f"{where} has shape {shape!r}, too large for any array (even with a "
+                            f"zero dimension, its strides overflow). {redownload}")
     if (not isinstance(offsets, list) or len(offsets) != 2 or
         not all(_is_int(o) for o in offsets) or not 0 <= offsets[0] <= offsets[1]):
       raise CheckpointError(f"{where} has data_offsets {offsets!r}, not [begin, end] with "
@@ -156,7 +164,27 @@ def _parse_header(path: str, file_size: int, raw: bytes) -> tuple[dict[str, _Ten
           f"{where} ends at byte {data_start + end}, but the file has only {file_size} "
           f"bytes. {redownload}")
     tensors[key] = _TensorInfo(dtype, tuple(shape), data_start + begin, expected)
+  _check_tiling(path, header, data_size, redownload)
   return tensors, metadata
+
+
+def _check_tiling(path: str, header: dict[str, Any], data_size: int, redownload: str) -> None:
+  """Raises unless the tensors' byte ranges cover the data region exactly once, as the
+  reference implementation requires: an overlap makes two tensors share bytes, a gap
+  holds bytes no tensor owns."""
+  position, previous = 0, None
+  for key, (begin, end) in sorted(((k, tuple(e["data_offsets"])) for k, e in header.items()),
+                                  key=lambda item: item[1]):
+    if begin != position:
+      what = (f"overlaps {previous!r}" if begin < position else
+              f"leaves bytes {position}-{begin} of the data region that no tensor covers")
+      raise CheckpointError(f"{path}: tensor {key!r} at data_offsets [{begin}, {end}] {what}. "
+                            f"{redownload}")
+    position, previous = end, key
+  if position != data_size:
+    raise CheckpointError(f"{path}: the tensors end at byte {position} of the data region, "
+                          f"but it holds {data_size} bytes; no tensor covers the rest. "
+                          f"{redownload}")
 
 
 def _normalize_index(index: tuple[slice, ...] | None, shape: tuple[int, ...],
@@ -453,8 +481,15 @@ class CheckpointFiles:
   def _read_index(self, index_path: str) -> dict[str, str]:
     try:
       with open(index_path, "rb") as f:
-        index = json.loads(f.read().decode("utf-8"),
-                           object_pairs_hook=_json_object_without_duplicates)
+        raw_index = f.read()
+    except OSError as e:
+      raise CheckpointError(f"Cannot read {index_path}: {e}. Check the file's permissions.") from e
+    try:
+      index = json.loads(raw_index.decode("utf-8"),
+                         object_pairs_hook=_json_object_without_duplicates)
+    except RecursionError:
+      raise CheckpointError(f"{index_path} nests JSON too deeply to be an index; download it "
+                            f"again.") from None
     except ValueError as e:
       raise CheckpointError(f"{index_path} is not valid JSON ({e}); download it again.") from e
     weight_map = index.get("weight_map") if isinstance(index, dict) else None
@@ -463,9 +498,11 @@ class CheckpointFiles:
       raise CheckpointError(f"{index_path} has no 'weight_map' object mapping tensor names "
                             f"to file names; download it again.")
     for name in set(weight_map.values()):
-      if os.path.isabs(name) or ".." in name.replace("\\", "/").split("/"):
-        raise CheckpointError(f"{index_path} names shard {name!r}, which lies outside the "
-                              f"checkpoint folder; shards must be files in the folder.")
+      if (not name or "\x00" in name or os.path.isabs(name)
+          or ".." in name.replace("\\", "/").split("/")):
+        raise CheckpointError(f"{index_path} names shard {name!r}, which is not a file name "
+                              f"in the checkpoint folder (it is empty, or lies outside the "
+                              f"checkpoint folder); shards must be files in the folder.")
     missing = sorted(name for name in set(weight_map.values())
                      if not os.path.isfile(os.path.join(self.folder, name)))
     if missing:
@@ -605,7 +642,10 @@ class _StreamedFile:
     os.remove(self._data_path)
 
   def abort(self) -> None:
-    self._data.close()
+    try:
+      self._data.close()
+    except OSError:
+      pass  # Flushing what a full disk refused fails again; the file is removed below.
     for path in (self._data_path, self.path):
       if os.path.exists(path):
         os.remove(path)
