@@ -75,6 +75,10 @@ class AutoModel:
       token: str | None = None,
       local_files_only: bool = False,
       remat: str = "none",
+      subfolder: str | None = None,
+      variant: str | None = None,
+      force_download: bool = False,
+      cache_dir: str | os.PathLike[str] | None = None,
   ) -> tuple[nnx.Module, str]:
     """Fetches a checkpoint and loads it onto ``mesh``; returns ``(model, local_path)``.
 
@@ -82,7 +86,11 @@ class AutoModel:
     load); when ``model_id`` also names a registered preset, the two must agree.
     ``param_dtype`` defaults to the checkpoint's dtype and ``dtype`` (compute) to
     ``param_dtype``. ``remat`` (``"none"``, ``"layer"``, ``"attention"``) chooses what
-    the backward pass recomputes instead of saving.
+    the backward pass recomputes instead of saving. As in transformers: ``subfolder``
+    is the repo (or folder) directory holding the checkpoint, ``variant`` loads
+    ``model.<variant>.safetensors`` (or ``model.safetensors.index.<variant>.json``),
+    ``force_download`` re-downloads cached files, and ``cache_dir`` is the Hugging Face
+    cache root to use (``model_download_path`` is a plain folder instead).
     """
     source = ModelSource(model_source)
     if (
@@ -93,10 +101,12 @@ class AutoModel:
     folder = fetch(
         model_id, source=source, model_path=model_path, model_download_path=model_download_path,
         revision=revision, token=token, local_files_only=local_files_only,
+        subfolder=subfolder, variant=variant, cache_dir=cache_dir,
+        force_download=force_download,
     )
     model = load_folder(
         folder, mesh, preset_id=model_id, dtype=dtype, param_dtype=param_dtype,
-        sharding_rules=sharding_rules, remat=remat,
+        sharding_rules=sharding_rules, remat=remat, variant=variant,
     )
     return model, str(folder)
 
@@ -199,9 +209,9 @@ def check_against_preset(config: DecoderConfig, preset_id: str, preset: DecoderC
     )
 
 
-def checkpoint_dtype(folder: str | os.PathLike) -> np.dtype:
+def checkpoint_dtype(folder: str | os.PathLike, variant: str | None = None) -> np.dtype:
   """The dtype holding most of a checkpoint's bytes."""
-  with CheckpointFiles(folder) as ckpt:
+  with CheckpointFiles(folder, variant) as ckpt:
     by_dtype: dict[np.dtype, int] = {}
     for key in ckpt.keys():
       by_dtype[ckpt.dtype(key)] = by_dtype.get(ckpt.dtype(key), 0) + ckpt.nbytes(key)
@@ -217,8 +227,10 @@ def load_folder(
     param_dtype: Any = None,
     sharding_rules: sharding.Rules | None = None,
     remat: str = "none",
+    variant: str | None = None,
 ) -> nnx.Module:
-  """Loads a local HF checkpoint folder (config.json + safetensors) onto ``mesh``."""
+  """Loads a local HF checkpoint folder (config.json + safetensors) onto ``mesh``;
+  ``variant`` reads ``model.<variant>.safetensors`` (or its index) instead."""
   hf_config = read_hf_config(folder)
   spec = registry.family_for_hf_config(hf_config)
   config = spec.config_class.from_hf_config(hf_config)
@@ -231,7 +243,7 @@ def load_folder(
         "weights are skipped.", folder,
     )
   mesh = mesh or default_mesh()
-  param_dtype = param_dtype or checkpoint_dtype(folder)
+  param_dtype = param_dtype or checkpoint_dtype(folder, variant)
   dtype = dtype or param_dtype
   abstract = abstract_model(
       config, param_dtype=param_dtype, dtype=dtype, mesh=mesh, sharding_rules=sharding_rules,
@@ -243,4 +255,4 @@ def load_folder(
   with progress_class()(total=total, unit="B", unit_scale=True, desc="load",
                         disable=None) as bar:
     return load_checkpoint(abstract, folder, spec.param_table, mesh,
-                           sharding_rules=sharding_rules, progress=bar.update)
+                           sharding_rules=sharding_rules, progress=bar.update, variant=variant)

@@ -76,16 +76,18 @@ def load_checkpoint(
     *,
     sharding_rules: sharding.Rules | None = None,
     progress: Callable[[int], None] | None = None,
+    variant: str | None = None,
 ) -> nnx.Module:
   """Fills ``abstract``'s parameters from the checkpoint in ``folder``.
 
   Raises CheckpointError for missing, unexpected or misshaped tensors. Each parameter
   is cast to the abstract model's dtype. ``progress`` is called with bytes loaded.
+  ``variant`` reads ``model.<variant>.safetensors`` (or its index) instead.
   """
   graphdef, params, rest = nnx.split(abstract, nnx.Param, ...)
   shardings = parameter_shardings(abstract, mesh, sharding_rules)
   flat = nnx.to_flat_state(params)
-  with CheckpointFiles(folder) as ckpt:
+  with CheckpointFiles(folder, variant) as ckpt:
     available = set(ckpt.keys())
     # Module path -> its checkpoint keys: one, or one per slice of a stacked parameter.
     wanted: dict[str, list[str]] = {}

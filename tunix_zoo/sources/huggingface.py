@@ -144,9 +144,44 @@ def _to_source_error(exc: BaseException, repo_id: str, revision: str | None,
   return None
 
 
+def _allow_patterns(subfolder: str | None, variant: str | None) -> list[str]:
+  """What snapshot_download fetches: the usual files, under ``subfolder`` when given, and
+  of the weights only ``variant``'s (``model.<variant>[-i-of-n].safetensors``) when given."""
+  weights = ([f"model.{variant}.safetensors", f"model.{variant}-*-of-*.safetensors"]
+             if variant else ["*.safetensors"])
+  patterns = [p for p in _download.ALLOW_PATTERNS if p != "*.safetensors"] + weights
+  return [f"{subfolder}/{p}" if subfolder else p for p in patterns]
+
+
+def _check_listing(names: list[str], repo_id: str, subfolder: str | None,
+                   variant: str | None) -> None:
+  """Raises SourceError unless the repo holds a checkpoint in ``subfolder`` of ``variant``."""
+  if subfolder:
+    inside = [n[len(subfolder) + 1:] for n in names if n.startswith(subfolder + "/")]
+    if not inside:
+      folders = sorted({n.split("/")[0] for n in names if "/" in n})
+      raise _download.source_error(
+          SOURCE, repo_id, f"the repo has no files under subfolder {subfolder!r}.",
+          f"Its folders: {', '.join(folders) or 'none'}; pass one of them, or no subfolder.")
+    names = inside
+  _download.select_files(names, source=SOURCE, ref=repo_id)
+  if variant is None:
+    return
+  present = {m.group(1) for n in names
+             if (m := re.fullmatch(r"model\.([^.-]+)(?:-\d+-of-\d+)?\.safetensors", n))}
+  if variant not in present:
+    raise _download.source_error(
+        SOURCE, repo_id, f"the repo has no weights of variant {variant!r} "
+        f"(model.{variant}.safetensors).",
+        f"Its variants: {', '.join(sorted(present)) or 'none'}; pass one of them, or no "
+        "variant for model.safetensors.")
+
+
 def fetch(repo_id: str, *, revision: str | None = None, token: str | None = None,
           download_dir: str | os.PathLike[str] | None = None,
-          local_files_only: bool = False) -> pathlib.Path:
+          local_files_only: bool = False, subfolder: str | None = None,
+          variant: str | None = None, cache_dir: str | os.PathLike[str] | None = None,
+          force_download: bool = False) -> pathlib.Path:
   """Downloads a Hub repo's safetensors, configs and tokenizer files.
 
   Args:
@@ -157,9 +192,14 @@ def fetch(repo_id: str, *, revision: str | None = None, token: str | None = None
       Hugging Face cache.
     local_files_only: use the cache only, never the network (also when
       ``HF_HUB_OFFLINE=1``).
+    subfolder: the repo folder holding the checkpoint; only its files are fetched.
+    variant: fetch only the ``model.<variant>.safetensors`` weights (and shards).
+    cache_dir: the cache root instead of ``HF_HUB_CACHE``, as in transformers.
+    force_download: fetch every file again, even when cached.
 
   Returns:
-    The folder holding config.json and the ``*.safetensors`` files.
+    The folder holding config.json and the ``*.safetensors`` files (``subfolder`` of the
+    snapshot when given).
 
   Raises:
     SourceError: malformed id or revision, a repo without safetensors or config.json,
@@ -174,18 +214,25 @@ def fetch(repo_id: str, *, revision: str | None = None, token: str | None = None
              or _truthy(os.environ.get("HF_HUB_OFFLINE")))
   local_dir = (str(pathlib.Path(download_dir).expanduser().resolve())
                if download_dir is not None else None)
+  if subfolder is not None:
+    subfolder = _download.check_relative_name(subfolder.strip("/"), source=SOURCE,
+                                              ref=repo_id)
+  if force_download and offline:
+    raise _download.source_error(
+        SOURCE, repo_id, "force_download=True needs the network, but offline mode is on "
+        "(local_files_only=True or HF_HUB_OFFLINE=1).", "Drop one of the two.")
   what = f"Hub download of {repo_id}"
   try:
     if not offline:
       api = huggingface_hub.HfApi(endpoint=endpoint, token=token)
       info = _download.retry(lambda: api.model_info(repo_id, revision=revision),
                              is_transient=_is_transient, what=what)
-      _download.select_files([s.rfilename for s in info.siblings or []],
-                             source=SOURCE, ref=repo_id)
+      _check_listing([s.rfilename for s in info.siblings or []], repo_id, subfolder, variant)
     path = _download.retry(
         lambda: huggingface_hub.snapshot_download(
             repo_id, revision=revision, token=token, local_dir=local_dir,
-            local_files_only=offline, allow_patterns=list(_download.ALLOW_PATTERNS),
+            local_files_only=offline, allow_patterns=_allow_patterns(subfolder, variant),
+            cache_dir=cache_dir, force_download=force_download,
             endpoint=endpoint, tqdm_class=progress.progress_class() if progress.quiet()
             else None),
         is_transient=_is_transient, what=what, attempts=1 if offline else
@@ -197,4 +244,5 @@ def fetch(repo_id: str, *, revision: str | None = None, token: str | None = None
     if error is None:
       raise
     raise error from e
-  return _download.check_folder(pathlib.Path(path), source=SOURCE, ref=repo_id)
+  return _download.check_folder(pathlib.Path(path, subfolder or ""), source=SOURCE,
+                                ref=repo_id)
