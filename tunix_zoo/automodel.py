@@ -75,6 +75,10 @@ class AutoModel:
       token: str | None = None,
       local_files_only: bool = False,
       remat: str = "none",
+      subfolder: str | None = None,
+      variant: str | None = None,
+      force_download: bool = False,
+      cache_dir: str | os.PathLike[str] | None = None,
   ) -> tuple[nnx.Module, str]:
     """Fetches a checkpoint and loads it onto ``mesh``; returns ``(model, local_path)``.
 
@@ -82,7 +86,11 @@ class AutoModel:
     load); when ``model_id`` also names a registered preset, the two must agree.
     ``param_dtype`` defaults to the checkpoint's dtype and ``dtype`` (compute) to
     ``param_dtype``. ``remat`` (``"none"``, ``"layer"``, ``"attention"``) chooses what
-    the backward pass recomputes instead of saving.
+    the backward pass recomputes instead of saving. As in transformers: ``subfolder``
+    is the repo (or folder) directory holding the checkpoint, ``variant`` loads
+    ``model.<variant>.safetensors`` (or ``model.safetensors.index.<variant>.json``),
+    ``force_download`` re-downloads cached files, and ``cache_dir`` is the Hugging Face
+    cache root to use (``model_download_path`` is a plain folder instead).
     """
     _check_arguments(mesh, dtype=dtype, param_dtype=param_dtype, sharding_rules=sharding_rules,
                      model_source=model_source)
@@ -95,10 +103,12 @@ class AutoModel:
     folder = fetch(
         model_id, source=source, model_path=model_path, model_download_path=model_download_path,
         revision=revision, token=token, local_files_only=local_files_only,
+        subfolder=subfolder, variant=variant, cache_dir=cache_dir,
+        force_download=force_download,
     )
     model = load_folder(
         folder, mesh, preset_id=model_id, dtype=dtype, param_dtype=param_dtype,
-        sharding_rules=sharding_rules, remat=remat,
+        sharding_rules=sharding_rules, remat=remat, variant=variant,
     )
     return model, str(folder)
 
@@ -189,9 +199,9 @@ def check_against_preset(config: DecoderConfig, preset_id: str, preset: DecoderC
     )
 
 
-def checkpoint_dtype(folder: str | os.PathLike) -> np.dtype:
+def checkpoint_dtype(folder: str | os.PathLike, variant: str | None = None) -> np.dtype:
   """The dtype holding most of a checkpoint's bytes."""
-  with CheckpointFiles(folder) as ckpt:
+  with CheckpointFiles(folder, variant) as ckpt:
     by_dtype: dict[np.dtype, int] = {}
     for key in ckpt.keys():
       by_dtype[ckpt.dtype(key)] = by_dtype.get(ckpt.dtype(key), 0) + ckpt.nbytes(key)
@@ -207,8 +217,10 @@ def load_folder(
     param_dtype: Any = None,
     sharding_rules: sharding.Rules | None = None,
     remat: str = "none",
+    variant: str | None = None,
 ) -> nnx.Module:
-  """Loads a local HF checkpoint folder (config.json + safetensors) onto ``mesh``.
+  """Loads a local HF checkpoint folder (config.json + safetensors) onto ``mesh``;
+  ``variant`` reads ``model.<variant>.safetensors`` (or its index) instead.
 
   A folder without config.json that holds an orbax (Kaggle Flax) checkpoint is read by
   :func:`load_orbax_folder`, with the architecture of the preset ``preset_id`` names.
@@ -223,20 +235,21 @@ def load_folder(
   preset = preset_for(preset_id)
   if preset is not None:
     check_against_preset(config, *preset)
-  check_layer_count(folder, spec.param_table, config.num_layers)
+  check_layer_count(folder, spec.param_table, config.num_layers, variant)
   if "ConditionalGeneration" in " ".join(hf_config.get("architectures") or ()):
     log.warning(
         "%s is a multimodal checkpoint: loading its language model only; the vision "
         "weights are skipped.", folder,
     )
   mesh = mesh or default_mesh()
-  param_dtype = param_dtype or checkpoint_dtype(folder)
+  param_dtype = param_dtype or checkpoint_dtype(folder, variant)
   dtype = dtype or param_dtype
   abstract = abstract_model(
       config, param_dtype=param_dtype, dtype=dtype, mesh=mesh, sharding_rules=sharding_rules,
       remat=remat,
   )
-  return _load_with_progress(abstract, folder, spec.param_table, mesh, sharding_rules)
+  return _load_with_progress(abstract, CheckpointFiles(folder, variant), spec.param_table, mesh,
+                             sharding_rules)
 
 
 def _load_with_progress(abstract, reader, key_map, mesh, sharding_rules) -> nnx.Module:

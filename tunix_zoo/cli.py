@@ -7,6 +7,7 @@ Example::
     tunix-zoo test qwen3_0p6b --steps 3          # forward + backward kick test
     tunix-zoo test qwen3_0p6b --lora-rank 8 --lora-module-path ".*q_proj|.*v_proj" --remat layer
     tunix-zoo export Qwen/Qwen3-0.6B /tmp/out --dtype bfloat16
+    tunix-zoo export /ckpt/sft /tmp/out --push-to-hub acme/sft --private
     tunix-zoo download Qwen/Qwen3-0.6B
     tunix-zoo list
     tunix-zoo info qwen3_8b --mesh 1x8 --dtype bfloat16
@@ -256,8 +257,10 @@ def cmd_export(args: argparse.Namespace) -> int:
   from tunix_zoo.checkpoint.export import save_pretrained
 
   model, folder = load(args)
+  push = args.push_to_hub is not None
   out = save_pretrained(model, args.out_dir, dtype=args.out_dtype, source_dir=folder,
-                        overwrite=args.overwrite)
+                        overwrite=args.overwrite, push_to_hub=push,
+                        repo_id=args.push_to_hub, private=True if args.private else None)
   print(out)
   return 0
 
@@ -431,6 +434,9 @@ def build_parser(command: str | None = None) -> argparse.ArgumentParser:
   p.add_argument("out_dir")
   p.add_argument("--out-dtype", help="dtype of the written weights, e.g. bfloat16")
   p.add_argument("--overwrite", action="store_true")
+  p.add_argument("--push-to-hub", metavar="REPO",
+                 help="then upload OUT_DIR to this Hub repo in one commit (token: HF_TOKEN)")
+  p.add_argument("--private", action="store_true", help="create the pushed repo private")
   p.set_defaults(run=cmd_export)
 
   p = sub.add_parser("cache", help="list, verify or remove downloaded models")

@@ -37,6 +37,7 @@ from jax.sharding import NamedSharding
 from tunix_zoo import registry, sharding
 from tunix_zoo.checkpoint.loader import axis_counts, module_path as dotted
 from tunix_zoo.checkpoint.export import host_copy, move_into_place, new_staging_folder
+from tunix_zoo.checkpoint.push import check_push_arguments, push_folder
 from tunix_zoo.checkpoint.safetensors_io import write_safetensors
 from tunix_zoo.errors import LoraError
 from tunix_zoo.layers.basic import Linear
@@ -179,6 +180,11 @@ def save_lora_adapter(
     base_model_name_or_path: str | None = None,
     dtype: Any = None,
     overwrite: bool = False,
+    push_to_hub: bool = False,
+    repo_id: str | None = None,
+    token: str | None = None,
+    private: bool | None = None,
+    commit_message: str | None = None,
 ) -> pathlib.Path:
   """Writes the model's adapters as a PEFT LoRA folder; returns the folder's path.
 
@@ -196,16 +202,20 @@ def save_lora_adapter(
       the base model), where PEFT looks for the base model.
     dtype: the written adapters' dtype; by default their own.
     overwrite: replace a non-empty ``out_dir``.
+    push_to_hub, repo_id, token, private, commit_message: upload the folder to the Hub
+      as one commit afterwards, as :func:`tunix_zoo.checkpoint.export.save_pretrained`.
 
   Raises:
     LoraError: the model has no adapters.
-    ExportError: ``out_dir`` is a file or a non-empty folder (without ``overwrite``).
+    ExportError: ``out_dir`` is a file or a non-empty folder (without ``overwrite``), or
+      the push failed (the folder is then complete on disk).
 
   Example::
 
       save_lora_adapter(model, "/ckpt/adapter", base_model_name_or_path="Qwen/Qwen3-0.6B")
       # PyTorch: PeftModel.from_pretrained(AutoModelForCausalLM.from_pretrained(...), path)
   """
+  check_push_arguments(push_to_hub, repo_id, token, private)
   layers = lora_layers(model)
   if not layers:
     raise LoraError("save_lora_adapter: the model has no LoRA adapters; apply_lora adds them.")
@@ -228,6 +238,9 @@ def save_lora_adapter(
     _write_folder(out, overwrite, _peft_config(hf_names, base_model_name_or_path), tensors)
   if jax.process_count() > 1:
     multihost_utils.sync_global_devices(f"save_lora_adapter {out}")
+  if push_to_hub and jax.process_index() == 0:
+    push_folder(out, repo_id or out.name, token=token, private=private,
+                commit_message=commit_message)
   return out
 
 

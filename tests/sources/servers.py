@@ -209,6 +209,23 @@ class _Handler(http.server.BaseHTTPRequestHandler):
   def do_POST(self) -> None:  # noqa: N802
     self._dispatch("POST")
 
+  def do_PUT(self) -> None:  # noqa: N802
+    self._dispatch("PUT")
+
+  def _full_body(self) -> bytes:
+    """The request body, whether sent with Content-Length or chunked (streamed uploads)."""
+    if "chunked" not in (self.headers.get("Transfer-Encoding") or "").lower():
+      return self._body()
+    chunks = []
+    while True:
+      size = int(self.rfile.readline().split(b";")[0].strip() or b"0", 16)
+      if size == 0:
+        while self.rfile.readline() not in (b"\r\n", b"\n", b""):
+          pass  # trailers
+        return b"".join(chunks)
+      chunks.append(self.rfile.read(size))
+      self.rfile.readline()
+
   def handle_request(self, method: str) -> None:
     raise NotImplementedError
 
@@ -310,6 +327,8 @@ class _HubHandler(_Handler):
 
   def handle_request(self, method: str) -> None:
     path = urllib.parse.urlsplit(self.path).path
+    if self._upload_route(method, path):
+      return
     if path.startswith("/api/models/"):
       self._api(urllib.parse.unquote(path[len("/api/models/"):]))
     elif "/resolve/" in path:
@@ -376,14 +395,156 @@ class _HubHandler(_Handler):
                            "Content-Type": "application/octet-stream"}, head=head, ranged=True)
 
 
+  # -- uploads: what create_repo and create_commit / upload_folder send with Xet off --
+  def _upload_route(self, method: str, path: str) -> bool:
+    """Answers the upload endpoints; False for any other request."""
+    if method == "POST" and path == "/api/repos/create":
+      self._create_repo(json.loads(self._body() or b"{}"))
+    elif method == "POST" and path.endswith(".git/info/lfs/objects/batch"):
+      self._lfs_batch(json.loads(self._body() or b"{}"))
+    elif method == "PUT" and path.startswith("/lfs-upload/"):
+      self._lfs_upload(path[len("/lfs-upload/"):])
+    elif method == "POST" and path.startswith("/lfs-verify/"):
+      self._full_body()
+      oid = path[len("/lfs-verify/"):]
+      if oid in self.server.lfs_objects:
+        self._json_reply({"success": True})
+      else:
+        self._error(404, "Object not found")
+    elif method == "POST" and re.fullmatch(r"/api/models/.+/(preupload|commit)/[^/]+", path):
+      repo_id, action, _ = urllib.parse.unquote(path[len("/api/models/"):]).rsplit("/", 2)
+      if self._may_write(repo_id):
+        body = self._full_body()
+        if action == "preupload":
+          self._preupload(repo_id, json.loads(body or b"{}"))
+        else:
+          self._commit(repo_id, body)
+    else:
+      return False
+    return True
+
+  def _json_reply(self, payload: Any) -> None:
+    self._send(200, json.dumps(payload).encode(), {"Content-Type": "application/json"})
+
+  def _may_write(self, repo_id: str) -> bool:
+    token = self.server.write_token
+    if token and self.headers.get("Authorization") != f"Bearer {token}":
+      self._error(401, "Invalid credentials in Authorization header")
+      return False
+    if repo_id not in self.server.repos:
+      self._error(404, "Repository not found", {"X-Error-Code": "RepoNotFound"})
+      return False
+    return True
+
+  def _create_repo(self, body: dict[str, Any]) -> None:
+    repo_id = "/".join(p for p in (body.get("organization"), body.get("name")) if p)
+    token = self.server.write_token
+    if token and self.headers.get("Authorization") != f"Bearer {token}":
+      self._error(401, "Invalid credentials in Authorization header")
+    elif repo_id in self.server.repos:
+      # The Hub names the existing repo's URL, which create_repo(exist_ok=True) returns.
+      message = "You already created this model repo"
+      self._send(409, json.dumps({"error": message,
+                                  "url": f"{self.server.url}/{repo_id}"}).encode(),
+                 {"Content-Type": "application/json", "X-Error-Message": message})
+    else:
+      private = body.get("visibility") == "private" or bool(body.get("private"))
+      self.server.repos[repo_id] = _Repo({}, token if private else None)
+      self.server.created[repo_id] = {"private": private}
+      self._json_reply({"url": f"{self.server.url}/{repo_id}", "name": repo_id})
+
+  def _preupload(self, repo_id: str, body: dict[str, Any]) -> None:
+    files = self.server.repos[repo_id].files
+    answer = []
+    for entry in body.get("files", []):
+      lfs = _is_lfs(entry["path"], base64.b64decode(entry.get("sample") or ""))
+      old = files.get(entry["path"])
+      oid = None if old is None else (hashlib.sha256(old).hexdigest() if lfs
+                                      else _git_blob_sha1(old))
+      answer.append({"path": entry["path"], "uploadMode": "lfs" if lfs else "regular",
+                     "shouldIgnore": False, "oid": oid})
+    self._json_reply({"files": answer})
+
+  def _lfs_batch(self, body: dict[str, Any]) -> None:
+    objects = []
+    for obj in body.get("objects", []):
+      if obj["oid"] in self.server.lfs_objects:
+        objects.append({"oid": obj["oid"], "size": obj["size"]})  # no actions: present
+        continue
+      objects.append({"oid": obj["oid"], "size": obj["size"], "authenticated": True,
+                      "actions": {
+                          "upload": {"href": f"{self.server.url}/lfs-upload/{obj['oid']}"},
+                          "verify": {"href": f"{self.server.url}/lfs-verify/{obj['oid']}"}}})
+    self._json_reply({"transfer": "basic", "objects": objects})
+
+  def _lfs_upload(self, oid: str) -> None:
+    data = self._full_body()
+    if hashlib.sha256(data).hexdigest() != oid:
+      self._error(400, "uploaded bytes do not hash to the object id")
+      return
+    self.server.lfs_objects[oid] = data
+    self._send(200, b"")
+
+  def _commit(self, repo_id: str, body: bytes) -> None:
+    """Applies every operation of the ndjson commit, or none of them."""
+    repo = self.server.repos[repo_id]
+    files = dict(repo.files)
+    summary = ""
+    for line in body.splitlines():
+      if not line.strip():
+        continue
+      item = json.loads(line)
+      key, value = item["key"], item["value"]
+      if key == "header":
+        summary = value.get("summary", "")
+      elif key == "file":
+        files[value["path"]] = base64.b64decode(value["content"])
+      elif key == "lfsFile":
+        data = self.server.lfs_objects.get(value["oid"])
+        if data is None or len(data) != value["size"]:
+          self._error(422, f"LFS object {value['oid']} of {value['path']} was not uploaded")
+          return
+        files[value["path"]] = data
+      elif key == "deletedFile":
+        files.pop(value["path"], None)
+      elif key == "deletedFolder":
+        files = {n: d for n, d in files.items() if not n.startswith(value["path"].rstrip("/") + "/")}
+      else:
+        self._error(400, f"unsupported commit operation {key!r}")
+        return
+    new = _Repo(files, repo.token)
+    self.server.repos[repo_id] = new
+    self.server.commits.append((repo_id, new.sha, summary))
+    self._json_reply({"commitUrl": f"{self.server.url}/{repo_id}/commit/{new.sha}",
+                      "commitOid": new.sha})
+
+
+def _git_blob_sha1(data: bytes) -> str:
+  return hashlib.sha1(b"blob %d\0" % len(data) + data).hexdigest()
+
+
+def _is_lfs(path: str, sample: bytes) -> bool:
+  """As the Hub's default .gitattributes: weights, and anything binary, go to LFS."""
+  return path.endswith((".safetensors", ".bin", ".model")) or b"\0" in sample
+
+
 class HubServer(_Server):
-  """The Hub API that ``snapshot_download`` and ``HfApi.model_info`` call."""
+  """The Hub API that ``snapshot_download`` and ``HfApi.model_info`` call, and the upload
+  endpoints of ``create_repo`` / ``upload_folder`` (LFS, no Xet).
+
+  ``write_token``, when set, is required to create repos and commit; ``private`` repos
+  created through the API then need it to be read too.
+  """
 
   handler = _HubHandler
 
   def __init__(self) -> None:
     super().__init__()
     self.repos: dict[str, _Repo] = {}
+    self.lfs_objects: dict[str, bytes] = {}  # sha256 -> bytes uploaded through LFS
+    self.commits: list[tuple[str, str, str]] = []  # (repo id, commit sha, summary)
+    self.created: dict[str, dict[str, Any]] = {}  # repo id -> create_repo settings
+    self.write_token: str | None = None
 
   def add_repo(self, repo_id: str, folder: pathlib.Path, *, token: str | None = None,
                skip: tuple[str, ...] = ()) -> str:

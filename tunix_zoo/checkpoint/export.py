@@ -59,6 +59,7 @@ from jax.experimental import multihost_utils
 
 from tunix_zoo import registry
 from tunix_zoo.checkpoint.loader import module_path
+from tunix_zoo.checkpoint.push import check_push_arguments, push_folder
 from tunix_zoo.checkpoint.safetensors_io import SAFETENSORS_DTYPES, ShardedWriter, parse_size
 from tunix_zoo.errors import ExportError
 
@@ -86,6 +87,11 @@ def save_pretrained(
     max_shard_size: int | str = "5GB",
     source_dir: str | os.PathLike[str] | None = None,
     overwrite: bool = False,
+    push_to_hub: bool = False,
+    repo_id: str | None = None,
+    token: str | None = None,
+    private: bool | None = None,
+    commit_message: str | None = None,
 ) -> pathlib.Path:
   """Writes ``model`` to ``out_dir`` as an HF checkpoint; returns the folder's path.
 
@@ -101,11 +107,17 @@ def save_pretrained(
     source_dir: a checkpoint folder whose tokenizer, chat template and generation
       config files are copied along (the ones that exist).
     overwrite: replace a non-empty ``out_dir``.
+    push_to_hub: then upload the folder to the Hub as one commit (process 0 only; see
+      :func:`tunix_zoo.checkpoint.push.push_folder`).
+    repo_id: the Hub repo to push to (default: ``out_dir``'s name), created if missing.
+    token: Hub token with write access (default ``HF_TOKEN`` or the stored login).
+    private: visibility of a repo the push creates.
+    commit_message: of the Hub commit.
 
   Raises:
     ExportError: ``out_dir`` is a file or a non-empty folder (without ``overwrite``),
-      ``source_dir`` is not a folder, ``dtype`` cannot be written, or the model has
-      unmerged LoRA adapters.
+      ``source_dir`` is not a folder, ``dtype`` cannot be written, the model has
+      unmerged LoRA adapters, or the push failed (the folder is then complete on disk).
 
   Example::
 
@@ -116,6 +128,7 @@ def save_pretrained(
   if not isinstance(overwrite, bool):
     raise ExportError(f"overwrite={overwrite!r} must be True or False.")
   out = pathlib.Path(out_dir).absolute()
+  check_push_arguments(push_to_hub, repo_id, token, private)
   target_dtype = _target_dtype(dtype)
   max_shard_size = parse_size(max_shard_size)
   config = getattr(model, "config", None)
@@ -162,6 +175,10 @@ def save_pretrained(
   if not _all_agree(True):
     raise ExportError(f"Exporting to {out} failed on process 0; see its error.")
   log.info("Exported %d parameters to %s", len(tensors), out)
+  if push_to_hub and jax.process_index() == 0:
+    url = push_folder(out, repo_id or out.name, token=token, private=private,
+                      commit_message=commit_message)
+    log.info("Pushed %s to %s", out, url)
   return out
 
 

@@ -65,14 +65,15 @@ class CheckpointReader(Protocol):
 _LAYER_PATH = re.compile(r"layers\.(\d+)\.")
 
 
-def check_layer_count(folder: str | os.PathLike, key_map: KeyMap, num_layers: int) -> None:
+def check_layer_count(folder: str | os.PathLike, key_map: KeyMap, num_layers: int,
+                      variant: str | None = None) -> None:
   """Raises CheckpointError when the checkpoint lacks some of ``num_layers`` decoder layers.
 
   Read from the tensor names alone, before any model is built: a config.json claiming
   50000 layers over a one-layer checkpoint fails here at once, not after building them.
   """
   layers: set[int] = set()
-  with CheckpointFiles(folder) as ckpt:
+  with CheckpointFiles(folder, variant) as ckpt:
     for key in ckpt.keys():
       for spelling in [key] + [old + key[len(new):] for old, new in key_map.aliases
                                if key.startswith(new)]:
@@ -103,6 +104,7 @@ def load_checkpoint(
 
   Raises CheckpointError for missing, unexpected or misshaped tensors. Each parameter
   is cast to the abstract model's dtype. ``progress`` is called with bytes loaded.
+  ``variant`` reads ``model.<variant>.safetensors`` (or its index) instead.
   """
   graphdef, params, rest = nnx.split(abstract, nnx.Param, ...)
   shardings = parameter_shardings(abstract, mesh, sharding_rules)

@@ -390,12 +390,19 @@ def _no_safetensors_error(folder: str) -> CheckpointError:
   return CheckpointError(message)
 
 
+def variant_names(variant: str) -> tuple[str, str]:
+  """The single file and the index of a weights variant, as transformers names them:
+  ``model.<variant>.safetensors`` and ``model.safetensors.index.<variant>.json``."""
+  return f"model.{variant}.safetensors", f"model.safetensors.index.{variant}.json"
+
+
 class CheckpointFiles:
   """Every tensor of a checkpoint folder, whichever file holds it.
 
   The folder holds ``model.safetensors.index.json`` and its shards, or a single
   ``model.safetensors``, or (checked in that order) any number of ``*.safetensors`` files
-  without an index. Shards listed by an index are opened on first use; reads are
+  without an index. With ``variant`` (``"fp16"``) only that variant's index or single
+  file is read (:func:`variant_names`). Shards listed by an index are opened on first use; reads are
   thread-safe.
 
   Example::
@@ -406,7 +413,7 @@ class CheckpointFiles:
         print(files.bytes_read, "of", files.total_bytes)
   """
 
-  def __init__(self, folder: str | os.PathLike[str]):
+  def __init__(self, folder: str | os.PathLike[str], variant: str | None = None):
     self.folder = os.fspath(folder)
     if not os.path.isdir(self.folder):
       what = "is not a folder" if os.path.exists(self.folder) else "does not exist"
@@ -416,7 +423,9 @@ class CheckpointFiles:
     self._open_files: dict[str, SafetensorsFile] = {}
     self._index_path: str | None = None
     index_path = os.path.join(self.folder, INDEX_FILE_NAME)
-    if os.path.isfile(index_path):
+    if variant is not None:
+      self._file_of_key = self._variant_keys(variant)
+    elif os.path.isfile(index_path):
       self._index_path = index_path
       self._file_of_key = self._read_index(index_path)
     elif os.path.isfile(os.path.join(self.folder, SINGLE_FILE_NAME)):
@@ -477,6 +486,20 @@ class CheckpointFiles:
 
   def __exit__(self, *exc_info: object) -> None:
     self.close()
+
+  def _variant_keys(self, variant: str) -> dict[str, str]:
+    single, index = variant_names(variant)
+    if os.path.isfile(os.path.join(self.folder, index)):
+      self._index_path = os.path.join(self.folder, index)
+      return self._read_index(self._index_path)
+    if os.path.isfile(os.path.join(self.folder, single)):
+      return self._map_keys([single])
+    present = sorted(n for n in os.listdir(self.folder) if n.endswith(".safetensors"))
+    raise CheckpointError(
+        f"{self.folder} has no weights of variant {variant!r} (neither {single} nor "
+        f"{index}); its safetensors files: {', '.join(present) or 'none'}. Pass the variant "
+        "those files name (model.<variant>.safetensors), or no variant for "
+        "model.safetensors.")
 
   def _read_index(self, index_path: str) -> dict[str, str]:
     try:

@@ -43,12 +43,16 @@ _ARG_USE = {
     "revision": "applies to HUGGINGFACE only",
     "token": "applies to HUGGINGFACE (a Hub token) and GCS (gcsfs credentials) only",
     "model_download_path": "does not apply to a LOCAL folder, which is used in place",
+    "subfolder": "applies to HUGGINGFACE and LOCAL only",
+    "cache_dir": "is the Hugging Face cache root and applies to HUGGINGFACE only",
+    "force_download": "applies to HUGGINGFACE only",
 }
 _ACCEPTS = {
-    ModelSource.HUGGINGFACE: {"revision", "token", "model_download_path"},
+    ModelSource.HUGGINGFACE: {"revision", "token", "model_download_path", "subfolder",
+                              "cache_dir", "force_download"},
     ModelSource.KAGGLE: {"model_path", "model_download_path"},
     ModelSource.GCS: {"model_path", "token", "model_download_path"},
-    ModelSource.LOCAL: {"model_path"},
+    ModelSource.LOCAL: {"model_path", "subfolder"},
 }
 _FIXES = {
     "model_path": "For HUGGINGFACE pass the repo id as model_id and leave model_path unset.",
@@ -58,6 +62,9 @@ _FIXES = {
     "token": ("For KAGGLE set KAGGLE_API_TOKEN (or KAGGLE_USERNAME and KAGGLE_KEY) in the "
               "environment."),
     "model_download_path": "Leave model_download_path unset for LOCAL.",
+    "subfolder": "For GCS end the gs:// path with the sub-folder instead.",
+    "cache_dir": "For KAGGLE set KAGGLEHUB_CACHE; for GCS pass model_download_path.",
+    "force_download": "Delete the download first (`tunix-zoo cache remove MODEL`).",
 }
 
 
@@ -74,7 +81,10 @@ def fetch(model_id: str | None, *, source: ModelSource | str = ModelSource.HUGGI
           model_path: str | os.PathLike[str] | None = None,
           model_download_path: str | os.PathLike[str] | None = None,
           revision: str | None = None, token: str | None = None,
-          local_files_only: bool = False, verify: bool = False) -> pathlib.Path:
+          local_files_only: bool = False, verify: bool = False,
+          subfolder: str | None = None, variant: str | None = None,
+          cache_dir: str | os.PathLike[str] | None = None,
+          force_download: bool = False) -> pathlib.Path:
   """Returns a local folder holding config.json + ``*.safetensors`` (+ tokenizer files).
 
   Args:
@@ -91,6 +101,13 @@ def fetch(model_id: str | None, *, source: ModelSource | str = ModelSource.HUGGI
       ``HF_HUB_OFFLINE=1`` does the same).
     verify: re-hash every file already downloaded against the checksum its server
       advertised (new downloads are always checked); bad files are fetched again.
+    subfolder: the model lives in this folder of the repo (HUGGINGFACE) or of
+      ``model_path`` (LOCAL); the returned folder is that one.
+    variant: download only the ``model.<variant>.safetensors`` weights (and their index
+      ``model.safetensors.index.<variant>.json``) of a Hub repo; load with the same
+      ``variant``.
+    cache_dir: the Hugging Face cache root to use instead of ``HF_HUB_CACHE``.
+    force_download: download again even what the cache holds (HUGGINGFACE).
 
   Returns:
     The folder, absolute.
@@ -105,7 +122,8 @@ def fetch(model_id: str | None, *, source: ModelSource | str = ModelSource.HUGGI
   """
   source = _source(source)
   given = {"model_path": model_path, "revision": revision, "token": token,
-           "model_download_path": model_download_path}
+           "model_download_path": model_download_path, "subfolder": subfolder,
+           "cache_dir": cache_dir, "force_download": force_download or None}
   for arg, value in given.items():
     if value is not None and arg not in _ACCEPTS[source]:
       raise SourceError(
@@ -118,12 +136,17 @@ def fetch(model_id: str | None, *, source: ModelSource | str = ModelSource.HUGGI
     module = importlib.import_module("tunix_zoo.sources.huggingface")
     return module.fetch(model_id, revision=revision, token=token,
                         download_dir=model_download_path, local_files_only=local_files_only,
-                        verify=verify)
+                        verify=verify, subfolder=subfolder, variant=variant,
+                        cache_dir=cache_dir, force_download=force_download)
   if source is ModelSource.LOCAL:
     path = model_path if model_path is not None else model_id
     if path is None:
       raise SourceError("[local] no folder given. Pass model_path=<folder holding "
                         "config.json and *.safetensors>.")
+    if subfolder:
+      path = os.path.join(path, importlib.import_module(
+          "tunix_zoo.sources._download").check_relative_name(
+              subfolder, source=source.value, ref=os.fspath(path)))
     return importlib.import_module("tunix_zoo.sources.local").fetch(path)
   if model_path is None:
     example = ("'google/gemma-3/transformers/gemma-3-1b-it'" if source is ModelSource.KAGGLE

@@ -179,7 +179,7 @@ def _verify(folder: pathlib.Path, repo_id: str, local_dir: str | None,
                             "advertised; deleted")
 
 
-def _clean_stale_partials(repo_id: str) -> None:
+def _clean_stale_partials(repo_id: str, cache_dir: str | os.PathLike[str] | None) -> None:
   """Deletes ``blobs/*.incomplete`` files that a killed download left in the repo's cache.
 
   huggingface_hub writes each blob to ``<etag>.<random>.incomplete`` under a lock
@@ -187,7 +187,7 @@ def _clean_stale_partials(repo_id: str) -> None:
   """
   repo_folder = huggingface_hub.file_download.repo_folder_name(repo_id=repo_id,
                                                                 repo_type="model")
-  cache = pathlib.Path(hf_constants.HF_HUB_CACHE)
+  cache = pathlib.Path(cache_dir if cache_dir is not None else hf_constants.HF_HUB_CACHE)
   for partial in (cache / repo_folder / "blobs").glob("*.incomplete"):
     etag = partial.name.split(".", 1)[0]
     lock = filelock.FileLock(str(cache / ".locks" / repo_folder / f"{etag}.lock"))
@@ -260,9 +260,45 @@ def _to_source_error(exc: BaseException, repo_id: str, revision: str | None,
   return None
 
 
+def _allow_patterns(subfolder: str | None, variant: str | None) -> list[str]:
+  """What snapshot_download fetches: the usual files, under ``subfolder`` when given, and
+  of the weights only ``variant``'s (``model.<variant>[-i-of-n].safetensors``) when given."""
+  weights = ([f"model.{variant}.safetensors", f"model.{variant}-*-of-*.safetensors"]
+             if variant else ["*.safetensors"])
+  patterns = [p for p in _download.ALLOW_PATTERNS if p != "*.safetensors"] + weights
+  return [f"{subfolder}/{p}" if subfolder else p for p in patterns]
+
+
+def _check_listing(names: list[str], repo_id: str, subfolder: str | None,
+                   variant: str | None) -> None:
+  """Raises SourceError unless the repo holds a checkpoint in ``subfolder`` of ``variant``."""
+  if subfolder:
+    inside = [n[len(subfolder) + 1:] for n in names if n.startswith(subfolder + "/")]
+    if not inside:
+      folders = sorted({n.split("/")[0] for n in names if "/" in n})
+      raise _download.source_error(
+          SOURCE, repo_id, f"the repo has no files under subfolder {subfolder!r}.",
+          f"Its folders: {', '.join(folders) or 'none'}; pass one of them, or no subfolder.")
+    names = inside
+  _download.select_files(names, source=SOURCE, ref=repo_id)
+  if variant is None:
+    return
+  present = {m.group(1) for n in names
+             if (m := re.fullmatch(r"model\.([^.-]+)(?:-\d+-of-\d+)?\.safetensors", n))}
+  if variant not in present:
+    raise _download.source_error(
+        SOURCE, repo_id, f"the repo has no weights of variant {variant!r} "
+        f"(model.{variant}.safetensors).",
+        f"Its variants: {', '.join(sorted(present)) or 'none'}; pass one of them, or no "
+        "variant for model.safetensors.")
+
+
 def fetch(repo_id: str, *, revision: str | None = None, token: str | None = None,
           download_dir: str | os.PathLike[str] | None = None,
-          local_files_only: bool = False, verify: bool = False) -> pathlib.Path:
+          local_files_only: bool = False, verify: bool = False,
+          subfolder: str | None = None, variant: str | None = None,
+          cache_dir: str | os.PathLike[str] | None = None,
+          force_download: bool = False) -> pathlib.Path:
   """Downloads a Hub repo's safetensors, configs and tokenizer files.
 
   Args:
@@ -275,9 +311,14 @@ def fetch(repo_id: str, *, revision: str | None = None, token: str | None = None
       ``HF_HUB_OFFLINE=1``).
     verify: re-hash every file, also those verified before, against the checksums the
       Hub advertised; bad ones are downloaded again.
+    subfolder: the repo folder holding the checkpoint; only its files are fetched.
+    variant: fetch only the ``model.<variant>.safetensors`` weights (and shards).
+    cache_dir: the cache root instead of ``HF_HUB_CACHE``, as in transformers.
+    force_download: fetch every file again, even when cached.
 
   Returns:
-    The folder holding config.json and the ``*.safetensors`` files.
+    The folder holding config.json and the ``*.safetensors`` files (``subfolder`` of the
+    snapshot when given).
 
   Raises:
     SourceError: malformed id or revision, a repo without safetensors or config.json,
@@ -292,19 +333,26 @@ def fetch(repo_id: str, *, revision: str | None = None, token: str | None = None
              or _truthy(os.environ.get("HF_HUB_OFFLINE")))
   local_dir = (str(pathlib.Path(download_dir).expanduser().resolve())
                if download_dir is not None else None)
+  if subfolder is not None:
+    subfolder = _download.check_relative_name(subfolder.strip("/"), source=SOURCE,
+                                              ref=repo_id)
+  if force_download and offline:
+    raise _download.source_error(
+        SOURCE, repo_id, "force_download=True needs the network, but offline mode is on "
+        "(local_files_only=True or HF_HUB_OFFLINE=1).", "Drop one of the two.")
   what = f"Hub download of {repo_id}"
   try:
     if not offline:
       api = huggingface_hub.HfApi(endpoint=endpoint, token=token)
       info = _download.retry(lambda: api.model_info(repo_id, revision=revision),
                              is_transient=_is_transient, what=what)
-      _download.select_files([s.rfilename for s in info.siblings or []],
-                             source=SOURCE, ref=repo_id)
+      _check_listing([s.rfilename for s in info.siblings or []], repo_id, subfolder, variant)
 
     def download_and_verify() -> pathlib.Path:
       path = pathlib.Path(huggingface_hub.snapshot_download(
           repo_id, revision=revision, token=token, local_dir=local_dir,
-          local_files_only=offline, allow_patterns=list(_download.ALLOW_PATTERNS),
+          local_files_only=offline, allow_patterns=_allow_patterns(subfolder, variant),
+          cache_dir=cache_dir, force_download=force_download,
           endpoint=endpoint, tqdm_class=progress.progress_class() if progress.quiet()
           else None))
       _verify(path, repo_id, local_dir, rehash_all=verify)
@@ -313,7 +361,7 @@ def fetch(repo_id: str, *, revision: str | None = None, token: str | None = None
     path = _download.retry(download_and_verify, is_transient=_is_transient, what=what,
                            attempts=1 if offline else None)
     if local_dir is None and not offline:
-      _clean_stale_partials(repo_id)
+      _clean_stale_partials(repo_id, cache_dir)
   except SourceError:
     raise
   except Exception as e:  # pylint: disable=broad-except
@@ -321,4 +369,5 @@ def fetch(repo_id: str, *, revision: str | None = None, token: str | None = None
     if error is None:
       raise
     raise error from e
-  return _download.check_folder(pathlib.Path(path), source=SOURCE, ref=repo_id)
+  return _download.check_folder(pathlib.Path(path, subfolder or ""), source=SOURCE,
+                                ref=repo_id)
