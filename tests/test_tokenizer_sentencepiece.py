@@ -1,26 +1,20 @@
 """Gemma SentencePiece ``tokenizer.model`` against transformers' GemmaTokenizer.
 
-A small BPE model with Gemma's special pieces and byte fallback is trained in the test;
-ids and decoded text must be identical to transformers' on every string.
+A small BPE model with Gemma's special pieces and byte fallback is trained in the test
+(tests/orbax_reference.py); ids and decoded text must be identical to transformers' on
+every string.
 """
 
 from __future__ import annotations
 
-import io
 import pathlib
 
 import pytest
 
+from tests import orbax_reference
 from tunix_zoo.errors import TokenizerError
 from tunix_zoo.tokenizer import Tokenizer
 
-CORPUS = [
-    "The quick brown fox jumps over the lazy dog.",
-    "Gemma models are trained on text, code and mathematics.",
-    "def add(a, b):\n    return a + b",
-    "Numbers like 12345 and 3.14159 appear too.",
-    "  leading spaces and trailing   ",
-] * 40
 STRINGS = [
     "Hello world", "The lazy fox", "  two  spaces ", "tabs\tand\nnewlines", "ünïcödé ✓ 日本語",
     "<start_of_turn>user\nHi<end_of_turn>", "", "a", "return a + b", "emoji 🙂 falls back to bytes",
@@ -29,18 +23,8 @@ STRINGS = [
 
 @pytest.fixture(scope="module")
 def spm_folder(tmp_path_factory) -> pathlib.Path:
-  import sentencepiece
-
   folder = tmp_path_factory.mktemp("spm")
-  model = io.BytesIO()
-  sentencepiece.SentencePieceTrainer.train(
-      sentence_iterator=iter(CORPUS), model_writer=model, model_type="bpe", vocab_size=400,
-      pad_id=0, eos_id=1, bos_id=2, unk_id=3, pad_piece="<pad>", eos_piece="<eos>",
-      bos_piece="<bos>", unk_piece="<unk>", byte_fallback=True,
-      user_defined_symbols=["<start_of_turn>", "<end_of_turn>"], add_dummy_prefix=False,
-      remove_extra_whitespaces=False, normalization_rule_name="identity",
-      split_digits=True, minloglevel=2)
-  (folder / "tokenizer.model").write_bytes(model.getvalue())
+  orbax_reference.train_sentencepiece(folder / "tokenizer.model")
   return folder
 
 

@@ -180,6 +180,18 @@ class Tokenizer:
     return cls(backend, special_tokens=special_tokens, chat_template=GEMMA_CHAT_TEMPLATE,
                generation_config={"eos_token_id": stops} if stops else None)
 
+  def save_hf_files(self, folder: str | os.PathLike[str]) -> None:
+    """Writes tokenizer.json, tokenizer_config.json and chat_template.jinja into
+    ``folder``, as transformers reads them (for an HF export of an orbax checkpoint whose
+    tokenizer is a SentencePiece model)."""
+    folder = pathlib.Path(folder)
+    self.backend.save(str(folder / TOKENIZER_FILE))
+    config = {**self.special_tokens, "add_bos_token": True, "add_eos_token": False,
+              "tokenizer_class": "GemmaTokenizer", "padding_side": "left"}
+    (folder / CONFIG_FILE).write_text(json.dumps(config, indent=2) + "\n", encoding="utf-8")
+    if isinstance(self.chat_template, str):
+      (folder / CHAT_TEMPLATE_FILE).write_text(self.chat_template, encoding="utf-8")
+
   # -- ids ----------------------------------------------------------------------------
   @property
   def vocab_size(self) -> int:
