@@ -11,6 +11,7 @@ checkpoints carry no config.
 from __future__ import annotations
 
 import dataclasses
+import io
 import json
 import pathlib
 from typing import Any
@@ -20,6 +21,14 @@ import numpy as np
 from tests import reference
 
 VARIATION = "tiny-it"
+
+SENTENCEPIECE_CORPUS = [
+    "The quick brown fox jumps over the lazy dog.",
+    "Gemma models are trained on text, code and mathematics.",
+    "def add(a, b):\n    return a + b",
+    "Numbers like 12345 and 3.14159 appear too.",
+    "  leading spaces and trailing   ",
+] * 40
 
 
 @dataclasses.dataclass(frozen=True)
@@ -162,5 +171,21 @@ def make_case(case: str, root: pathlib.Path) -> tuple[pathlib.Path, pathlib.Path
   hf_config = json.loads((hf_folder / "config.json").read_text())
   state = load_file(hf_folder / "model.safetensors")
   save_orbax(gemma_tree(case, state, hf_config), orbax_root / VARIATION)
+  train_sentencepiece(orbax_root / "tokenizer.model")
   register_preset(case, hf_folder)
   return hf_folder, orbax_root, model
+
+
+def train_sentencepiece(path: pathlib.Path) -> None:
+  """A small BPE SentencePiece model with Gemma's special pieces and byte fallback."""
+  import sentencepiece
+
+  model = io.BytesIO()
+  sentencepiece.SentencePieceTrainer.train(
+      sentence_iterator=iter(SENTENCEPIECE_CORPUS), model_writer=model, model_type="bpe",
+      vocab_size=400, pad_id=0, eos_id=1, bos_id=2, unk_id=3, pad_piece="<pad>",
+      eos_piece="<eos>", bos_piece="<bos>", unk_piece="<unk>", byte_fallback=True,
+      user_defined_symbols=["<start_of_turn>", "<end_of_turn>"], add_dummy_prefix=False,
+      remove_extra_whitespaces=False, normalization_rule_name="identity", split_digits=True,
+      minloglevel=2)
+  path.write_bytes(model.getvalue())

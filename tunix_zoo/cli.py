@@ -8,6 +8,7 @@ Example::
     tunix-zoo test qwen3_0p6b --lora-rank 8 --lora-module-path ".*q_proj|.*v_proj" --remat layer
     tunix-zoo export Qwen/Qwen3-0.6B /tmp/out --dtype bfloat16
     tunix-zoo export /ckpt/sft /tmp/out --push-to-hub acme/sft --private
+    tunix-zoo export /kaggle/gemma-2-flax /tmp/gemma2-hf --model-id gemma2_2b_it  # orbax
     tunix-zoo download Qwen/Qwen3-0.6B
     tunix-zoo list
     tunix-zoo info qwen3_8b --mesh 1x8 --dtype bfloat16
@@ -21,7 +22,9 @@ from __future__ import annotations
 import argparse
 import json
 import os
+import shutil
 import sys
+import tempfile
 import time
 from typing import Any, Sequence
 
@@ -178,7 +181,14 @@ def load(args: argparse.Namespace):
   dtype = args.dtype
   if args.model == DEMO_ID:
     return AutoModel.from_pretrained(str(demo_checkpoint()), mesh, param_dtype=dtype)
-  return AutoModel.from_pretrained(args.model, mesh, param_dtype=dtype, **source_kwargs(args))
+  kwargs = source_kwargs(args)
+  if args.model_id and kwargs["model_path"] is None:
+    # MODEL is the folder (or handle); the preset --model-id names gives the architecture.
+    if kwargs["model_source"] == "huggingface":
+      kwargs["model_source"] = "local"
+    kwargs["model_path"] = args.model
+  return AutoModel.from_pretrained(args.model_id or args.model, mesh, param_dtype=dtype,
+                                   **kwargs)
 
 
 def cmd_run(args: argparse.Namespace) -> int:
@@ -258,9 +268,21 @@ def cmd_export(args: argparse.Namespace) -> int:
 
   model, folder = load(args)
   push = args.push_to_hub is not None
-  out = save_pretrained(model, args.out_dir, dtype=args.out_dtype, source_dir=folder,
-                        overwrite=args.overwrite, push_to_hub=push,
-                        repo_id=args.push_to_hub, private=True if args.private else None)
+  with tempfile.TemporaryDirectory() as tokenizer_dir:
+    source_dir = folder
+    if not os.path.isfile(os.path.join(folder, "tokenizer.json")) and os.path.isfile(
+        os.path.join(folder, "tokenizer.model")):
+      # An orbax (Kaggle Flax) checkpoint ships only the SentencePiece model: export the
+      # tokenizer files transformers reads beside it.
+      from tunix_zoo.tokenizer import SENTENCEPIECE_FILE, Tokenizer
+
+      Tokenizer.from_pretrained(folder).save_hf_files(tokenizer_dir)
+      shutil.copyfile(os.path.join(folder, SENTENCEPIECE_FILE),
+                      os.path.join(tokenizer_dir, SENTENCEPIECE_FILE))
+      source_dir = tokenizer_dir
+    out = save_pretrained(model, args.out_dir, dtype=args.out_dtype, source_dir=source_dir,
+                          overwrite=args.overwrite, push_to_hub=push,
+                          repo_id=args.push_to_hub, private=True if args.private else None)
   print(out)
   return 0
 
@@ -344,6 +366,8 @@ def add_model_arguments(p: argparse.ArgumentParser, *, mesh: bool = True) -> Non
   p.add_argument("--model-path", help="Kaggle handle, gs:// path or local folder")
   p.add_argument("--download-dir", help="download into this folder instead of the cache")
   p.add_argument("--revision", help="HF branch, tag or commit")
+  p.add_argument("--model-id", help="preset giving the architecture of a checkpoint without "
+                 "config.json (an orbax / Kaggle Flax Gemma), e.g. gemma2_2b_it")
   if mesh:
     p.add_argument("--mesh", help="FSDPxTP, e.g. 1x8 (default 1 x all local devices)")
     p.add_argument("--dtype", default=None, help="parameter dtype (default: the checkpoint's)")

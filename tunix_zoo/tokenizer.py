@@ -50,6 +50,22 @@ SPECIAL_TOKEN_NAMES = (
     "bos_token", "eos_token", "unk_token", "sep_token", "pad_token", "cls_token", "mask_token",
 )
 DEFAULT_TEMPLATE_NAME = "default"
+SENTENCEPIECE_FILE = "tokenizer.model"
+GEMMA_SPECIAL_TOKENS = {
+    "bos_token": "<bos>", "eos_token": "<eos>", "unk_token": "<unk>", "pad_token": "<pad>",
+    "mask_token": "<mask>",
+}
+# Gemma's instruction-tuned chat template (as its tokenizer_config.json ships it).
+GEMMA_CHAT_TEMPLATE = (
+    "{{ bos_token }}{% if messages[0]['role'] == 'system' %}{{ raise_exception('System role "
+    "not supported') }}{% endif %}{% for message in messages %}{% if (message['role'] == "
+    "'user') != (loop.index0 % 2 == 0) %}{{ raise_exception('Conversation roles must "
+    "alternate user/assistant/user/assistant/...') }}{% endif %}{% if (message['role'] == "
+    "'assistant') %}{% set role = 'model' %}{% else %}{% set role = message['role'] %}"
+    "{% endif %}{{ '<start_of_turn>' + role + '\n' + message['content'] | trim + "
+    "'<end_of_turn>\n' }}{% endfor %}{% if add_generation_prompt %}"
+    "{{'<start_of_turn>model\n'}}{% endif %}"
+)
 TOOL_TEMPLATE_NAME = "tool_use"
 
 
@@ -105,6 +121,8 @@ class Tokenizer:
     """
     folder = pathlib.Path(folder)
     path = folder / TOKENIZER_FILE
+    if not path.is_file() and (folder / SENTENCEPIECE_FILE).is_file():
+      return cls.from_sentencepiece(folder / SENTENCEPIECE_FILE)
     if not path.is_file():
       raise TokenizerError(_missing_tokenizer_message(folder))
     try:
@@ -139,6 +157,40 @@ class Tokenizer:
         chat_template=_read_chat_templates(folder, config),
         generation_config=_read_json(folder / GENERATION_CONFIG_FILE),
     )
+
+  @classmethod
+  def from_sentencepiece(cls, path: str | os.PathLike[str]) -> Tokenizer:
+    """A Gemma SentencePiece ``tokenizer.model`` (as Kaggle's Flax Gemmas ship it).
+
+    Converted for ``tokenizers`` as transformers' ``GemmaTokenizer`` converts it (BPE with
+    byte fallback, merges in vocabulary order), so both give the same ids; Gemma's
+    ``<bos>`` starts each encode, ``<eos>`` and ``<end_of_turn>`` end a generation, and
+    the Gemma chat template applies.
+
+    Example::
+
+        tokenizer = Tokenizer.from_sentencepiece("/kaggle/gemma2-2b-it/tokenizer.model")
+    """
+    backend, pieces = _sentencepiece_backend(pathlib.Path(path))
+    special_tokens = {name: token for name, token in GEMMA_SPECIAL_TOKENS.items()
+                      if token in pieces}
+    _add_missing_special_tokens(backend, special_tokens.values())
+    backend.post_processor = _bos_eos_processor(backend, special_tokens.get("bos_token"), None)
+    stops = [backend.token_to_id(t) for t in ("<eos>", "<end_of_turn>") if t in pieces]
+    return cls(backend, special_tokens=special_tokens, chat_template=GEMMA_CHAT_TEMPLATE,
+               generation_config={"eos_token_id": stops} if stops else None)
+
+  def save_hf_files(self, folder: str | os.PathLike[str]) -> None:
+    """Writes tokenizer.json, tokenizer_config.json and chat_template.jinja into
+    ``folder``, as transformers reads them (for an HF export of an orbax checkpoint whose
+    tokenizer is a SentencePiece model)."""
+    folder = pathlib.Path(folder)
+    self.backend.save(str(folder / TOKENIZER_FILE))
+    config = {**self.special_tokens, "add_bos_token": True, "add_eos_token": False,
+              "tokenizer_class": "GemmaTokenizer", "padding_side": "left"}
+    (folder / CONFIG_FILE).write_text(json.dumps(config, indent=2) + "\n", encoding="utf-8")
+    if isinstance(self.chat_template, str):
+      (folder / CHAT_TEMPLATE_FILE).write_text(self.chat_template, encoding="utf-8")
 
   # -- ids ----------------------------------------------------------------------------
   @property
@@ -283,17 +335,56 @@ class Tokenizer:
     return templates
 
 
+def _sentencepiece_backend(path: pathlib.Path) -> tuple[tokenizers.Tokenizer, dict[str, int]]:
+  """``tokenizer.model`` as transformers 5 converts it for ``GemmaTokenizer``."""
+  import sentencepiece
+  from sentencepiece import sentencepiece_model_pb2
+
+  try:
+    proto = sentencepiece_model_pb2.ModelProto()
+    proto.ParseFromString(path.read_bytes())
+    processor = sentencepiece.SentencePieceProcessor(model_proto=proto.SerializeToString())
+  except Exception as e:  # protobuf and sentencepiece raise their own error types.
+    raise TokenizerError(
+        f"{path} is not a SentencePiece model ({e}): download it again, or give the folder "
+        "a tokenizer.json (transformers' `AutoTokenizer.from_pretrained(folder)"
+        ".save_pretrained(folder)` writes one).") from e
+  if proto.trainer_spec.model_type != sentencepiece_model_pb2.TrainerSpec.BPE:
+    raise TokenizerError(f"{path} is not a BPE SentencePiece model (Gemma's kind); tunix_zoo "
+                         "reads only those. Convert it to tokenizer.json with transformers.")
+  vocab = {piece.piece: n for n, piece in enumerate(proto.pieces)}
+  merges = []
+  for merged, rank in vocab.items():
+    pairs = [(merged[:k], merged[k:]) for k in range(1, len(merged))
+             if merged[:k] in vocab and merged[k:] in vocab]
+    merges.extend((left, right, rank) for left, right in
+                  sorted(pairs, key=lambda p: (vocab[p[0]], vocab[p[1]])))
+  merges.sort(key=lambda m: (m[2], len(m[0]), len(m[1])))
+  unk = proto.pieces[processor.unk_id()].piece
+  backend = tokenizers.Tokenizer(tokenizers.models.BPE(
+      vocab=vocab, merges=[(left, right) for left, right, _ in merges], fuse_unk=True,
+      unk_token=unk, byte_fallback=True))
+  backend.pre_tokenizer = tokenizers.pre_tokenizers.Split(
+      pattern=" ", behavior="merged_with_previous", invert=False)
+  backend.decoder = tokenizers.decoders.Sequence([
+      tokenizers.decoders.Replace("▁", " "), tokenizers.decoders.ByteFallback(),
+      tokenizers.decoders.Fuse()])
+  backend.normalizer = tokenizers.normalizers.Replace(" ", "▁")
+  control, user_defined = sentencepiece_model_pb2.ModelProto.SentencePiece.CONTROL, \
+      sentencepiece_model_pb2.ModelProto.SentencePiece.USER_DEFINED
+  # Control pieces are special (decode may skip them); user-defined ones are plain text.
+  backend.add_special_tokens([tokenizers.AddedToken(p.piece, normalized=False, special=True)
+                              for p in proto.pieces if p.type == control])
+  backend.add_tokens([tokenizers.AddedToken(p.piece, normalized=False, special=False)
+                      for p in proto.pieces if p.type == user_defined])
+  return backend, vocab
+
+
 def _missing_tokenizer_message(folder: pathlib.Path) -> str:
   if not folder.is_dir():
     return (
         f"Tokenizer folder {folder} does not exist; pass the checkpoint folder holding "
         f"{TOKENIZER_FILE}."
-    )
-  if (folder / "tokenizer.model").is_file():
-    return (
-        f"{folder} has tokenizer.model (SentencePiece) but no {TOKENIZER_FILE}. Convert it "
-        "once with transformers: `AutoTokenizer.from_pretrained(folder)"
-        ".save_pretrained(folder)` writes tokenizer.json."
     )
   return (
       f"{folder} has no {TOKENIZER_FILE}. Download the checkpoint's tokenizer files "

@@ -62,8 +62,6 @@ def _folder(root: pathlib.Path, names: dict[str, bytes]) -> pathlib.Path:
 @pytest.mark.parametrize("names,match", [
     ({"config.json": b"{}", "pytorch_model.bin": b"x"},
      r"only pickle weights are published \(pytorch_model.bin\).*safe_serialization=True"),
-    ({"config.json": b"{}", "ckpt/_METADATA": b"x", "ckpt/checkpoint": b"x"},
-     r"Flax/orbax.*'transformers' variation"),
     ({"model.safetensors": b"x"}, r"no config.json"),
     ({"config.json": b"{}"}, r"no \*.safetensors weights found \(files: config.json\)"),
 ])

@@ -124,20 +124,6 @@ def test_pickle_only_variation_is_refused_before_download(kaggle, checkpoint):
   assert kaggle.faults.count(BLOBS) == 0
 
 
-def test_orbax_checkpoints_are_refused_with_the_transformers_hint(kaggle, tmp_path):
-  orbax = tmp_path / "orbax"
-  (orbax / "1b").mkdir(parents=True)
-  for name in ("1b/_METADATA", "1b/checkpoint", "1b/manifest.ocdbt", "tokenizer.model"):
-    (orbax / name).write_bytes(b"x")
-  kaggle.add_model("google/gemma-3/jax/gemma-3-1b", 1, orbax)
-  with pytest.raises(SourceError, match="Flax/orbax.*'transformers' variation"):
-    kaggle_fetch("google/gemma-3/jax/gemma-3-1b")
-  kaggle.faults.reset()
-  with pytest.raises(SourceError, match="Flax/orbax.*'transformers' variation"):
-    kaggle_fetch("google/gemma-3/flax/gemma-3-1b")
-  assert kaggle.faults.hits == []
-
-
 @pytest.mark.parametrize("handle", [
     "acme/tiny/transformers", "acme/../transformers/x", "acme/tiny/transformers/../../x",
     "https://www.kaggle.com/models/acme/tiny/transformers/tiny-it", "/acme/tiny/transformers/x",

@@ -52,10 +52,6 @@ CONVERT_HINT = (
     "Convert the weights to safetensors first, e.g. load them with transformers and call "
     "model.save_pretrained(folder, safe_serialization=True), or pick a repo/variation that "
     "publishes *.safetensors.")
-ORBAX_HINT = (
-    "Flax/orbax checkpoints (Kaggle framework 'flax') are not supported yet; use the "
-    "'transformers' variation of the same model, e.g. "
-    "'google/gemma-3/transformers/gemma-3-1b-it'.")
 
 TRANSIENT_STATUS = frozenset({408, 429, 500, 502, 503, 504})
 
@@ -137,23 +133,32 @@ def select_files(names: Iterable[str], *, source: str, ref: str) -> list[str]:
 
   Raises:
     SourceError: a name escapes the folder, or the listing has no config.json or no
-      ``*.safetensors`` (pickle-only and orbax checkpoints get their own advice).
+      ``*.safetensors`` (pickle-only checkpoints get their own advice). An orbax
+      checkpoint needs neither: every file but pickles is picked.
   """
   names = sorted(set(names))
   for n in names:
     check_relative_name(n, source=source, ref=ref)
-  wanted = [n for n in names if _matches(n, ALLOW_PATTERNS)]
   _check_contents(names, source=source, ref=ref)
-  return wanted
+  if _is_orbax_only(names):
+    # An orbax checkpoint's data files have no suffix: take the whole folder.
+    return [n for n in names if not _matches(n, PICKLE_PATTERNS)]
+  return [n for n in names if _matches(n, ALLOW_PATTERNS)]
+
+
+def _is_orbax_only(names: list[str]) -> bool:
+  """A Flax (orbax) checkpoint with no safetensors beside it, as Kaggle's Flax Gemmas."""
+  return _looks_orbax(names) and not any(fnmatch.fnmatch(n, "*.safetensors") for n in names)
 
 
 def _check_contents(names: list[str], *, source: str, ref: str) -> None:
-  """Raises unless ``names`` hold a config.json and safetensors weights."""
+  """Raises unless ``names`` hold a config.json and safetensors weights, or an orbax
+  checkpoint (loaded with a preset's config)."""
+  if _is_orbax_only(names):
+    return
   has_weights = any(fnmatch.fnmatch(n, "*.safetensors") for n in names)
   if not has_weights:
     pickles = [n for n in names if _matches(n, PICKLE_PATTERNS)]
-    if _looks_orbax(names):
-      raise source_error(source, ref, "this is a Flax/orbax checkpoint.", ORBAX_HINT)
     if pickles:
       raise source_error(
           source, ref, f"only pickle weights are published ({', '.join(pickles[:3])}); "
@@ -171,7 +176,8 @@ def _check_contents(names: list[str], *, source: str, ref: str) -> None:
 
 
 def check_folder(folder: pathlib.Path, *, source: str, ref: str) -> pathlib.Path:
-  """Returns ``folder`` if it holds a loadable checkpoint (config.json + safetensors)."""
+  """Returns ``folder`` if it holds a loadable checkpoint (config.json + safetensors, or
+  an orbax checkpoint)."""
   names = [p.relative_to(folder).as_posix() for p in folder.rglob("*")
            if p.is_file() and not any(part.startswith(".") for part in
                                       p.relative_to(folder).parts)]

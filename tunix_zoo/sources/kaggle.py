@@ -1,8 +1,9 @@
 """Kaggle Models, through kagglehub's downloader, cache and completion markers.
 
 A handle is ``owner/model/framework/variation`` with an optional ``/version``. The
-version's file list is read first (so Flax/orbax or pickle-only variations fail before
-any download), then only the safetensors, configs and tokenizer files are fetched, one
+version's file list is read first (so pickle-only variations fail before any download),
+then only the safetensors, configs and tokenizer files (or, for a Flax variation, the
+orbax checkpoint folder and ``tokenizer.model``) are fetched, one
 ``kagglehub.model_download(handle, path=file)`` each, in parallel::
 
     folder = fetch("google/gemma-3/transformers/gemma-3-1b-it/1")
@@ -228,7 +229,7 @@ def _download_file(ref: KaggleRef, name: str, out_dir: pathlib.Path | None) -> N
 
 def fetch(handle: str, *, download_dir: str | os.PathLike[str] | None = None,
           local_files_only: bool = False) -> pathlib.Path:
-  """Downloads a Kaggle model variation's safetensors, configs and tokenizer files.
+  """Downloads a Kaggle model variation's safetensors (or orbax), configs and tokenizer.
 
   Args:
     handle: ``owner/model/framework/variation[/version]``; the latest version when the
@@ -242,13 +243,10 @@ def fetch(handle: str, *, download_dir: str | os.PathLike[str] | None = None,
     The folder holding config.json and the ``*.safetensors`` files.
 
   Raises:
-    SourceError: malformed handle, a Flax/orbax or pickle-only variation, missing model,
+    SourceError: malformed handle, a pickle-only variation, missing model,
       refused access, Kaggle unreachable, or offline with nothing downloaded.
   """
   ref = parse_handle(handle)
-  if ref.framework.lower() == "flax":
-    raise _download.source_error(SOURCE, handle, "this is a Flax/orbax checkpoint.",
-                                 _download.ORBAX_HINT)
   out_dir = (pathlib.Path(download_dir).expanduser().resolve()
              if download_dir is not None else None)
   if local_files_only:
