@@ -73,7 +73,7 @@ def rules_for_axes(fsdp: str | None = None, tp: str | None = None,
       model, path = AutoModel.from_pretrained(path, mesh, sharding_rules=rules)
   """
   names = {"fsdp": fsdp, "tp": tp}
-  return {logical: tuple(names.get(a) or a for a in _mesh_axes(axes)) or None
+  return {logical: tuple(names.get(a) or a for a in mesh_axes(axes)) or None
           for logical, axes in (DEFAULT_RULES if rules is None else rules).items()}
 
 
@@ -84,7 +84,7 @@ def check_mesh_axes(mesh: Mesh, rules: Rules | None) -> None:
   'model')``) would replicate every parameter on every device.
   """
   used = {a for axes in (DEFAULT_RULES if rules is None else rules).values()
-          for a in _mesh_axes(axes)}
+          for a in mesh_axes(axes)}
   if mesh.size == 1 or any(mesh.shape.get(a, 1) > 1 for a in used):
     return
   names = tuple(mesh.axis_names)
