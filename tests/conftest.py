@@ -25,3 +25,12 @@ def pytest_collection_modifyitems(config, items):
   for item in items:
     if "kaggle_server" in getattr(item, "fixturenames", ()):
       item.add_marker(group)
+
+
+@pytest.fixture(scope="session")
+def reference_checkpoints(tmp_path_factory):
+  """case -> (folder, transformers model) of :data:`tests.reference.CASES`, made once per
+  session on first use. Read-only: copy a folder before changing it."""
+  from tests import reference
+
+  return reference.Checkpoints(tmp_path_factory)

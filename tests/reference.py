@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import json
 import pathlib
+from collections.abc import Mapping
 from typing import Any
 
 import numpy as np
@@ -73,13 +74,30 @@ def make_checkpoint(case: str, folder: pathlib.Path, *, seed: int = 0, **save_kw
   return model
 
 
-def make_all(tmp_path_factory) -> dict[str, tuple[pathlib.Path, Any]]:
-  """case -> (folder, torch model) for every case, in pytest's temporary folders."""
-  made = {}
-  for case in sorted(CASES):
-    folder = tmp_path_factory.mktemp(case)
-    made[case] = folder, make_checkpoint(case, folder)
-  return made
+class Checkpoints(Mapping):
+  """case -> (folder, torch model), each made on first use in pytest's temporary folders.
+
+  One instance serves the whole test session (the ``reference_checkpoints`` fixture):
+  tests read these folders and must copy them before changing anything.
+  """
+
+  def __init__(self, tmp_path_factory):
+    self._tmp_path_factory = tmp_path_factory
+    self._made: dict[str, tuple[pathlib.Path, Any]] = {}
+
+  def __getitem__(self, case: str) -> tuple[pathlib.Path, Any]:
+    if case not in CASES:
+      raise KeyError(case)
+    if case not in self._made:
+      folder = self._tmp_path_factory.mktemp(case)
+      self._made[case] = folder, make_checkpoint(case, folder)
+    return self._made[case]
+
+  def __iter__(self):
+    return iter(sorted(CASES))
+
+  def __len__(self) -> int:
+    return len(CASES)
 
 
 def to_hub_spelling(folder: pathlib.Path) -> None:

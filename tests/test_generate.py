@@ -26,19 +26,13 @@ CASES = sorted(reference.CASES)
 
 
 @pytest.fixture(scope="module")
-def checkpoints(tmp_path_factory):
-  """case -> (folder, torch model), made once for the module."""
-  return reference.make_all(tmp_path_factory)
-
-
-@pytest.fixture(scope="module")
-def models(checkpoints):
+def models(reference_checkpoints):
   """case -> one-device model, loaded on first use."""
   loaded = {}
 
   def get(case):
     if case not in loaded:
-      loaded[case] = load_folder(checkpoints[case][0], one_device_mesh())
+      loaded[case] = load_folder(reference_checkpoints[case][0], one_device_mesh())
     return loaded[case]
 
   return get
@@ -80,8 +74,8 @@ class CharTokenizer:
 
 
 @pytest.mark.parametrize("case", CASES)
-def test_greedy_matches_transformers(checkpoints, models, case):
-  _, torch_model = checkpoints[case]
+def test_greedy_matches_transformers(reference_checkpoints, models, case):
+  _, torch_model = reference_checkpoints[case]
   tokens, mask, _ = reference.left_padded_batch(seed=1)
   expected = reference.reference_greedy(torch_model, tokens, mask, NEW_TOKENS)
   out = generate(models(case), unpadded(tokens, mask), NEW_TOKENS)
@@ -89,8 +83,8 @@ def test_greedy_matches_transformers(checkpoints, models, case):
   np.testing.assert_array_equal(out.lengths, [NEW_TOKENS] * 3)
 
 
-def test_eos_stops_each_row_as_transformers_does_and_ends_the_loop(checkpoints, models):
-  _, torch_model = checkpoints["qwen3"]
+def test_eos_stops_each_row_as_transformers_does_and_ends_the_loop(reference_checkpoints, models):
+  _, torch_model = reference_checkpoints["qwen3"]
   tokens, mask, _ = reference.left_padded_batch(seed=1)
   unstopped = reference.reference_greedy(torch_model, tokens, mask, NEW_TOKENS)
   # Each row's first id that no row produced in its first 3 steps: every row stops, late
@@ -117,8 +111,8 @@ def test_eos_stops_each_row_as_transformers_does_and_ends_the_loop(checkpoints, 
   )
 
 
-def test_the_configs_eos_is_the_default_as_in_transformers(checkpoints):
-  folder, torch_model = checkpoints["qwen3"]
+def test_the_configs_eos_is_the_default_as_in_transformers(reference_checkpoints):
+  folder, torch_model = reference_checkpoints["qwen3"]
   tokens, mask, _ = reference.left_padded_batch(seed=1)
   unstopped = reference.reference_greedy(torch_model, tokens, mask, NEW_TOKENS)
   eos = int(unstopped[0, 5])
@@ -176,9 +170,9 @@ def test_string_prompts_through_a_tokenizer(models):
 
 
 @pytest.mark.parametrize("axis_type", [AxisType.Explicit, AxisType.Auto], ids=["explicit", "auto"])
-def test_mesh_2x4_gives_the_one_device_tokens(checkpoints, axis_type):
+def test_mesh_2x4_gives_the_one_device_tokens(reference_checkpoints, axis_type):
   """One-device generate() equals transformers (above), so the mesh is held to transformers."""
-  folder, torch_model = checkpoints["llama3_tied_mha"]
+  folder, torch_model = reference_checkpoints["llama3_tied_mha"]
   tokens, mask, _ = reference.left_padded_batch(seed=3, batch=2)
   expected = reference.reference_greedy(torch_model, tokens, mask, 8)
   mesh = jax.make_mesh((2, 4), ("fsdp", "tp"), axis_types=(axis_type,) * 2)

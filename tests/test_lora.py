@@ -26,20 +26,6 @@ from tunix_zoo.training import train
 USERS_PATHS = ".*q_proj|.*k_proj|.*v_proj|.*o_proj|.*gate_proj|.*up_proj|.*down_proj"
 
 
-@pytest.fixture(scope="module")
-def checkpoints(tmp_path_factory):
-  """case -> (folder, transformers model) for the reference cases the tests use."""
-  made = {}
-
-  def get(case):
-    if case not in made:
-      folder = tmp_path_factory.mktemp(case)
-      made[case] = folder, reference.make_checkpoint(case, folder)
-    return made[case]
-
-  return get
-
-
 def randomise_adapters(model: nnx.Module, scale: float = 0.05) -> None:
   """Nonzero ``lora_b`` everywhere (fresh adapters are the identity), in place."""
   for n, layer in enumerate(lora_layers(model).values()):
@@ -56,9 +42,9 @@ def logits_of(model, tokens, mask=None):
 @pytest.mark.slow
 @pytest.mark.parametrize("axis_type", [AxisType.Explicit, AxisType.Auto], ids=["explicit", "auto"])
 def test_fresh_adapters_keep_the_logits_bit_exact_and_shard_like_their_weights(
-    checkpoints, axis_type
+    reference_checkpoints, axis_type
 ):
-  folder, _ = checkpoints("qwen3")
+  folder, _ = reference_checkpoints["qwen3"]
   mesh = jax.make_mesh((2, 4), ("fsdp", "tp"), axis_types=(axis_type,) * 2)
   model = load_folder(folder, mesh)
   tokens, mask, _ = reference.left_padded_batch()
@@ -81,8 +67,8 @@ def test_fresh_adapters_keep_the_logits_bit_exact_and_shard_like_their_weights(
   assert layers["layers.0.mlp.down_proj"].lora_a.get_value().sharding.spec[1] == "tp"
 
 
-def test_module_path_is_a_full_match_over_dotted_paths(checkpoints):
-  folder, _ = checkpoints("qwen3")
+def test_module_path_is_a_full_match_over_dotted_paths(reference_checkpoints):
+  folder, _ = reference_checkpoints["qwen3"]
   model = load_folder(folder)
   apply_lora(model, rank=2, alpha=2.0, module_path=r".*\.(q|v)_proj|layers\.0\.mlp\.up_proj")
   assert sorted(lora_layers(model)) == [
@@ -92,8 +78,8 @@ def test_module_path_is_a_full_match_over_dotted_paths(checkpoints):
   ]
 
 
-def test_a_regex_matching_nothing_names_the_available_paths(checkpoints):
-  folder, _ = checkpoints("qwen3")
+def test_a_regex_matching_nothing_names_the_available_paths(reference_checkpoints):
+  folder, _ = reference_checkpoints["qwen3"]
   model = load_folder(folder)
   # A search would find q_proj; a full match needs the path's start too.
   with pytest.raises(LoraError, match=r"matches none of .* layers\.\{i\}\.attn\.q_proj, .*lm_head"):
@@ -110,14 +96,14 @@ def test_a_regex_matching_nothing_names_the_available_paths(checkpoints):
         (dict(rank=2, alpha=1.0, module_path="(q_proj"), "is not a regular expression"),
     ],
 )
-def test_unusable_settings_are_lora_errors(checkpoints, kwargs, message):
-  model = load_folder(checkpoints("qwen3")[0])
+def test_unusable_settings_are_lora_errors(reference_checkpoints, kwargs, message):
+  model = load_folder(reference_checkpoints["qwen3"][0])
   with pytest.raises(LoraError, match=message):
     apply_lora(model, **kwargs)
 
 
-def test_adapting_a_layer_twice_or_merging_without_adapters_is_a_lora_error(checkpoints):
-  model = load_folder(checkpoints("qwen3")[0])
+def test_adapting_a_layer_twice_or_merging_without_adapters_is_a_lora_error(reference_checkpoints):
+  model = load_folder(reference_checkpoints["qwen3"][0])
   with pytest.raises(LoraError, match="has no LoRA adapters"):
     merge_lora(model)
   apply_lora(model, rank=2, alpha=2.0, module_path=".*q_proj")
@@ -128,8 +114,8 @@ def test_adapting_a_layer_twice_or_merging_without_adapters_is_a_lora_error(chec
   assert len(lora_layers(model)) == 6
 
 
-def test_adamw_trains_only_the_adapters(checkpoints):
-  model = load_folder(checkpoints("llama3")[0])
+def test_adamw_trains_only_the_adapters(reference_checkpoints):
+  model = load_folder(reference_checkpoints["llama3"][0])
   apply_lora(model, rank=4, alpha=8.0, module_path=USERS_PATHS)
   frozen = nnx.All(nnx.Param, nnx.Not(nnx.LoRAParam))
   frozen_before = jax.tree.map(np.array, nnx.state(model, frozen))
@@ -152,9 +138,9 @@ def test_adamw_trains_only_the_adapters(checkpoints):
 
 @pytest.mark.slow
 @pytest.mark.parametrize("axis_type", [AxisType.Explicit, AxisType.Auto], ids=["explicit", "auto"])
-def test_merge_folds_the_adapters_into_the_weights(checkpoints, axis_type):
+def test_merge_folds_the_adapters_into_the_weights(reference_checkpoints, axis_type):
   mesh = jax.make_mesh((2, 4), ("fsdp", "tp"), axis_types=(axis_type,) * 2)
-  model = load_folder(checkpoints("qwen2p5")[0], mesh)
+  model = load_folder(reference_checkpoints["qwen2p5"][0], mesh)
   shardings = {
       path: module.weight.get_value().sharding
       for path, module in nnx.iter_modules(model) if isinstance(module, Linear)
@@ -176,10 +162,10 @@ def test_merge_folds_the_adapters_into_the_weights(checkpoints, axis_type):
     "case, module_path",
     [("qwen3", USERS_PATHS + "|lm_head"), ("qwen2p5", ".*"), ("gemma3", USERS_PATHS)],
 )
-def test_peft_loads_the_saved_adapter_with_the_same_logits(checkpoints, tmp_path, case,
+def test_peft_loads_the_saved_adapter_with_the_same_logits(reference_checkpoints, tmp_path, case,
                                                             module_path):
   peft = pytest.importorskip("peft")
-  folder, hf_model = checkpoints(case)
+  folder, hf_model = reference_checkpoints[case]
   model = load_folder(folder)
   apply_lora(model, rank=4, alpha=8.0, module_path=module_path)
   randomise_adapters(model)
@@ -203,10 +189,10 @@ def test_peft_loads_the_saved_adapter_with_the_same_logits(checkpoints, tmp_path
   assert np.abs(base_logits[real] - reference_logits[real]).max() > 0.05
 
 
-def test_adapter_keys_follow_peft_and_the_family_key_map(checkpoints, tmp_path):
+def test_adapter_keys_follow_peft_and_the_family_key_map(reference_checkpoints, tmp_path):
   from safetensors.numpy import load_file
 
-  model = load_folder(checkpoints("qwen3")[0])
+  model = load_folder(reference_checkpoints["qwen3"][0])
   apply_lora(model, rank=4, alpha=4.0, module_path=r"layers\.1\.(attn\.o_proj|mlp\.gate_proj)")
   out = save_lora_adapter(model, tmp_path / "adapter")
   tensors = load_file(out / "adapter_model.safetensors")
@@ -221,11 +207,11 @@ def test_adapter_keys_follow_peft_and_the_family_key_map(checkpoints, tmp_path):
   save_lora_adapter(model, out, overwrite=True)
 
 
-def test_merged_export_loads_in_transformers_with_the_adapted_logits(checkpoints, tmp_path):
+def test_merged_export_loads_in_transformers_with_the_adapted_logits(reference_checkpoints, tmp_path):
   import torch
   import transformers
 
-  folder, _ = checkpoints("llama3")
+  folder, _ = reference_checkpoints["llama3"]
   mesh = jax.make_mesh((2, 4), ("fsdp", "tp"))
   model = load_folder(folder, mesh)
   apply_lora(model, rank=4, alpha=8.0, module_path=USERS_PATHS)
@@ -243,8 +229,8 @@ def test_merged_export_loads_in_transformers_with_the_adapted_logits(checkpoints
 
 
 @pytest.mark.slow
-def test_dropout_acts_in_training_and_not_after_eval(checkpoints):
-  model = load_folder(checkpoints("qwen3")[0])
+def test_dropout_acts_in_training_and_not_after_eval(reference_checkpoints):
+  model = load_folder(reference_checkpoints["qwen3"][0])
   apply_lora(model, rank=4, alpha=8.0, dropout=0.5, rngs=nnx.Rngs(params=0, dropout=1))
   randomise_adapters(model, scale=0.5)
   tokens = np.arange(3, 15)[None]

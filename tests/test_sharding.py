@@ -44,10 +44,10 @@ def fresh_warnings(monkeypatch):
 
 
 @pytest.fixture(scope="module")
-def checkpoints(tmp_path_factory):
+def checkpoints(tmp_path_factory, reference_checkpoints):
   """name -> folder: the reference qwen3 case, and one with 3 KV heads."""
-  folders = {name: tmp_path_factory.mktemp(name) for name in ("qwen3", "qwen3_3kv")}
-  reference.make_checkpoint("qwen3", folders["qwen3"])
+  folders = {"qwen3": reference_checkpoints["qwen3"][0],
+             "qwen3_3kv": tmp_path_factory.mktemp("qwen3_3kv")}
   with pytest.MonkeyPatch.context() as patch:
     patch.setitem(reference.CASES, "qwen3_3kv", QWEN3_3KV)
     reference.make_checkpoint("qwen3_3kv", folders["qwen3_3kv"])

@@ -39,13 +39,9 @@ CASES = sorted(reference.CASES)
 
 
 @pytest.fixture(scope="module")
-def sources(tmp_path_factory):
-  """case -> folder of a transformers checkpoint, made once for the module."""
-  made = {}
-  for case in CASES:
-    made[case] = tmp_path_factory.mktemp(case)
-    reference.make_checkpoint(case, made[case])
-  return made
+def sources(reference_checkpoints):
+  """case -> folder of a transformers checkpoint (the session's reference ones)."""
+  return {case: reference_checkpoints[case][0] for case in CASES}
 
 
 def one_device_mesh():

@@ -86,18 +86,9 @@ def test_applies_only_where_the_kernel_can_serve(monkeypatch, mode, q_shape, k_s
   assert decode_attention.applies(q, k) is expected
 
 
-@pytest.fixture(scope="module")
-def checkpoints(tmp_path_factory):
-  made = {}
-  for case in ("gemma2", "gemma3", "qwen3", "llama3_tied_mha"):
-    folder = tmp_path_factory.mktemp(case)
-    made[case] = folder, reference.make_checkpoint(case, folder)
-  return made
-
-
 @pytest.mark.parametrize("case", ["gemma2", "gemma3", "qwen3", "llama3_tied_mha"])
-def test_greedy_decoding_through_the_kernel_matches_transformers(checkpoints, interpret, case):
-  folder, torch_model = checkpoints[case]
+def test_greedy_decoding_through_the_kernel_matches_transformers(reference_checkpoints, interpret, case):
+  folder, torch_model = reference_checkpoints[case]
   tokens, mask, _ = reference.left_padded_batch(seed=4)
   expected = reference.reference_greedy(torch_model, tokens, mask, 16)
   model = load_folder(folder, jax.make_mesh((1, 1), ("fsdp", "tp"), devices=jax.devices()[:1]))
@@ -108,11 +99,11 @@ def test_greedy_decoding_through_the_kernel_matches_transformers(checkpoints, in
 @pytest.mark.slow
 @pytest.mark.parametrize("axis_type", [AxisType.Explicit, AxisType.Auto], ids=["explicit", "auto"])
 @pytest.mark.parametrize("shape, kernel_runs", [((4, 2), True), ((2, 4), False)])
-def test_decode_step_logits_on_a_mesh_equal_the_xla_path(checkpoints, monkeypatch, axis_type,
+def test_decode_step_logits_on_a_mesh_equal_the_xla_path(reference_checkpoints, monkeypatch, axis_type,
                                                          shape, kernel_runs):
   """With heads and KV heads split alike over tp (8 and 2 heads, tp=2) the kernel runs per
   device under shard_map; with tp=4 the 2 KV heads are replicated and the XLA path serves."""
-  folder, _ = checkpoints["qwen3"]
+  folder, _ = reference_checkpoints["qwen3"]
   mesh = jax.make_mesh(shape, ("fsdp", "tp"), axis_types=(axis_type,) * 2)
   model = load_folder(folder, mesh)
   tokens, mask, _ = reference.left_padded_batch(seed=5, batch=2)
@@ -131,8 +122,8 @@ def test_decode_step_logits_on_a_mesh_equal_the_xla_path(checkpoints, monkeypatc
   np.testing.assert_allclose(logits["interpret"], logits["off"], atol=TOLERANCE, rtol=0)
 
 
-def test_generate_compiles_again_when_the_mode_changes(checkpoints, monkeypatch):
-  folder, _ = checkpoints["llama3_tied_mha"]
+def test_generate_compiles_again_when_the_mode_changes(reference_checkpoints, monkeypatch):
+  folder, _ = reference_checkpoints["llama3_tied_mha"]
   model = load_folder(folder, jax.make_mesh((1, 1), ("fsdp", "tp"), devices=jax.devices()[:1]))
   prompt = [[5, 6, 7]]
   monkeypatch.setattr(decode_attention, "MODE", "off")

@@ -23,12 +23,6 @@ NEW_TOKENS = 32
 CASES = sorted(reference.CASES)
 
 
-@pytest.fixture(scope="module")
-def checkpoints(tmp_path_factory):
-  """case -> (folder, torch model), made once for the module."""
-  return reference.make_all(tmp_path_factory)
-
-
 def one_device_mesh():
   return jax.make_mesh((1, 1), ("fsdp", "tp"), devices=jax.devices()[:1])
 
@@ -47,8 +41,8 @@ def real(mask):
 
 
 @pytest.mark.parametrize("case", CASES)
-def test_logits_match_transformers(checkpoints, case):
-  folder, torch_model = checkpoints[case]
+def test_logits_match_transformers(reference_checkpoints, case):
+  folder, torch_model = reference_checkpoints[case]
   tokens, mask, positions = reference.left_padded_batch()
   expected = reference.reference_logits(torch_model, tokens, mask, positions)
   model = load_folder(folder, one_device_mesh())
@@ -64,8 +58,8 @@ def test_logits_match_transformers(checkpoints, case):
 
 
 @pytest.mark.parametrize("case", CASES)
-def test_greedy_decode_matches_generate(checkpoints, case):
-  folder, torch_model = checkpoints[case]
+def test_greedy_decode_matches_generate(reference_checkpoints, case):
+  folder, torch_model = reference_checkpoints[case]
   tokens, mask, _ = reference.left_padded_batch(seed=1)
   expected = reference.reference_greedy(torch_model, tokens, mask, NEW_TOKENS)
   model = load_folder(folder, one_device_mesh())
@@ -73,8 +67,8 @@ def test_greedy_decode_matches_generate(checkpoints, case):
 
 
 @pytest.mark.parametrize("case", CASES)
-def test_prefill_then_steps_reproduce_full_sequence(checkpoints, case):
-  folder, _ = checkpoints[case]
+def test_prefill_then_steps_reproduce_full_sequence(reference_checkpoints, case):
+  folder, _ = reference_checkpoints[case]
   model = load_folder(folder, one_device_mesh())
   tokens, mask, _ = reference.left_padded_batch(seed=2)
   full, _ = model(jnp.asarray(tokens), attention_mask=jnp.asarray(mask))
@@ -97,8 +91,8 @@ def test_prefill_then_steps_reproduce_full_sequence(checkpoints, case):
 @pytest.mark.slow
 @pytest.mark.parametrize("axis_type", [AxisType.Explicit, AxisType.Auto], ids=["explicit", "auto"])
 @pytest.mark.parametrize("case", CASES)
-def test_mesh_2x4_equals_one_device(checkpoints, case, axis_type):
-  folder, _ = checkpoints[case]
+def test_mesh_2x4_equals_one_device(reference_checkpoints, case, axis_type):
+  folder, _ = reference_checkpoints[case]
   tokens, mask, _ = reference.left_padded_batch(seed=3, batch=2)
   single = load_folder(folder, one_device_mesh())
   mesh = mesh_2x4(axis_type)
