@@ -25,6 +25,8 @@ from tunix_zoo.automodel import AutoModel
 from tunix_zoo.errors import CacheError, SourceError
 from tunix_zoo.sources import ModelSource, fetch
 
+pytestmark = pytest.mark.servers
+
 
 def flip_byte(path: pathlib.Path, offset: int = 100) -> None:
   data = bytearray(path.read_bytes())
@@ -179,3 +181,13 @@ def test_gcs_download_lists_verifies_and_removes(gcs, checkpoint, tmp_path):
   assert cache.list_cached() == [] and nested.exists()
   assert not (folder / "model.safetensors").exists()
   shutil.rmtree(folder)
+
+
+def test_a_malformed_manifest_is_an_error_not_a_pass(tmp_path):
+  assert cache.read_manifest(tmp_path) is None
+  (tmp_path / cache.MANIFEST_NAME).write_text(json.dumps({"files": {"a": {"sha256": "00"}}}))
+  with pytest.raises(CacheError, match="integer size"):
+    cache.read_manifest(tmp_path)
+  (tmp_path / cache.MANIFEST_NAME).write_text("{not json")
+  with pytest.raises(CacheError, match="is not a checksum manifest"):
+    cache.read_manifest(tmp_path)

@@ -158,3 +158,12 @@ def test_cli_reports_bad_overrides_without_a_traceback():
     assert result.returncode == 2, result.stderr
     assert result.stderr.startswith("tunix-zoo: error: --set") or "num_heads=5" in result.stderr
     assert "Traceback" not in result.stderr
+
+
+@pytest.mark.slow
+def test_kick_test_takes_set(capsys):
+  assert cli.main(["test", "qwen3_0p6b", *sets(TINY), "--mesh", "1x1", "--steps", "2",
+                   "--seq-len", "8", "--batch-size", "1"]) == 0
+  assert "loss fell" in capsys.readouterr().out
+  assert cli.main(["test", "qwen3_0p6b", "--load", "--set", "num_layers=2"]) == 2
+  assert "error: --set changes a config built from scratch" in capsys.readouterr().err

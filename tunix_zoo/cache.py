@@ -39,8 +39,8 @@ from typing import Iterable, Iterator
 
 from tunix_zoo.errors import CacheError
 
-__all__ = ["CachedModel", "VerifyReport", "MANIFEST_NAME", "NO_CHECKSUMS", "list_cached",
-           "verify", "remove"]
+__all__ = ["CachedModel", "VerifyReport", "MANIFEST_NAME", "VERIFIED", "MISMATCH",
+           "NO_CHECKSUMS", "list_cached", "find", "verify", "remove", "read_manifest"]
 
 MANIFEST_NAME = ".tunix_zoo_manifest.json"
 VERIFIED = "verified"
