@@ -72,8 +72,11 @@ def test_local_orbax_folder_matches_transformers(made, case):
 
 
 @pytest.mark.slow
-@pytest.mark.parametrize("axis_type", [AxisType.Auto, AxisType.Explicit])
-@pytest.mark.parametrize("case", CASES)
+# Each case on one mesh kind, each kind twice: the full product took 4.5 min on 2 cores.
+@pytest.mark.parametrize("case,axis_type", [
+    ("gemma", AxisType.Auto), ("gemma_mha", AxisType.Explicit),
+    ("gemma2", AxisType.Explicit), ("gemma3", AxisType.Auto),
+])
 def test_orbax_on_a_2x4_mesh_matches_transformers(made, case, axis_type):
   _, _, torch_model = made[case]
   mesh = jax.make_mesh((2, 4), ("fsdp", "tp"), axis_types=(axis_type,) * 2)

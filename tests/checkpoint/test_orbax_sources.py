@@ -15,6 +15,7 @@ from tests.sources.fixtures import (  # noqa: F401  (fixtures are found by name)
     checkpoint, gcs, gcs_emulator, gcs_proxy, kaggle, kaggle_server, upload_to_gcs)
 from tunix_zoo import AutoModel, ModelSource
 from tunix_zoo.errors import CheckpointError
+from tunix_zoo.tokenizer import Tokenizer
 
 pytestmark = pytest.mark.servers
 HANDLE = "google/gemma-2/flax/gemma2-tiny-it"
@@ -33,6 +34,8 @@ def test_kaggle_flax_variation_loads_like_tunix_documents(kaggle, gemma2, tmp_pa
       model_path=HANDLE)
   assert (tmp_path / "kagglehub") in pathlib.Path(folder).parents
   assert (pathlib.Path(folder) / orbax_reference.VARIATION / "_METADATA").is_file()
+  # The variation's SentencePiece model came along and is the tokenizer.
+  assert Tokenizer.from_pretrained(folder).encode("Hello")[0] == 2  # <bos>
   assert_logits_match(model, torch_model, "gemma2")
   assert_greedy_matches(model, torch_model)
   kaggle.faults.reset()

@@ -29,6 +29,7 @@ from typing import Any, Mapping
 import numpy as np
 
 from tunix_zoo.checkpoint.keymap import OrbaxRule, OrbaxTable
+from tunix_zoo.checkpoint.safetensors_io import _aligned_empty as aligned_empty
 from tunix_zoo.errors import CheckpointError
 
 log = logging.getLogger(__name__)
@@ -203,15 +204,18 @@ class OrbaxCheckpoint:
                     bounds: list[tuple[int, int, int]]) -> np.ndarray:
     rows = self._leaves[leaf].shape[0]
     wanted = self._expected[key][0]
-    if rows != wanted and not self._resized_logged:
+    if rows == wanted:
+      return self._read_view(key, rule, leaf, bounds)
+    if not self._resized_logged:
       self._resized_logged = True
       log.warning(
           "%s: %r has %d rows, the model's vocab %d: %s.", self.folder, leaf, rows, wanted,
           f"dropping the {rows - wanted} unused rows" if rows > wanted
           else f"the {wanted - rows} missing rows (image soft-token slots) read as zeros")
     (begin, end, _), rest = bounds[0], bounds[1:]
-    out = np.zeros((end - begin,) + tuple(e - b for b, e, _ in rest), self.dtype(key))
+    out = aligned_empty((end - begin,) + tuple(e - b for b, e, _ in rest), self.dtype(key))
     stop = min(end, rows)
+    out[max(stop - begin, 0):] = 0
     if stop > begin:
       out[:stop - begin] = self._read_view(key, rule, leaf, [(begin, stop, 1)] + rest)
     return out
@@ -243,7 +247,12 @@ class OrbaxCheckpoint:
     for count in merge:
       merged.append(math.prod(block.shape[axis:axis + count]))
       axis += count
-    return np.ascontiguousarray(block.reshape(merged)[tuple(trims)])
+    view = block.reshape(merged)[tuple(trims)]
+    # tensorstore's arrays are 16-byte aligned; JAX's CPU client copies those, leaving two
+    # copies in flight. An aligned copy made here is adopted as is, and the read freed.
+    out = aligned_empty(view.shape, view.dtype)
+    out[...] = view
+    return out
 
   def _store(self, key: str, leaf: str) -> Any:
     import orbax.checkpoint as ocp
@@ -293,4 +302,5 @@ class OrbaxCheckpoint:
 
   def __exit__(self, *exc_info: object) -> None:
     self.close()
+
 

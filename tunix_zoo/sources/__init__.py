@@ -13,7 +13,7 @@ slow to import)::
     folder = fetch(None, source=ModelSource.LOCAL, model_path="/ckpt/qwen3-0.6b")
 
 Every returned folder holds config.json and ``*.safetensors`` (plus tokenizer files when
-the source has them). Download progress is drawn with tqdm unless ``TUNIX_ZOO_QUIET=1``.
+the source has them), or an orbax checkpoint (a Kaggle Flax Gemma) and its tokenizer.model. Download progress is drawn with tqdm unless ``TUNIX_ZOO_QUIET=1``.
 """
 
 from __future__ import annotations
