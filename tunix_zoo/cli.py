@@ -175,7 +175,9 @@ def load(args: argparse.Namespace):
   dtype = args.dtype
   if args.model == DEMO_ID:
     return AutoModel.from_pretrained(str(demo_checkpoint()), mesh, param_dtype=dtype)
-  return AutoModel.from_pretrained(args.model, mesh, param_dtype=dtype, **source_kwargs(args))
+  streaming = {"stream": True, "stream_concurrency": args.stream_concurrency} if args.stream else {}
+  return AutoModel.from_pretrained(args.model, mesh, param_dtype=dtype, **source_kwargs(args),
+                                   **streaming)
 
 
 def cmd_run(args: argparse.Namespace) -> int:
@@ -183,6 +185,12 @@ def cmd_run(args: argparse.Namespace) -> int:
   from tunix_zoo.generate import generate
   from tunix_zoo.tokenizer import Tokenizer
 
+  if args.stream:
+    from tunix_zoo.errors import SourceError
+
+    raise SourceError("run --stream: the tokenizer files are not streamed, only weights. "
+                      "Use `tunix-zoo test --load --stream` or `export --stream`, or drop "
+                      "--stream to download.")
   start = time.perf_counter()
   model, folder = load(args)
   load_seconds = time.perf_counter() - start
@@ -342,6 +350,11 @@ def add_model_arguments(p: argparse.ArgumentParser, *, mesh: bool = True) -> Non
   if mesh:
     p.add_argument("--mesh", help="FSDPxTP, e.g. 1x8 (default 1 x all local devices)")
     p.add_argument("--dtype", default=None, help="parameter dtype (default: the checkpoint's)")
+    p.add_argument("--stream", action="store_true",
+                   help="gcs/huggingface: read the weights in place with range requests, "
+                        "each process only its share; nothing is downloaded")
+    p.add_argument("--stream-concurrency", type=int, metavar="N",
+                   help="with --stream: ranges fetched at a time (default 16)")
 
 
 def add_training_arguments(p: argparse.ArgumentParser) -> None:

@@ -1,0 +1,206 @@
+"""Streaming a checkpoint from GCS (the emulator) and the Hub (the test server): no copy.
+
+Counting servers (tests/sources/counting.py) say how many body bytes each object cost;
+every load is checked against the local-folder load of the same checkpoint. The
+two-process runs (each process fetching only its half) are at the end, marked slow.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import pathlib
+import subprocess
+import sys
+import time
+
+import gcsfs
+import jax
+import numpy as np
+import pytest
+from jax.sharding import AxisType
+
+from tests import reference
+from tests.sources import servers
+from tests.sources.counting import counting
+from tests.sources.fixtures import GCS_BUCKET, HF_REPO, upload_to_gcs
+from tunix_zoo import AutoModel, ModelSource
+from tunix_zoo.automodel import load_folder, load_stream
+from tunix_zoo.checkpoint.safetensors_io import CheckpointFiles, ShardedWriter
+from tunix_zoo.errors import SourceError
+from tunix_zoo.sources import open_stream
+
+REPO_ROOT = pathlib.Path(__file__).resolve().parents[2]
+MAX_ABS = 1e-6
+TOKENS = np.array([[1, 5, 9, 3, 7, 2, 11, 4]], np.int32)
+CountingGcsProxy = counting(servers.GcsProxy)
+CountingHubServer = counting(servers.HubServer)
+
+
+def make_sharded(source: pathlib.Path, folder: pathlib.Path) -> pathlib.Path:
+  """``source``'s tensors rewritten as an index and (at least) two shards."""
+  folder.mkdir(parents=True, exist_ok=True)
+  with CheckpointFiles(source) as ckpt:
+    total = ckpt.total_bytes
+    with ShardedWriter(folder, max_shard_size=total // 2 + 1) as writer:
+      for key in ckpt.keys():
+        writer.add(key, ckpt.read(key))
+  (folder / "config.json").write_bytes((source / "config.json").read_bytes())
+  assert len(list(folder.glob("*.safetensors"))) >= 2
+  return folder
+
+
+def safetensors_bytes(folder: pathlib.Path) -> int:
+  return sum(p.stat().st_size for p in folder.glob("*.safetensors"))
+
+
+def logits(model) -> np.ndarray:
+  out, _ = model(jax.numpy.asarray(TOKENS))
+  return np.asarray(out)
+
+
+def mesh_of(axis_type: str) -> jax.sharding.Mesh:
+  kind = AxisType.Explicit if axis_type == "explicit" else AxisType.Auto
+  return jax.make_mesh((2, 4), ("fsdp", "tp"), axis_types=(kind, kind))
+
+
+@pytest.fixture(scope="module")
+def folders(checkpoint, tmp_path_factory):
+  return {"single": checkpoint,
+          "sharded": make_sharded(checkpoint, tmp_path_factory.mktemp("sharded"))}
+
+
+@pytest.fixture(scope="module")
+def proxy(gcs_emulator, folders):
+  """A counting proxy in front of the emulator; both checkpoints uploaded."""
+  with CountingGcsProxy(gcs_emulator) as server:
+    for name, folder in folders.items():
+      upload_to_gcs(server, folder, f"stream/{name}")
+    yield server
+
+
+@pytest.fixture
+def gcs_stream(proxy, tmp_path, monkeypatch):
+  proxy.faults.reset()
+  proxy.reset_counts()
+  monkeypatch.setenv("STORAGE_EMULATOR_HOST", proxy.url)
+  monkeypatch.setenv("TUNIX_ZOO_CACHE", str(tmp_path / "zoo-cache"))
+  monkeypatch.setenv("TUNIX_ZOO_RETRY_BASE_DELAY_S", "0.05")
+  return proxy
+
+
+def url(name: str) -> str:
+  return f"gs://{GCS_BUCKET}/stream/{name}"
+
+
+def stream_gcs(name: str, mesh, **kwargs):
+  return AutoModel.from_pretrained(None, mesh, model_source=ModelSource.GCS,
+                                   model_path=url(name), stream=True, token="anon", **kwargs)
+
+
+def data_requests(server, match: str) -> int:
+  return sum(1 for path, _ in server.faults.ranges if match in path)
+
+
+@pytest.mark.parametrize("layout", ["single", "sharded"])
+@pytest.mark.parametrize("axis_type", ["explicit", "auto"])
+def test_gcs_stream_equals_the_local_folder(gcs_stream, folders, tmp_path, layout, axis_type):
+  mesh = mesh_of(axis_type)
+  model, path = stream_gcs(layout, mesh)
+  assert path == url(layout)
+  diff = np.abs(logits(model) - logits(load_folder(folders[layout], mesh))).max()
+  assert diff <= MAX_ABS
+  # One process reads every byte once: the files, plus nothing but headers.
+  sent = gcs_stream.bytes_sent(".safetensors?")
+  with CheckpointFiles(folders[layout]) as ckpt:
+    tensors, total = len(ckpt.keys()), ckpt.total_bytes
+  assert total <= sent <= safetensors_bytes(folders[layout])
+  # Per file: the 8-byte length and the header; then one range per tensor (the
+  # process's 8 devices hold neighbouring row blocks), never one per row.
+  files = len(list(folders[layout].glob("*.safetensors")))
+  assert data_requests(gcs_stream, ".safetensors?") == 2 * files + tensors
+  assert not (tmp_path / "zoo-cache").exists()
+
+
+def test_read_of_a_column_slice_fetches_its_covering_rows(gcs_stream, folders):
+  with open_stream(None, source="gcs", model_path=url("single"), token="anon") as remote, \
+      CheckpointFiles(folders["single"]) as local:
+    key = "model.layers.0.mlp.gate_proj.weight"
+    for index in [(slice(3, 9), slice(2, 6)), (slice(None, None, -2),), (slice(5, 5),), ()]:
+      np.testing.assert_array_equal(remote.read(key, index), local.read(key, index))
+    assert remote.read("model.norm.weight").dtype == np.float32
+
+
+def test_dropped_connection_mid_range_is_retried(gcs_stream, folders):
+  mesh = mesh_of("explicit")
+  # The first two requests of the file are its header; the drop hits a tensor's range.
+  gcs_stream.faults.drop(match="single%2Fmodel.safetensors", skip=2, times=2)
+  model, _ = stream_gcs("single", mesh)
+  assert np.abs(logits(model) - logits(load_folder(folders["single"], mesh))).max() <= MAX_ABS
+  assert gcs_stream.faults.count("single%2Fmodel.safetensors") >= 2 + 12 + 2
+
+
+def test_a_500_burst_is_retried(gcs_stream, folders):
+  mesh = mesh_of("auto")
+  gcs_stream.faults.status(500, match="single%2Fmodel.safetensors", skip=3, times=3)
+  model, _ = stream_gcs("single", mesh)
+  assert np.abs(logits(model) - logits(load_folder(folders["single"], mesh))).max() <= MAX_ABS
+
+
+def test_an_object_overwritten_during_the_load_is_a_source_error(gcs_stream, checkpoint,
+                                                                 tmp_path):
+  upload_to_gcs(gcs_stream, checkpoint, "stream/overwritten")
+  reader = open_stream(None, source="gcs", model_path=url("overwritten"), token="anon")
+  other = servers.make_checkpoint(tmp_path / "other", seed=1)
+  upload_to_gcs(gcs_stream, other, "stream/overwritten")  # same shapes, new generation
+  with pytest.raises(SourceError, match=r"model.safetensors: the object changed while"):
+    load_stream(reader, mesh_of("explicit"))
+
+
+@pytest.mark.parametrize("fault", ["missing bucket", "access denied"])
+def test_missing_bucket_or_denied_access_is_a_source_error(gcs_stream, tmp_path, fault):
+  path = url("single")
+  if fault == "missing bucket":
+    path = "gs://no-such-bucket-zoo/stream/single"
+    match = "does not exist"
+  else:
+    gcs_stream.faults.status(403, times=1000)
+    match = "denied access"
+  with pytest.raises(SourceError, match=match):
+    AutoModel.from_pretrained(None, mesh_of("explicit"), model_source="gcs", model_path=path,
+                              stream=True, token="anon")
+  assert not (tmp_path / "zoo-cache").exists()
+
+
+def test_stream_refuses_arguments_that_do_not_apply(gcs_stream, tmp_path):
+  for kwargs, match in [({"model_download_path": str(tmp_path)}, "reads the checkpoint in place"),
+                        ({"local_files_only": True}, "reads the checkpoint in place"),
+                        ({"stream_concurrency": 0}, "positive int")]:
+    with pytest.raises(SourceError, match=match):
+      stream_gcs("single", mesh_of("explicit"), **kwargs)
+  with pytest.raises(SourceError, match="GCS and the HF Hub only"):
+    AutoModel.from_pretrained(None, model_source="local", model_path=str(tmp_path), stream=True)
+
+
+@pytest.fixture
+def hub_stream(hf_hub):
+  hf_hub.faults.reset()
+  return hf_hub
+
+
+def test_hub_stream_equals_the_local_folder_with_range_requests(hub_stream, checkpoint,
+                                                                tmp_path, monkeypatch):
+  monkeypatch.setenv("TUNIX_ZOO_RETRY_BASE_DELAY_S", "0.05")
+  mesh = mesh_of("explicit")
+  hub_stream.faults.drop(match="/model.safetensors", skip=2, times=1)
+  model, path = AutoModel.from_pretrained(HF_REPO, mesh, stream=True, stream_concurrency=4)
+  assert path.endswith(HF_REPO)
+  assert np.abs(logits(model) - logits(load_folder(checkpoint, mesh))).max() <= MAX_ABS
+  with CheckpointFiles(checkpoint) as ckpt:
+    tensors = len(ckpt.keys())
+  # Header (2), one range per tensor, one retried after the drop; at the pinned commit.
+  ranges = [p for p, _ in hub_stream.faults.ranges if p.endswith("/model.safetensors")]
+  assert len(ranges) == 2 + tensors + 1
+  assert all(f"/resolve/{hub_stream.repos[HF_REPO].sha}/" in p for p in ranges)
+  for name in ("hf-cache", "zoo-cache"):
+    assert not (tmp_path / name).exists()
