@@ -204,3 +204,143 @@ def test_hub_stream_equals_the_local_folder_with_range_requests(hub_stream, chec
   assert all(f"/resolve/{hub_stream.repos[HF_REPO].sha}/" in p for p in ranges)
   for name in ("hf-cache", "zoo-cache"):
     assert not (tmp_path / name).exists()
+
+
+# ------------------------------------------------------------------ two processes
+
+NUM_PROCESSES = 2
+WORKER_TIMEOUT_S = 240
+MP_HUB_REPO = "acme/stream-mp"
+# (name, source, layout, axis type): both axis types, both layouts, both fetchers.
+MP_RUNS = [("gcs_single", "gcs", "single", "explicit"),
+           ("gcs_sharded", "gcs", "sharded", "auto"),
+           ("hub_single", "huggingface", "single", "explicit")]
+
+
+def free_port() -> int:
+  return servers.free_port()
+
+
+@pytest.fixture(scope="module")
+def two_processes(gcs_emulator, tmp_path_factory):
+  """Runs the two workers once, each behind its own counting GCS proxy and Hub server."""
+  root = tmp_path_factory.mktemp("stream-mp")
+  local = {"single": root / "single", "sharded": root / "sharded"}
+  reference.make_checkpoint("qwen3", local["single"])
+  reference.make_checkpoint("qwen3", local["sharded"], max_shard_size="300KB")
+  assert len(list(local["sharded"].glob("*.safetensors"))) == 2
+  tokens, mask, _ = reference.left_padded_batch(seed=3, batch=2)
+  np.savez(root / "inputs.npz", tokens=tokens, mask=mask)
+  proxies = [CountingGcsProxy(gcs_emulator) for _ in range(NUM_PROCESSES)]
+  hubs = [CountingHubServer() for _ in range(NUM_PROCESSES)]
+  for server in proxies + hubs:
+    server.__enter__()
+  try:
+    for layout, folder in local.items():
+      upload_to_gcs(proxies[0], folder, f"stream-mp/{layout}")
+    for hub in hubs:
+      hub.add_repo(MP_HUB_REPO, local["single"])
+    runs = [{"name": name, "source": source, "layout": layout, "axis_type": axis_type,
+             "local": str(local[layout]),
+             "ref": f"gs://{GCS_BUCKET}/stream-mp/{layout}" if source == "gcs" else MP_HUB_REPO}
+            for name, source, layout, axis_type in MP_RUNS]
+    port = free_port()
+    logs = [root / f"worker_{i}.log" for i in range(NUM_PROCESSES)]
+    caches = [root / f"cache_{i}" for i in range(NUM_PROCESSES)]
+    workers = []
+    try:
+      for i, log in enumerate(logs):
+        env = {**os.environ,
+               "XLA_FLAGS": "--xla_force_host_platform_device_count=4", "JAX_PLATFORMS": "cpu",
+               "PYTHONPATH": os.pathsep.join([str(REPO_ROOT), os.environ.get("PYTHONPATH", "")]),
+               "STORAGE_EMULATOR_HOST": proxies[i].url, "HF_ENDPOINT": hubs[i].url,
+               "HF_HOME": str(caches[i] / "hf-home"), "HF_HUB_CACHE": str(caches[i] / "hf"),
+               "HF_HUB_DISABLE_XET": "1", "HF_HUB_DISABLE_TELEMETRY": "1",
+               "HF_HUB_OFFLINE": "0", "TUNIX_ZOO_CACHE": str(caches[i] / "zoo"),
+               "TUNIX_ZOO_QUIET": "1", "GCSFS_EXPERIMENTAL_ZB_HNS_SUPPORT": "false"}
+        env.pop("HF_TOKEN", None)
+        with open(log, "w") as log_file:
+          workers.append(subprocess.Popen(
+              [sys.executable, "-m", "tests.stream_worker", "--process-id", str(i),
+               "--port", str(port), "--runs", json.dumps(runs),
+               "--inputs", str(root / "inputs.npz"), "--out", str(root)],
+              cwd=REPO_ROOT, env=env, stdout=log_file, stderr=subprocess.STDOUT))
+      deadline = time.monotonic() + WORKER_TIMEOUT_S
+      while any(w.poll() is None for w in workers) and not any(w.poll() for w in workers):
+        if time.monotonic() > deadline:
+          pytest.fail(f"workers ran past {WORKER_TIMEOUT_S} s\n{log_tails(logs)}")
+        time.sleep(0.2)
+    finally:
+      for worker in workers:
+        if worker.poll() is None:
+          worker.kill()
+          worker.wait()
+    codes = [worker.returncode for worker in workers]
+    if any(codes):
+      pytest.fail(f"workers exited with {codes}\n{log_tails(logs)}")
+    yield {"root": root, "local": local, "runs": runs, "mask": mask, "caches": caches,
+           "proxies": proxies, "hubs": hubs,
+           "results": [json.loads((root / f"result_{i}.json").read_text())
+                       for i in range(NUM_PROCESSES)]}
+  finally:
+    for server in proxies + hubs:
+      server.__exit__(None, None, None)
+
+
+def log_tails(logs: list[pathlib.Path]) -> str:
+  return "\n".join(f"--- {log.name} ---\n{log.read_text()[-3000:]}" for log in logs)
+
+
+def server_counts(two_processes, run: dict, process: int) -> tuple[int, int, int]:
+  """(safetensors body bytes, all body bytes, ranged safetensors requests) of a run's
+  files that process ``process`` cost the server."""
+  if run["source"] == "gcs":
+    server, match = two_processes["proxies"][process], f"stream-mp/{run['layout']}/"
+    ranges = [p for p, _ in server.faults.ranges if match.replace("/", "%2F") in p]
+    is_weights = lambda path: ".safetensors?" in path  # noqa: E731
+  else:
+    server, match = two_processes["hubs"][process], MP_HUB_REPO
+    ranges = [p for p, _ in server.faults.ranges]
+    is_weights = lambda path: path.endswith(".safetensors")  # noqa: E731
+  sent = {path: n for path, n in server.sent.items() if match in path}
+  return (sum(n for path, n in sent.items() if is_weights(path)), sum(sent.values()),
+          sum(1 for path in ranges if is_weights(path)))
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("name", [name for name, *_ in MP_RUNS])
+def test_each_process_fetches_about_half_in_few_requests(two_processes, name):
+  run = next(r for r in two_processes["runs"] if r["name"] == name)
+  folder = pathlib.Path(run["local"])
+  size = safetensors_bytes(folder)
+  with CheckpointFiles(folder) as ckpt:
+    tensors = len(ckpt.keys())
+  files = len(list(folder.glob("*.safetensors")))
+  sent = []
+  for process in range(NUM_PROCESSES):
+    process_sent, all_sent, requests = server_counts(two_processes, run, process)
+    assert process_sent <= 0.575 * size, (process, process_sent, size)
+    # Per file its header (2 requests), then at most one range per tensor: no row reads.
+    assert requests <= 2 * files + tensors, (process, requests)
+    fetched = two_processes["results"][process][name]["bytes_fetched"]
+    assert process_sent < fetched <= all_sent  # the client saw what the server sent
+    sent.append(process_sent)
+  assert sum(sent) <= 1.15 * size
+  assert sum(sent) >= size - 8 * files  # between them, every tensor byte was fetched
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("name", [name for name, *_ in MP_RUNS])
+def test_streamed_logits_equal_the_local_folder_load(two_processes, name):
+  real = two_processes["mask"].astype(bool)
+  root = two_processes["root"]
+  for process in range(NUM_PROCESSES):
+    streamed = np.load(root / f"logits_{name}_stream_{process}.npy")
+    local = np.load(root / f"logits_{name}_local_{process}.npy")
+    assert np.abs(streamed - local)[real].max() <= MAX_ABS
+
+
+@pytest.mark.slow
+def test_streaming_processes_write_nothing_to_disk(two_processes):
+  for cache in two_processes["caches"]:
+    assert not cache.exists() or not any(p.is_file() for p in cache.rglob("*"))
