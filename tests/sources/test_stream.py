@@ -344,3 +344,15 @@ def test_streamed_logits_equal_the_local_folder_load(two_processes, name):
 def test_streaming_processes_write_nothing_to_disk(two_processes):
   for cache in two_processes["caches"]:
     assert not cache.exists() or not any(p.is_file() for p in cache.rglob("*"))
+
+
+def test_cli_stream_loads_and_trains(gcs_stream, tmp_path, capsys):
+  from tunix_zoo import cli  # pylint: disable=import-outside-toplevel
+  common = ["--source", "gcs", "--model-path", url("single"), "--stream", "--mesh", "2x4"]
+  assert cli.main(["test", "tiny", *common, "--load", "--steps", "3", "--seq-len", "8",
+                   "--stream-concurrency", "4"]) == 0
+  assert "loss fell" in capsys.readouterr().out
+  assert data_requests(gcs_stream, ".safetensors?") > 2
+  assert not (tmp_path / "zoo-cache").exists()
+  assert cli.main(["run", "tiny", *common]) == 2
+  assert "tokenizer files are not streamed" in capsys.readouterr().err
