@@ -140,10 +140,23 @@ def test_dropped_connection_mid_range_is_retried(gcs_stream, folders):
   assert gcs_stream.faults.count("single%2Fmodel.safetensors") >= 2 + 12 + 2
 
 
+def test_a_stalled_range_times_out_and_is_retried(gcs_stream, folders, monkeypatch):
+  monkeypatch.setenv("TUNIX_ZOO_READ_TIMEOUT_S", "1")
+  mesh = mesh_of("explicit")
+  gcs_stream.faults.stall(match="single%2Fmodel.safetensors", skip=4, times=1)
+  try:
+    model, _ = stream_gcs("single", mesh)
+  finally:
+    gcs_stream.faults.release.set()
+  assert gcs_stream.faults.stalled.is_set()
+  assert np.abs(logits(model) - logits(load_folder(folders["single"], mesh))).max() <= MAX_ABS
+
+
 def test_a_500_burst_is_retried(gcs_stream, folders):
   mesh = mesh_of("auto")
   gcs_stream.faults.status(500, match="single%2Fmodel.safetensors", skip=3, times=3)
   model, _ = stream_gcs("single", mesh)
+  assert gcs_stream.faults.count("single%2Fmodel.safetensors") >= 2 + 12 + 3
   assert np.abs(logits(model) - logits(load_folder(folders["single"], mesh))).max() <= MAX_ABS
 
 

@@ -62,9 +62,14 @@ class GcsFetcher:
     bucket, prefix = gcs.parse_url(url)
     self.location = url.rstrip("/")
     self._root = f"{bucket}/{prefix}".rstrip("/")
+    policy = _download.retry_policy()
     # A fresh instance: fsspec's instance and listing caches would hide changed objects.
-    self._fs = gcsfs.GCSFileSystem(token=token, skip_instance_cache=True,
-                                   use_listings_cache=False)
+    # A server that stops sending mid-range fails the request after read_timeout_s, and
+    # the range is tried again.
+    self._fs = gcsfs.GCSFileSystem(
+        token=token, skip_instance_cache=True, use_listings_cache=False,
+        requests_timeout=aiohttp.ClientTimeout(sock_read=policy.read_timeout_s,
+                                               sock_connect=policy.connect_timeout_s))
     self._objects = self._list()
     if not self._objects:
       raise _download.source_error(gcs.SOURCE, url, "no objects under this prefix.",
