@@ -14,7 +14,6 @@ import subprocess
 import sys
 import time
 
-import gcsfs
 import jax
 import numpy as np
 import pytest
@@ -168,6 +167,7 @@ def test_an_object_overwritten_during_the_load_is_a_source_error(gcs_stream, che
   upload_to_gcs(gcs_stream, other, "stream/overwritten")  # same shapes, new generation
   with pytest.raises(SourceError, match=r"model.safetensors: the object changed while"):
     load_stream(reader, mesh_of("explicit"))
+  assert not (tmp_path / "zoo-cache").exists()
 
 
 @pytest.mark.parametrize("fault", ["missing bucket", "access denied"])
@@ -230,10 +230,6 @@ MP_RUNS = [("gcs_single", "gcs", "single", "explicit"),
            ("hub_single", "huggingface", "single", "explicit")]
 
 
-def free_port() -> int:
-  return servers.free_port()
-
-
 @pytest.fixture(scope="module")
 def two_processes(gcs_emulator, tmp_path_factory):
   """Runs the two workers once, each behind its own counting GCS proxy and Hub server."""
@@ -257,7 +253,7 @@ def two_processes(gcs_emulator, tmp_path_factory):
              "local": str(local[layout]),
              "ref": f"gs://{GCS_BUCKET}/stream-mp/{layout}" if source == "gcs" else MP_HUB_REPO}
             for name, source, layout, axis_type in MP_RUNS]
-    port = free_port()
+    port = servers.free_port()
     logs = [root / f"worker_{i}.log" for i in range(NUM_PROCESSES)]
     caches = [root / f"cache_{i}" for i in range(NUM_PROCESSES)]
     workers = []
@@ -369,3 +365,9 @@ def test_cli_stream_loads_and_trains(gcs_stream, tmp_path, capsys):
   assert not (tmp_path / "zoo-cache").exists()
   assert cli.main(["run", "tiny", *common]) == 2
   assert "tokenizer files are not streamed" in capsys.readouterr().err
+
+
+def test_hub_stream_of_a_missing_repo_is_a_source_error(hub_stream, tmp_path):
+  with pytest.raises(SourceError, match="does not exist"):
+    AutoModel.from_pretrained("acme/no-such-repo", mesh_of("explicit"), stream=True)
+  assert not (tmp_path / "hf-cache").exists()

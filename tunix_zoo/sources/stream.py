@@ -206,17 +206,19 @@ class HubFetcher:
                                 endpoint=self._endpoint)
 
   def _call(self, fn: Any, what: str | None = None) -> Any:
+    # pylint: disable=protected-access  (the Hub source's own error translation)
+    hf = self._hf
     try:
       return _download.retry(
           fn, what=what or f"Hub request for {self.repo_id}",
-          is_transient=lambda e: isinstance(e, _ShortRead) or self._hf._is_transient(e))  # pylint: disable=protected-access
+          is_transient=lambda e: isinstance(e, _ShortRead) or hf._is_transient(e))
     except SourceError:
       raise
     except Exception as e:  # pylint: disable=broad-except
-      error = (None if isinstance(e, _ShortRead) else self._hf._to_source_error(  # pylint: disable=protected-access
-          e, self.repo_id, self.revision, self._endpoint, offline=False))
+      error = None if isinstance(e, _ShortRead) else hf._to_source_error(
+          e, self.repo_id, self.revision, self._endpoint, offline=False)
       if error is None:
-        error = _download.source_error(self._hf.SOURCE, self.location,
+        error = _download.source_error(hf.SOURCE, self.location,
                                        f"a range read failed on every try ({e}).",
                                        "Check your network and HF_ENDPOINT.")
       raise error from e
