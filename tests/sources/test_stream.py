@@ -10,6 +10,7 @@ from __future__ import annotations
 import json
 import os
 import pathlib
+import re
 import subprocess
 import sys
 import time
@@ -103,9 +104,13 @@ def data_requests(server, match: str) -> int:
 
 @pytest.mark.parametrize("layout", ["single", "sharded"])
 @pytest.mark.parametrize("axis_type", ["explicit", "auto"])
-def test_gcs_stream_equals_the_local_folder(gcs_stream, folders, tmp_path, layout, axis_type):
+def test_gcs_stream_equals_the_local_folder(gcs_stream, folders, tmp_path, caplog, layout,
+                                           axis_type):
   mesh = mesh_of(axis_type)
-  model, path = stream_gcs(layout, mesh)
+  with caplog.at_level("INFO", logger="tunix_zoo.checkpoint.remote_safetensors"):
+    model, path = stream_gcs(layout, mesh)
+  assert re.search(r"process 0 of 1 streamed \d+ of \d+ checkpoint bytes \(1\.\d+x\)",
+                   caplog.text)
   assert path == url(layout)
   diff = np.abs(logits(model) - logits(load_folder(folders[layout], mesh))).max()
   assert diff <= MAX_ABS

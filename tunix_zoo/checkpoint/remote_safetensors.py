@@ -24,6 +24,7 @@ import struct
 import threading
 from typing import Callable, Protocol
 
+import jax
 import numpy as np
 
 from tunix_zoo.checkpoint.safetensors_io import (INDEX_FILE_NAME, MAX_HEADER_BYTES,
@@ -198,7 +199,8 @@ class RemoteCheckpoint:
     if exc_type is None:
       self.fetcher.check_unchanged(self.files)
       total = self.total_bytes
-      log.info("streamed %d of %d checkpoint bytes (%.3fx) in %d requests from %s",
+      log.info("process %d of %d streamed %d of %d checkpoint bytes (%.3fx) in %d "
+               "requests from %s", jax.process_index(), jax.process_count(),
                self.bytes_fetched, total, self.bytes_fetched / max(total, 1), self.requests,
                self.location)
 
