@@ -180,17 +180,22 @@ def load(args: argparse.Namespace):
                                    **streaming)
 
 
+def refuse_stream(args: argparse.Namespace, command: str) -> None:
+  """Commands that need the tokenizer files cannot stream: only weights are streamed."""
+  if args.stream:
+    from tunix_zoo.errors import SourceError
+
+    raise SourceError(f"{command} --stream: only the weights are streamed, and {command} "
+                      "needs the tokenizer files too. Use `tunix-zoo test --load --stream`, "
+                      "or drop --stream to download.")
+
+
 def cmd_run(args: argparse.Namespace) -> int:
   from tunix_zoo.demo import DEMO_ID, DEMO_PROMPT
   from tunix_zoo.generate import generate
   from tunix_zoo.tokenizer import Tokenizer
 
-  if args.stream:
-    from tunix_zoo.errors import SourceError
-
-    raise SourceError("run --stream: the tokenizer files are not streamed, only weights. "
-                      "Use `tunix-zoo test --load --stream` or `export --stream`, or drop "
-                      "--stream to download.")
+  refuse_stream(args, "run")
   start = time.perf_counter()
   model, folder = load(args)
   load_seconds = time.perf_counter() - start
@@ -261,6 +266,7 @@ def cmd_test(args: argparse.Namespace) -> int:
 def cmd_export(args: argparse.Namespace) -> int:
   from tunix_zoo.checkpoint.export import save_pretrained
 
+  refuse_stream(args, "export")
   model, folder = load(args)
   out = save_pretrained(model, args.out_dir, dtype=args.out_dtype, source_dir=folder,
                         overwrite=args.overwrite)

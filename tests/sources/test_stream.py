@@ -369,7 +369,9 @@ def test_cli_stream_loads_and_trains(gcs_stream, tmp_path, capsys):
   assert data_requests(gcs_stream, ".safetensors?") > 2
   assert not (tmp_path / "zoo-cache").exists()
   assert cli.main(["run", "tiny", *common]) == 2
-  assert "tokenizer files are not streamed" in capsys.readouterr().err
+  assert "needs the tokenizer files too" in capsys.readouterr().err
+  assert cli.main(["export", "tiny", str(tmp_path / "out"), *common]) == 2
+  assert "export --stream: only the weights are streamed" in capsys.readouterr().err
 
 
 def test_hub_stream_of_a_missing_repo_is_a_source_error(hub_stream, tmp_path):
