@@ -378,3 +378,26 @@ def test_hub_stream_of_a_missing_repo_is_a_source_error(hub_stream, tmp_path):
   with pytest.raises(SourceError, match="does not exist"):
     AutoModel.from_pretrained("acme/no-such-repo", mesh_of("explicit"), stream=True)
   assert not (tmp_path / "hf-cache").exists()
+
+
+def test_staging_layout_only_where_a_direct_read_would_fetch_more(gcs_stream, folders):
+  from jax.sharding import NamedSharding, PartitionSpec  # pylint: disable=import-outside-toplevel
+
+  from tunix_zoo.checkpoint import row_blocks  # pylint: disable=import-outside-toplevel
+  mesh = mesh_of("explicit")
+  one_device = jax.make_mesh((1, 1), ("fsdp", "tp"), devices=jax.devices()[:1])
+  with open_stream(None, source="gcs", model_path=url("single"), token="anon") as remote, \
+      CheckpointFiles(folders["single"]) as local:
+    shape = (32, 8)
+    columns = NamedSharding(mesh, PartitionSpec(None, "tp"))
+    staging = row_blocks.staging_sharding(remote, shape, columns)
+    assert staging.spec == PartitionSpec(("fsdp", "tp"))
+    assert row_blocks.padded_rows(31, staging) == 32
+    # The local reader maps the file: its slices are read directly, whatever the layout.
+    assert row_blocks.staging_sharding(local, shape, columns) is None
+    # One block on one process: a single contiguous read already.
+    whole = NamedSharding(one_device, PartitionSpec())
+    assert row_blocks.staging_sharding(remote, shape, whole) is None
+    # Two row blocks on this one process: staged, so that they merge into one read.
+    rows = NamedSharding(mesh, PartitionSpec("fsdp"))
+    assert row_blocks.staging_sharding(remote, shape, rows) is not None
