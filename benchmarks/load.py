@@ -9,6 +9,13 @@ warm read throughput of the files themselves (the ceiling for any loader).
 Each library loads in its own subprocess so peak RSS is its own. On a CPU host the loaded
 weights themselves live in host memory, so "rss_overhead_bytes" (peak growth minus the
 weights' size) is what the loader costs beyond the model.
+
+``--stream`` instead uploads the checkpoint to a local GCS emulator (gcp-storage-emulator,
+as the tests use) and compares, each in its own subprocess, streaming it
+(``stream=True``: range reads, nothing on disk) with downloading the folder then loading
+it; it also times one whole-file read of the emulator, the ceiling for both::
+
+    python benchmarks/load.py --stream --model qwen3_0p6b --num-layers 4 --dir /tmp/q06b4
 """
 
 from __future__ import annotations
@@ -28,8 +35,12 @@ REPO = pathlib.Path(__file__).resolve().parents[1]
 
 
 def make_random_checkpoint(config_id: str, folder: pathlib.Path, dtype: str = "bfloat16",
-                           max_shard_size: str = "2GB", seed: int = 0) -> int:
-  """Writes random weights of a preset's shapes, one tensor at a time; returns bytes."""
+                           max_shard_size: str = "2GB", seed: int = 0,
+                           num_layers: int | None = None) -> int:
+  """Writes random weights of a preset's shapes (``num_layers`` of them, if given), one
+  tensor at a time; returns bytes."""
+  import dataclasses
+
   import ml_dtypes
   from flax import nnx
 
@@ -39,6 +50,8 @@ def make_random_checkpoint(config_id: str, folder: pathlib.Path, dtype: str = "b
   from tunix_zoo.planning import abstract_model
 
   config = registry.get_config(config_id)
+  if num_layers is not None:
+    config = dataclasses.replace(config, num_layers=num_layers)
   spec = registry.family_for_config_class(type(config))
   np_dtype = np.dtype(ml_dtypes.bfloat16 if dtype == "bfloat16" else dtype)
   rng = np.random.default_rng(seed)
@@ -173,6 +186,101 @@ def run_in_subprocess(library: str, folder: pathlib.Path,
   return result
 
 
+def load_streamed(url: str, concurrency: int | None) -> dict:
+  """Streams ``url`` onto all local devices; splits the time into opening (config.json,
+  index, headers) and loading, and sums the seconds spent inside range requests."""
+  import jax
+  from flax import nnx
+
+  from tunix_zoo.automodel import load_stream
+  from tunix_zoo.sources import open_stream
+
+  jax.numpy.zeros(1).block_until_ready()
+  mesh = jax.make_mesh((1, len(jax.devices())), ("fsdp", "tp"))
+  start = time.perf_counter()
+  reader = open_stream(None, source="gcs", model_path=url, token="anon",
+                       concurrency=concurrency)
+  opened = time.perf_counter()
+  fetch, in_requests = reader.fetcher.fetch, []
+
+  def timed_fetch(name, begin, end):
+    began = time.perf_counter()
+    try:
+      return fetch(name, begin, end)
+    finally:
+      in_requests.append(time.perf_counter() - began)
+
+  reader.fetcher.fetch = timed_fetch
+  model = load_stream(reader, mesh)
+  state = nnx.state(model, nnx.Param)
+  jax.block_until_ready(state)
+  end = time.perf_counter()
+  return dict(seconds=end - start, open_seconds=opened - start, load_seconds=end - opened,
+              bytes=sum(x.nbytes for x in jax.tree.leaves(state)),
+              bytes_fetched=reader.bytes_fetched, requests=reader.requests,
+              concurrency=reader._pool._max_workers,  # pylint: disable=protected-access
+              seconds_in_requests=sum(in_requests),
+              devices=len(jax.devices()))
+
+
+def load_downloaded(url: str, folder: str) -> dict:
+  """Downloads ``url`` into ``folder`` (through the GCS source), then loads the folder."""
+  import jax
+  from flax import nnx
+
+  from tunix_zoo.automodel import load_folder
+  from tunix_zoo.sources import ModelSource, fetch
+
+  jax.numpy.zeros(1).block_until_ready()
+  mesh = jax.make_mesh((1, len(jax.devices())), ("fsdp", "tp"))
+  start = time.perf_counter()
+  local = fetch(None, source=ModelSource.GCS, model_path=url, model_download_path=folder,
+                token="anon")
+  downloaded = time.perf_counter()
+  state = nnx.state(load_folder(local, mesh), nnx.Param)
+  jax.block_until_ready(state)
+  end = time.perf_counter()
+  return dict(seconds=end - start, download_seconds=downloaded - start,
+              load_seconds=end - downloaded, bytes=sum(x.nbytes for x in jax.tree.leaves(state)))
+
+
+def stream_report(folder: pathlib.Path, concurrency: int | None) -> dict:
+  """Streamed vs download-then-load of ``folder`` through a local GCS emulator."""
+  import tempfile
+
+  os.environ.setdefault("GCSFS_EXPERIMENTAL_ZB_HNS_SUPPORT", "false")
+  import gcsfs
+
+  from tests.sources import servers
+
+  port = servers.free_port()
+  emulator = servers.start_gcs_emulator(port)
+  endpoint = f"http://{servers.LOCALHOST}:{port}"
+  os.environ["STORAGE_EMULATOR_HOST"] = endpoint
+  url = f"gs://bench/{folder.name}"
+  try:
+    fs = gcsfs.GCSFileSystem(token="anon", endpoint_url=endpoint, skip_instance_cache=True)
+    fs.mkdir("bench")
+    for path in sorted(folder.iterdir()):
+      if path.is_file():
+        fs.pipe(f"bench/{folder.name}/{path.name}", path.read_bytes())
+    largest = max(folder.glob("*.safetensors"), key=lambda p: p.stat().st_size)
+    start = time.perf_counter()
+    size = len(fs.cat_file(f"bench/{folder.name}/{largest.name}"))
+    report = dict(emulator_one_request_gb_per_s=size / (time.perf_counter() - start) / 1e9)
+    flags = ["--url", url] + ([] if concurrency is None else ["--concurrency", str(concurrency)])
+    with tempfile.TemporaryDirectory() as scratch:
+      for mode in ("stream", "download"):
+        out = subprocess.run([sys.executable, __file__, "--measure", mode, "--dir", scratch]
+                             + flags, check=True, capture_output=True, text=True, cwd=REPO)
+        report[mode] = json.loads(out.stdout.strip().splitlines()[-1])
+    report["stream_speedup"] = report["download"]["seconds"] / report["stream"]["seconds"]
+    return report
+  finally:
+    emulator.terminate()
+    emulator.wait(timeout=10)
+
+
 def main() -> None:
   parser = argparse.ArgumentParser(description=__doc__)
   parser.add_argument("--model", default="qwen3_0p6b")
@@ -180,8 +288,20 @@ def main() -> None:
   parser.add_argument("--libraries", default="tunix_zoo,transformers")
   parser.add_argument("--max-in-flight-mb", type=int,
                       help="tunix_zoo's bound on host bytes being copied to the devices")
-  parser.add_argument("--measure", choices=["tunix_zoo", "transformers"], help=argparse.SUPPRESS)
+  parser.add_argument("--stream", action="store_true",
+                      help="streamed load from a local GCS emulator vs download-then-load")
+  parser.add_argument("--concurrency", type=int, help="--stream: ranges fetched at a time")
+  parser.add_argument("--num-layers", type=int, help="make the checkpoint with this many layers")
+  parser.add_argument("--url", help=argparse.SUPPRESS)
+  parser.add_argument("--measure", choices=["tunix_zoo", "transformers", "stream", "download"],
+                      help=argparse.SUPPRESS)
   args = parser.parse_args()
+  if args.measure == "stream":
+    print(json.dumps(load_streamed(args.url, args.concurrency)))
+    return
+  if args.measure == "download":
+    print(json.dumps(load_downloaded(args.url, str(args.dir / "download"))))
+    return
   if args.measure == "tunix_zoo":
     print(json.dumps(load_tunix_zoo(str(args.dir), args.max_in_flight_mb)))
     return
@@ -191,10 +311,14 @@ def main() -> None:
   made = None
   if not (args.dir / "config.json").exists():
     start = time.perf_counter()
-    made = make_random_checkpoint(args.model, args.dir)
+    made = make_random_checkpoint(args.model, args.dir, num_layers=args.num_layers)
     made = dict(bytes=made, seconds=time.perf_counter() - start)
   report = dict(model=args.model, checkpoint=str(args.dir), made=made,
                 file_read_gb_per_s=read_throughput(args.dir))
+  if args.stream:
+    report.update(stream_report(args.dir, args.concurrency))
+    print(json.dumps(report, indent=1))
+    return
   for library in args.libraries.split(","):
     report[library] = run_in_subprocess(library, args.dir, args.max_in_flight_mb)
   if "tunix_zoo" in report and "transformers" in report:

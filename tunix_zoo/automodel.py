@@ -15,6 +15,7 @@ Example::
 
 from __future__ import annotations
 
+import contextlib
 import importlib
 import json
 import logging
@@ -37,7 +38,7 @@ from tunix_zoo.config import DecoderConfig
 from tunix_zoo.errors import CheckpointError, ConfigError, ConfigMismatchError, SourceError, ZooError
 from tunix_zoo.naming import ModelNaming
 from tunix_zoo.progress import progress_class
-from tunix_zoo.sources import ModelSource, fetch
+from tunix_zoo.sources import ModelSource, fetch, open_stream
 
 log = logging.getLogger(__name__)
 
@@ -79,8 +80,14 @@ class AutoModel:
       variant: str | None = None,
       force_download: bool = False,
       cache_dir: str | os.PathLike[str] | None = None,
+      stream: bool = False,
+      stream_concurrency: int | None = None,
   ) -> tuple[nnx.Module, str]:
     """Fetches a checkpoint and loads it onto ``mesh``; returns ``(model, local_path)``.
+
+    With ``stream=True`` (GCS or HUGGINGFACE) nothing is downloaded: the tensors are read
+    straight from the bucket or the Hub with range requests (``stream_concurrency`` at a
+    time), each process fetching only its share, and the returned path is the remote one.
 
     The checkpoint's config.json decides the architecture (so fine-tunes with any id
     load); when ``model_id`` also names a registered preset, the two must agree.
@@ -100,6 +107,21 @@ class AutoModel:
         and os.path.isdir(model_id)
     ):
       source, model_path = ModelSource.LOCAL, model_id
+    if stream:
+      download_only = {"model_download_path": model_download_path,
+                       "local_files_only": local_files_only, "subfolder": subfolder,
+                       "variant": variant, "force_download": force_download,
+                       "cache_dir": cache_dir}
+      given = [name for name, value in download_only.items() if value]
+      if given:
+        raise SourceError(
+            f"stream=True reads the checkpoint in place: {', '.join(given)} do(es) not "
+            "apply. Drop them, or drop stream=True to download.")
+      reader = open_stream(model_id, source=source, model_path=model_path, revision=revision,
+                           token=token, concurrency=stream_concurrency)
+      model = load_stream(reader, mesh, preset_id=model_id, dtype=dtype,
+                          param_dtype=param_dtype, sharding_rules=sharding_rules, remat=remat)
+      return model, reader.location
     folder = fetch(
         model_id, source=source, model_path=model_path, model_download_path=model_download_path,
         revision=revision, token=token, local_files_only=local_files_only,
@@ -199,9 +221,10 @@ def check_against_preset(config: DecoderConfig, preset_id: str, preset: DecoderC
     )
 
 
-def checkpoint_dtype(folder: str | os.PathLike, variant: str | None = None) -> np.dtype:
-  """The dtype holding most of a checkpoint's bytes."""
-  with CheckpointFiles(folder, variant) as ckpt:
+def checkpoint_dtype(folder: str | os.PathLike | Any, variant: str | None = None) -> np.dtype:
+  """The dtype holding most of a checkpoint's bytes (a folder, or an open reader)."""
+  opened = isinstance(folder, (str, os.PathLike))
+  with CheckpointFiles(folder, variant) if opened else contextlib.nullcontext(folder) as ckpt:
     by_dtype: dict[np.dtype, int] = {}
     for key in ckpt.keys():
       by_dtype[ckpt.dtype(key)] = by_dtype.get(ckpt.dtype(key), 0) + ckpt.nbytes(key)
@@ -250,6 +273,49 @@ def load_folder(
   )
   return _load_with_progress(abstract, CheckpointFiles(folder, variant), spec.param_table, mesh,
                              sharding_rules)
+
+
+def load_stream(
+    reader: Any,
+    mesh: Mesh | None = None,
+    *,
+    preset_id: str | None = None,
+    dtype: Any = None,
+    param_dtype: Any = None,
+    sharding_rules: sharding.Rules | None = None,
+    remat: str = "none",
+) -> nnx.Module:
+  """Loads a :class:`~tunix_zoo.checkpoint.remote_safetensors.RemoteCheckpoint` (from
+  :func:`tunix_zoo.sources.open_stream`) onto ``mesh``, reading its config.json too.
+
+  The progress bar counts the bytes this process fetches.
+
+  Example::
+
+      model = load_stream(open_stream(None, source="gcs", model_path="gs://b/m"), mesh)
+  """
+  try:
+    hf_config = reader.read_json("config.json")
+    spec = registry.family_for_hf_config(hf_config)
+    config = spec.config_class.from_hf_config(hf_config)
+    preset = preset_for(preset_id)
+    if preset is not None:
+      check_against_preset(config, *preset)
+    mesh = mesh or default_mesh()
+    param_dtype = param_dtype or checkpoint_dtype(reader)
+    abstract = abstract_model(
+        config, param_dtype=param_dtype, dtype=dtype or param_dtype, mesh=mesh,
+        sharding_rules=sharding_rules, remat=remat,
+    )
+    share = reader.total_bytes // jax.process_count()
+    with progress_class()(total=share, unit="B", unit_scale=True, disable=None,
+                          desc=f"stream {reader.location}") as bar:
+      reader.progress = bar.update
+      return load_checkpoint(abstract, reader, spec.param_table, mesh,
+                             sharding_rules=sharding_rules)
+  except BaseException:
+    reader.close()  # load_checkpoint closes it once it has it
+    raise
 
 
 def _load_with_progress(abstract, reader, key_map, mesh, sharding_rules) -> nnx.Module:

@@ -187,8 +187,20 @@ def load(args: argparse.Namespace):
     if kwargs["model_source"] == "huggingface":
       kwargs["model_source"] = "local"
     kwargs["model_path"] = args.model
+  if args.stream:
+    kwargs.update(stream=True, stream_concurrency=args.stream_concurrency)
   return AutoModel.from_pretrained(args.model_id or args.model, mesh, param_dtype=dtype,
                                    **kwargs)
+
+
+def refuse_stream(args: argparse.Namespace, command: str) -> None:
+  """Commands that need the tokenizer files cannot stream: only weights are streamed."""
+  if args.stream:
+    from tunix_zoo.errors import SourceError
+
+    raise SourceError(f"{command} --stream: only the weights are streamed, and {command} "
+                      "needs the tokenizer files too. Use `tunix-zoo test --load --stream`, "
+                      "or drop --stream to download.")
 
 
 def cmd_run(args: argparse.Namespace) -> int:
@@ -196,6 +208,7 @@ def cmd_run(args: argparse.Namespace) -> int:
   from tunix_zoo.generate import generate
   from tunix_zoo.tokenizer import Tokenizer
 
+  refuse_stream(args, "run")
   start = time.perf_counter()
   model, folder = load(args)
   load_seconds = time.perf_counter() - start
@@ -266,6 +279,7 @@ def cmd_test(args: argparse.Namespace) -> int:
 def cmd_export(args: argparse.Namespace) -> int:
   from tunix_zoo.checkpoint.export import save_pretrained
 
+  refuse_stream(args, "export")
   model, folder = load(args)
   push = args.push_to_hub is not None
   with tempfile.TemporaryDirectory() as tokenizer_dir:
@@ -371,6 +385,11 @@ def add_model_arguments(p: argparse.ArgumentParser, *, mesh: bool = True) -> Non
   if mesh:
     p.add_argument("--mesh", help="FSDPxTP, e.g. 1x8 (default 1 x all local devices)")
     p.add_argument("--dtype", default=None, help="parameter dtype (default: the checkpoint's)")
+    p.add_argument("--stream", action="store_true",
+                   help="gcs/huggingface: read the weights in place with range requests, "
+                        "each process only its share; nothing is downloaded")
+    p.add_argument("--stream-concurrency", type=int, metavar="N",
+                   help="with --stream: ranges fetched at a time (default 16)")
 
 
 def add_training_arguments(p: argparse.ArgumentParser) -> None:

@@ -34,6 +34,7 @@ from jax.sharding import Mesh
 
 from tunix_zoo import sharding
 from tunix_zoo.build import axis_counts, module_path, parameter_shardings  # noqa: F401
+from tunix_zoo.checkpoint import row_blocks
 from tunix_zoo.checkpoint.keymap import KeyMap
 from tunix_zoo.checkpoint.safetensors_io import CheckpointFiles
 from tunix_zoo.errors import CheckpointError
@@ -169,12 +170,22 @@ def load_checkpoint(
         return out
 
       read_once = _OncePerBlock(read)
-      array = jax.make_array_from_callback(shape, shardings[name], read_once)
+      if path in staging:
+        array = resharder.load(path, shape, staging[path], shardings[name], read_once)
+      else:
+        array = jax.make_array_from_callback(shape, shardings[name], read_once)
       transfers.add(array, read_once.nbytes)
       if progress is not None:
         progress(int(np.prod(var.shape)) * np.dtype(dtype).itemsize)
       return path, array
 
+    # A reader with ``read_rows`` (a remote one) reads in row blocks and reshards on the
+    # devices; see row_blocks.
+    staging = {path: row_blocks.staging_sharding(ckpt, tuple(var.shape),
+                                                 shardings[module_path(path)])
+               for path, var in flat if module_path(path) not in stacked}
+    staging = {path: layout for path, layout in staging.items() if layout is not None}
+    resharder = row_blocks.OrderedResharder([path for path, _ in flat if path in staging])
     transfers = TransferWindow(MAX_BYTES_IN_FLIGHT)
     with concurrent.futures.ThreadPoolExecutor(READ_THREADS) as pool:
       loaded = dict(pool.map(load_one, flat))

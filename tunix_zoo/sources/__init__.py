@@ -12,6 +12,11 @@ slow to import)::
     folder = fetch("qwen3-0.6b", source=ModelSource.GCS, model_path="gs://b/qwen3-0.6b")
     folder = fetch(None, source=ModelSource.LOCAL, model_path="/ckpt/qwen3-0.6b")
 
+:func:`open_stream` reads a GCS or Hub checkpoint in place instead, with no local copy::
+
+    with open_stream(None, source=ModelSource.GCS, model_path="gs://b/qwen3") as ckpt:
+      config = ckpt.read_json("config.json")
+
 Every returned folder holds config.json and ``*.safetensors`` (plus tokenizer files when
 the source has them), or an orbax checkpoint (a Kaggle Flax Gemma) and its tokenizer.model. Download progress is drawn with tqdm unless ``TUNIX_ZOO_QUIET=1``.
 """
@@ -22,11 +27,12 @@ import enum
 import importlib
 import os
 import pathlib
+from typing import Any
 
 from tunix_zoo.errors import SourceError
 from tunix_zoo.sources._download import cache_root
 
-__all__ = ["ModelSource", "cache_root", "fetch"]
+__all__ = ["ModelSource", "cache_root", "fetch", "open_stream"]
 
 
 class ModelSource(str, enum.Enum):
@@ -160,3 +166,44 @@ def fetch(model_id: str | None, *, source: ModelSource | str = ModelSource.HUGGI
   return importlib.import_module("tunix_zoo.sources.gcs").fetch(
       os.fspath(model_path), download_dir=model_download_path, token=token,
       local_files_only=local_files_only, verify=verify)
+
+
+def open_stream(model_id: str | None, *, source: ModelSource | str = ModelSource.HUGGINGFACE,
+                model_path: str | os.PathLike[str] | None = None,
+                revision: str | None = None, token: str | None = None,
+                concurrency: int | None = None) -> Any:
+  """A :class:`~tunix_zoo.checkpoint.remote_safetensors.RemoteCheckpoint` reading the
+  checkpoint straight from GCS (``model_path="gs://..."``) or the Hub (``model_id``), with
+  no local copy; ``concurrency`` ranges are fetched at a time (default 16).
+
+  Raises:
+    SourceError: a source that cannot stream, arguments that do not fit it, or any
+      failure of the source (missing bucket or repo, refused credentials, ...).
+
+  Example::
+
+      with open_stream("Qwen/Qwen3-0.6B") as ckpt:
+        print(ckpt.total_bytes)
+  """
+  source = _source(source)
+  if source not in (ModelSource.GCS, ModelSource.HUGGINGFACE):
+    raise SourceError(f"[{source.value}] {model_id or model_path}: streaming reads GCS and "
+                      "the HF Hub only. Drop stream=True (CLI: --stream) for this source.")
+  for arg, value in {"model_path": model_path, "revision": revision, "token": token}.items():
+    if value is not None and arg not in _ACCEPTS[source]:
+      raise SourceError(
+          f"[{source.value}] {model_id or model_path}: {arg} {_ARG_USE[arg]}, not to "
+          f"source={source.name}. {_FIXES[arg]}")
+  if source is ModelSource.HUGGINGFACE and model_id is None:
+    raise SourceError("[huggingface] model_id is None: the Hub needs a repo id. Pass e.g. "
+                      "'Qwen/Qwen3-0.6B'.")
+  if source is ModelSource.GCS and model_path is None:
+    raise SourceError(f"[gcs] {model_id}: model_path is required for source=GCS. Pass "
+                      "model_path='gs://my-bucket/checkpoints/qwen3-0.6b'.")
+  if concurrency is not None and (isinstance(concurrency, bool) or not isinstance(
+      concurrency, int) or concurrency < 1):
+    raise SourceError(f"[{source.value}] stream concurrency must be a positive int, got "
+                      f"{concurrency!r}. Pass e.g. 16.")
+  return importlib.import_module("tunix_zoo.sources.stream").open_remote(
+      source, model_id, model_path=model_path, revision=revision, token=token,
+      concurrency=concurrency)
