@@ -189,3 +189,25 @@ def train_sentencepiece(path: pathlib.Path) -> None:
       remove_extra_whitespaces=False, normalization_rule_name="identity", split_digits=True,
       minloglevel=2)
   path.write_bytes(model.getvalue())
+
+
+def assert_logits_match(model, torch_model, case: str) -> None:
+  """The model's float32 logits on a left-padded batch equal transformers' within
+  ``reference.MAX_ABS`` over real tokens."""
+  import jax.numpy as jnp
+
+  tokens, mask, positions = reference.left_padded_batch()
+  expected = reference.reference_logits(torch_model, tokens, mask, positions)
+  logits, _ = model(jnp.asarray(tokens), attention_mask=jnp.asarray(mask))
+  diff = np.abs(np.asarray(logits) - expected)[mask.astype(bool)].max()
+  assert diff <= reference.MAX_ABS, f"{case}: max abs logit diff {diff}"
+
+
+def assert_greedy_matches(model, torch_model, new_tokens: int = 16) -> None:
+  """Greedy decoding with the KV cache is token-identical to transformers' generate."""
+  from tunix_zoo.generate import generate
+
+  tokens, mask, _ = reference.left_padded_batch(seed=1)
+  expected = reference.reference_greedy(torch_model, tokens, mask, new_tokens)
+  got = generate(model, tokens, new_tokens, attention_mask=mask).tokens
+  np.testing.assert_array_equal(got, expected)

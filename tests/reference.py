@@ -1,4 +1,5 @@
-"""Reference checkpoints made on the fly with HF transformers (PyTorch).
+"""Shared test helpers: reference checkpoints made on the fly with HF transformers
+(PyTorch), the meshes tests load them on, and the tolerance against transformers.
 
 Every family gets tiny random configs saved with ``save_pretrained``; norm weights are
 perturbed so a wrong norm formula cannot pass unnoticed.
@@ -13,6 +14,8 @@ from typing import Any
 
 import numpy as np
 
+# Float32 logits against transformers: max absolute difference over real tokens.
+MAX_ABS = 1e-4
 VOCAB = 131
 LLAMA3_ROPE = {
     "rope_type": "llama3", "factor": 8.0, "low_freq_factor": 1.0, "high_freq_factor": 4.0,
@@ -157,3 +160,17 @@ def reference_greedy(model, tokens, mask, new_tokens: int, pad_token_id: int = 0
   padded = np.full((out.shape[0], new_tokens), pad_token_id, out.dtype)
   padded[:, :out.shape[1]] = out
   return padded
+
+
+def one_device_mesh():
+  """A (1, 1) ``fsdp`` x ``tp`` mesh on the first device (Explicit axes, jax's default)."""
+  import jax
+
+  return jax.make_mesh((1, 1), ("fsdp", "tp"), devices=jax.devices()[:1])
+
+
+def mesh_2x4(axis_type):
+  """A (2, 4) ``fsdp`` x ``tp`` mesh of the 8 test devices with ``axis_type`` axes."""
+  import jax
+
+  return jax.make_mesh((2, 4), ("fsdp", "tp"), axis_types=(axis_type,) * 2)

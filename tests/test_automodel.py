@@ -15,6 +15,7 @@ from flax import nnx
 from jax.sharding import AxisType, PartitionSpec
 
 from tests import reference
+from tests.reference import MAX_ABS
 from tunix_zoo import registry
 from tunix_zoo.automodel import AutoModel, ModelSource, load_folder
 from tunix_zoo.checkpoint.safetensors_io import CheckpointFiles, write_safetensors
@@ -23,7 +24,6 @@ from tunix_zoo.errors import (
 )
 from tunix_zoo.models.qwen3.config import Qwen3Config
 
-MAX_ABS = 1e-4
 
 
 @pytest.fixture(scope="module")

@@ -11,7 +11,6 @@ import os
 import subprocess
 import sys
 
-import jax
 import jax.numpy as jnp
 import numpy as np
 import pytest
@@ -19,6 +18,7 @@ import transformers
 
 from tests import reference
 from tests.sources import servers
+from tests.reference import MAX_ABS, one_device_mesh
 from tunix_zoo import cli, registry
 from tunix_zoo.automodel import load_folder
 from tunix_zoo.config import FULL_ATTENTION, SLIDING_ATTENTION
@@ -26,7 +26,6 @@ from tunix_zoo.config_overrides import config_with_overrides, parse_overrides
 from tunix_zoo.errors import ConfigError
 from tunix_zoo.planning import count_parameters
 
-MAX_ABS = 1e-4
 TINY = ["vocab_size=131", "hidden_size=64", "num_heads=4", "num_kv_heads=2", "head_dim=16",
         "intermediate_size=96", "num_layers=2"]
 # preset -> extra overrides: gemma3 keeps six layers so that its 5:1 pattern has a full
@@ -40,10 +39,6 @@ FAMILIES = {
     "qwen3_0p6b": [],
     "qwen3_30b_a3b": ["num_experts=4", "num_experts_per_tok=2", "moe_intermediate_size=32"],
 }
-
-
-def one_device_mesh():
-  return jax.make_mesh((1, 1), ("fsdp", "tp"), devices=jax.devices()[:1])
 
 
 def sets(items: list[str]) -> list[str]:

@@ -17,6 +17,7 @@ from hypothesis import strategies as st
 from jax.sharding import AxisType
 
 from tests import reference
+from tests.reference import one_device_mesh
 from tunix_zoo.automodel import load_folder
 from tunix_zoo.errors import GenerationError
 from tunix_zoo.generate import filter_logits, generate
@@ -36,10 +37,6 @@ def models(reference_checkpoints):
     return loaded[case]
 
   return get
-
-
-def one_device_mesh():
-  return jax.make_mesh((1, 1), ("fsdp", "tp"), devices=jax.devices()[:1])
 
 
 def unpadded(tokens: np.ndarray, mask: np.ndarray) -> list[list[int]]:

@@ -16,7 +16,6 @@ Example::
 from __future__ import annotations
 
 import contextlib
-import importlib
 import json
 import logging
 import os
@@ -24,7 +23,6 @@ import pathlib
 from typing import Any
 
 import jax
-import jax.numpy as jnp
 import numpy as np
 from flax import nnx
 from jax.sharding import Mesh
@@ -345,8 +343,7 @@ def orbax_checkpoint(folder: str | os.PathLike, preset_id: str | None,
         "shows them all.")
   config_id, config = preset
   spec = registry.family_of_config(config_id)
-  table = getattr(importlib.import_module(spec.model_class.__module__.rsplit(".", 1)[0]
-                                          + ".params"), "ORBAX_LAYOUT", None)
+  table = spec.orbax_layout
   if table is None:
     raise CheckpointError(
         f"{folder} is an orbax checkpoint, but the {spec.category} family has no orbax "

@@ -75,6 +75,8 @@ class FamilySpec:
   config_class: type
   model_class: type = _ImportedOnUse()  # type: ignore[assignment]
   param_table: Any = _ImportedOnUse()
+  # The family's Kaggle Flax (orbax) checkpoint layout, where it publishes one.
+  orbax_layout: Any = _ImportedOnUse()
 
 
 _families: dict[str, FamilySpec] = {}
@@ -92,12 +94,14 @@ def register_family(
     param_table: Any,
     category: str | None = None,
     model_class: type | str | None = None,
+    orbax_layout: Any = None,
 ) -> Any:
   """Registers a family; returns its :class:`FamilySpec`, or a class decorator.
 
   ``names`` are the naming families (``("llama3", "llama3p1", "llama3p2")``);
   ``category`` (default: the first name) is the package holding the config.
-  ``model_class`` and ``param_table`` are objects or ``"module:attribute"`` strings.
+  ``model_class``, ``param_table`` and ``orbax_layout`` (the key map of the family's
+  orbax checkpoints, if it has any) are objects or ``"module:attribute"`` strings.
   Without ``model_class`` the call decorates the model class.
 
   Example::
@@ -116,6 +120,7 @@ def register_family(
         config_class=config_class,
         model_class=model,
         param_table=param_table,
+        orbax_layout=orbax_layout,
     )
     _families[spec.category] = spec
     return spec

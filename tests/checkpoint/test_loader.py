@@ -10,11 +10,11 @@ import jax.numpy as jnp
 import numpy as np
 
 from tests import reference
+from tests.reference import MAX_ABS
 from tunix_zoo.automodel import AutoModel
 from tunix_zoo.checkpoint import loader
 from tunix_zoo.checkpoint.loader import TransferWindow
 
-MAX_ABS = 1e-4
 
 
 class Transfer:

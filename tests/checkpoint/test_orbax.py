@@ -1,7 +1,7 @@
 """Kaggle Flax (orbax) Gemma checkpoints against transformers on the same weights.
 
 The orbax checkpoints are written from the tiny transformers references in gemma's
-layout (tests/orbax_reference.py). Tolerance: float32 logits within MAX_ABS = 1e-4 of
+layout (tests/orbax_reference.py). Tolerance: float32 logits within reference.MAX_ABS = 1e-4 of
 transformers on the original safetensors (max absolute difference over real tokens);
 greedy decoding token-identical to transformers' ``generate``.
 """
@@ -12,21 +12,18 @@ import logging
 import shutil
 
 import jax
-import jax.numpy as jnp
 import numpy as np
 import pytest
 from jax.sharding import AxisType
 
-from tests import orbax_reference, reference
+from tests import orbax_reference
+from tests.reference import one_device_mesh
 from tunix_zoo import AutoModel, ModelSource
 from tunix_zoo.automodel import orbax_checkpoint
 from tunix_zoo.checkpoint.orbax_io import OrbaxCheckpoint
 from tunix_zoo.errors import CheckpointError, ConfigError
-from tunix_zoo.generate import generate
 from tunix_zoo.models.gemma3.params import GEMMA3_ORBAX
 
-MAX_ABS = 1e-4
-NEW_TOKENS = 16
 CASES = sorted(orbax_reference.CASES)
 
 
@@ -37,10 +34,6 @@ def made(tmp_path_factory):
           for case in CASES}
 
 
-def one_device_mesh():
-  return jax.make_mesh((1, 1), ("fsdp", "tp"), devices=jax.devices()[:1])
-
-
 def load_local(case, made, mesh):
   _, root, _ = made[case]
   model, _ = AutoModel.from_pretrained(orbax_reference.preset_id(case), mesh,
@@ -48,27 +41,12 @@ def load_local(case, made, mesh):
   return model
 
 
-def assert_logits_match(model, torch_model, case):
-  tokens, mask, positions = reference.left_padded_batch()
-  expected = reference.reference_logits(torch_model, tokens, mask, positions)
-  logits, _ = model(jnp.asarray(tokens), attention_mask=jnp.asarray(mask))
-  diff = np.abs(np.asarray(logits) - expected)[mask.astype(bool)].max()
-  assert diff <= MAX_ABS, f"{case}: max abs logit diff {diff}"
-
-
-def assert_greedy_matches(model, torch_model):
-  tokens, mask, _ = reference.left_padded_batch(seed=1)
-  expected = reference.reference_greedy(torch_model, tokens, mask, NEW_TOKENS)
-  got = generate(model, tokens, NEW_TOKENS, attention_mask=mask).tokens
-  np.testing.assert_array_equal(got, expected)
-
-
 @pytest.mark.parametrize("case", CASES)
 def test_local_orbax_folder_matches_transformers(made, case):
   _, _, torch_model = made[case]
   model = load_local(case, made, one_device_mesh())
-  assert_logits_match(model, torch_model, case)
-  assert_greedy_matches(model, torch_model)
+  orbax_reference.assert_logits_match(model, torch_model, case)
+  orbax_reference.assert_greedy_matches(model, torch_model)
 
 
 @pytest.mark.slow
@@ -82,8 +60,8 @@ def test_orbax_on_a_2x4_mesh_matches_transformers(made, case, axis_type):
   mesh = jax.make_mesh((2, 4), ("fsdp", "tp"), axis_types=(axis_type,) * 2)
   model = load_local(case, made, mesh)
   assert model.embed_tokens.weight.value.sharding.mesh.shape == mesh.shape
-  assert_logits_match(model, torch_model, case)
-  assert_greedy_matches(model, torch_model)
+  orbax_reference.assert_logits_match(model, torch_model, case)
+  orbax_reference.assert_greedy_matches(model, torch_model)
 
 
 def test_embedding_rows_are_resized_and_logged_once(made, caplog):

@@ -15,20 +15,12 @@ from flax import nnx
 from jax.sharding import AxisType
 
 from tests import reference
+from tests.reference import MAX_ABS, mesh_2x4, one_device_mesh
 from tunix_zoo.automodel import load_folder
 from tunix_zoo.generate import generate
 
-MAX_ABS = 1e-4
 NEW_TOKENS = 32
 CASES = sorted(reference.CASES)
-
-
-def one_device_mesh():
-  return jax.make_mesh((1, 1), ("fsdp", "tp"), devices=jax.devices()[:1])
-
-
-def mesh_2x4(axis_type):
-  return jax.make_mesh((2, 4), ("fsdp", "tp"), axis_types=(axis_type,) * 2)
 
 
 def greedy(model, tokens, mask, new_tokens):

@@ -8,10 +8,10 @@ from __future__ import annotations
 import pathlib
 
 import huggingface_hub
-import jax
 import pytest
 
 from tests.sources import servers
+from tests.reference import one_device_mesh
 from tunix_zoo import cli
 from tunix_zoo.automodel import load_folder
 from tunix_zoo.checkpoint.export import save_pretrained
@@ -21,10 +21,6 @@ from tunix_zoo.sources import fetch
 
 WRITE_TOKEN = "hf_write_token"
 pytestmark = pytest.mark.servers
-
-
-def one_device_mesh():
-  return jax.make_mesh((1, 1), ("fsdp", "tp"), devices=jax.devices()[:1])
 
 
 @pytest.fixture

@@ -72,6 +72,7 @@ FAMILY = register_family(
     config_class=GemmaConfig,
     model_class="tunix_zoo.layers.decoder:DecoderLM",
     param_table="tunix_zoo.models.gemma.params:GEMMA_PARAMS",
+    orbax_layout="tunix_zoo.models.gemma.params:GEMMA_ORBAX",
 )
 
 

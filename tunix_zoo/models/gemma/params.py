@@ -56,6 +56,3 @@ GEMMA_ORBAX = OrbaxTable(
         OrbaxRule(f"{LAYER}post_attention_layernorm.weight", f"{ORBAX_LAYER}pre_ffw_norm/scale"),
     ],
 )
-
-# What AutoModel looks up to read this family from an orbax folder.
-ORBAX_LAYOUT = GEMMA_ORBAX

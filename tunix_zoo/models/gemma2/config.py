@@ -69,6 +69,7 @@ FAMILY = register_family(
     config_class=Gemma2Config,
     model_class="tunix_zoo.layers.decoder:DecoderLM",
     param_table="tunix_zoo.models.gemma2.params:GEMMA2_PARAMS",
+    orbax_layout="tunix_zoo.models.gemma2.params:GEMMA2_ORBAX",
 )
 
 

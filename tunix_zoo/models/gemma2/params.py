@@ -26,6 +26,3 @@ ORBAX_SANDWICH_NORMS = [
 
 # Gemma 2 2B stores gating as [2, D, F], 9B and 27B as [2, F, D]; the shapes decide.
 GEMMA2_ORBAX = GEMMA_ORBAX.extend(ORBAX_SANDWICH_NORMS)
-
-# What AutoModel looks up to read this family from an orbax folder.
-ORBAX_LAYOUT = GEMMA2_ORBAX

@@ -106,6 +106,7 @@ FAMILY = register_family(
     config_class=Gemma3Config,
     model_class="tunix_zoo.layers.decoder:DecoderLM",
     param_table="tunix_zoo.models.gemma3.params:GEMMA3_PARAMS",
+    orbax_layout="tunix_zoo.models.gemma3.params:GEMMA3_ORBAX",
 )
 
 

@@ -36,6 +36,3 @@ GEMMA3_ORBAX = GEMMA2_ORBAX.extend(
     ],
     ignored=ORBAX_VISION_LEAVES,
 )
-
-# What AutoModel looks up to read this family from an orbax folder.
-ORBAX_LAYOUT = GEMMA3_ORBAX
