@@ -188,7 +188,7 @@ def read_hf_config(folder: str | os.PathLike) -> dict[str, Any]:
     )
   try:
     return json.loads(path.read_text())
-  except (json.JSONDecodeError, UnicodeDecodeError) as e:
+  except (json.JSONDecodeError, UnicodeDecodeError, RecursionError) as e:
     raise CheckpointError(f"{path} is not valid JSON ({e}); re-download or fix it.") from e
 
 

@@ -30,6 +30,10 @@ from tunix_zoo.errors import ConfigError, ConfigMismatchError
 FULL_ATTENTION = "full_attention"
 SLIDING_ATTENTION = "sliding_attention"
 ROPE_KINDS = ("default", "linear", "llama3")
+# Array dimensions beyond int32 are no model's; far fewer layers than this were ever
+# published (126), and a layer count is walked per layer before any weight is read.
+MAX_DIM = 2**31 - 1
+MAX_LAYERS = 10_000
 # A config.json nests at most a few levels (text_config -> rope_parameters -> per layer
 # type); anything deeper is not a model config, and is refused before it is walked.
 MAX_NESTING = 8
@@ -45,19 +49,22 @@ def _bad(key: str, value: Any, expected: str, fix: str | None = None) -> ConfigE
   )
 
 
-def read_int(value: Any, key: str, *, minimum: int = 0) -> int:
-  """An integer ``>= minimum``; a float holding a whole number counts (``4096.0``)."""
+def read_int(value: Any, key: str, *, minimum: int = 0, maximum: int = MAX_DIM) -> int:
+  """An integer in ``[minimum, maximum]``; a float holding a whole number counts (``4096.0``)."""
   if isinstance(value, float) and value.is_integer():
     value = int(value)
-  if isinstance(value, bool) or not isinstance(value, int):
-    raise _bad(key, value, f"an integer >= {minimum}")
-  if value < minimum:
-    raise _bad(key, value, f"an integer >= {minimum}")
+  expected = f"an integer from {minimum} to {maximum}"
+  if isinstance(value, bool) or not isinstance(value, int) or not minimum <= value <= maximum:
+    raise _bad(key, value, expected)
   return value
 
 
 def read_positive_int(value: Any, key: str) -> int:
   return read_int(value, key, minimum=1)
+
+
+def read_layer_count(value: Any, key: str) -> int:
+  return read_int(value, key, minimum=1, maximum=MAX_LAYERS)
 
 
 def read_float(value: Any, key: str, *, positive: bool = False) -> float:
@@ -396,7 +403,7 @@ class QwenSlidingWindow:
 LLAMA_FIELDS: tuple[HFField, ...] = (
     HFField("vocab_size", "vocab_size", read_positive_int),
     HFField("hidden_size", "hidden_size", read_positive_int),
-    HFField("num_hidden_layers", "num_layers", read_positive_int),
+    HFField("num_hidden_layers", "num_layers", read_layer_count),
     HFField("num_attention_heads", "num_heads", read_positive_int),
     HFField("num_key_value_heads", "num_kv_heads", read_positive_int,
             derive=lambda hf, fields: fields["num_heads"]),

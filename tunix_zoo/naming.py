@@ -189,12 +189,21 @@ def _family_spellings(prefix: str) -> tuple[str, str]:
   return dotless.replace("-", ""), dotless.replace("-", "_")
 
 
+def _prefix_ends(name: str, families: dict[str, str]) -> list[int]:
+  """Where a family may end in ``name``: at each separator, up to the longest length a
+  raw spelling of a registered family can have (standardising drops at most every
+  other character, a hyphen), so the work is bounded however long the name is."""
+  longest = 2 * max(map(len, families), default=0) + 1
+  return [
+      end for end, char in enumerate(name[: longest + 1] + "-")
+      if char in _SEPARATORS and end <= min(longest, len(name))
+  ]
+
+
 def _split_or_none(name: str, families: dict[str, str]) -> tuple[str, str] | None:
   """(family, standardised version) of the longest registered family starting ``name``."""
   match = None
-  for end, char in enumerate(name + "-"):
-    if char not in _SEPARATORS:
-      continue
+  for end in _prefix_ends(name, families):
     family = next((s for s in _family_spellings(name[:end]) if s in families), None)
     if family is not None:
       match = family, name[end + 1 :].replace("-", "_").replace(".", "p")
@@ -217,7 +226,7 @@ def _split(name: str, source: str, families: dict[str, str]) -> tuple[str, str]:
 
 def _unknown_family_message(name: str, source: str, families: dict[str, str]) -> str:
   known = sorted(families)
-  prefixes = [name[:end] for end, char in enumerate(name + "-") if char in _SEPARATORS]
+  prefixes = [name[:end] for end in _prefix_ends(name, families)]
   scored = [
       (difflib.SequenceMatcher(None, spelling, family).ratio(), family)
       for prefix in prefixes

@@ -29,7 +29,7 @@ import logging
 import threading
 from typing import Any, Callable, TypeVar
 
-from tunix_zoo.errors import UnknownModelError
+from tunix_zoo.errors import ConfigError, UnknownModelError
 
 ENTRY_POINT_GROUP = "tunix_zoo.families"
 # Suffixes of instruction-tuned, base or dated variants that share the architecture
@@ -196,7 +196,12 @@ def get_family(name: str) -> FamilySpec:
 
 
 def family_for_hf_config(hf_config: dict[str, Any]) -> FamilySpec:
-  """The family that reads a checkpoint's config.json (by model_type, then architectures)."""
+  """The family that reads a checkpoint's config.json (by model_type, then architectures).
+
+  Raises ConfigError when config.json is not an object or names its architecture with
+  values of the wrong type; UnknownModelError when no registered family reads it.
+  """
+  _check_identity(hf_config)
   specs = families().values()
   model_type = hf_config.get("model_type")
   for spec in specs:
@@ -211,6 +216,28 @@ def family_for_hf_config(hf_config: dict[str, Any]) -> FamilySpec:
       _unknown("HF model_type", str(model_type), known)
       + " Only registered architectures load; no remote code is ever run."
   )
+
+
+def _check_identity(hf_config: Any) -> None:
+  """config.json's ``model_type`` / ``architectures`` are strings where given."""
+  if not isinstance(hf_config, dict):
+    shown = "null" if hf_config is None else type(hf_config).__name__
+    raise ConfigError(
+        f"config.json holds {shown}, not an object; use the config.json that belongs to "
+        "these weights."
+    )
+  model_type, architectures = hf_config.get("model_type"), hf_config.get("architectures")
+  if model_type is not None and not isinstance(model_type, str):
+    raise ConfigError(
+        f"config.json 'model_type' is {model_type!r}; expected a string such as 'qwen3'."
+    )
+  if architectures is not None and (
+      not isinstance(architectures, list) or not all(isinstance(a, str) for a in architectures)
+  ):
+    raise ConfigError(
+        f"config.json 'architectures' is {architectures!r:.80}; expected a list of class "
+        "names such as [\"Qwen3ForCausalLM\"]."
+    )
 
 
 def family_for_config_class(config_class: type) -> FamilySpec:
@@ -264,6 +291,7 @@ def family_of_config(config_id: str) -> FamilySpec:
 
 def _unknown(what: str, value: str, known: Any) -> str:
   known = sorted(known)
+  value = value[:100]  # A suggestion is for a typo, not for pages of text: bound the work.
   close = difflib.get_close_matches(value, known, n=1, cutoff=0.5)
   hint = f" Did you mean {close[0]!r}?" if close else ""
   return f"Unknown {what} {value!r}.{hint} Known: {', '.join(known)}."

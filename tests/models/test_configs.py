@@ -473,6 +473,7 @@ from tunix_zoo.models.qwen3.config import MOE_FIELDS, Qwen3Moe  # noqa: E402
 # A value strategy per reader: each table row draws its config.json value by its reader.
 READER_VALUES = {
     config_tables.read_positive_int: st.integers(1, 64),
+    config_tables.read_layer_count: st.integers(1, 8),
     config_tables.read_positive_float: st.sampled_from([1e-6, 1e-5, 0.5, 24.0, 50.0, 1e4, 5e5]),
     config_tables.read_float: st.sampled_from([0.0, 0.001, 0.01]),
     config_tables.read_bool: st.booleans(),
@@ -599,7 +600,8 @@ def test_round_trips_through_both_spellings(model_type: str, data):
   written_by_transformers = transformers_reading(hub)
   assert config_class.from_hf_config(written_by_transformers) == cfg
   # ...and writes it in the transformers 5 spelling, which we read as well.
-  assert "rope_parameters" in written_by_transformers and "rope_theta" not in written_by_transformers
+  assert "rope_parameters" in written_by_transformers
+  assert "rope_theta" not in written_by_transformers
   # What we write (the Hub spelling) reads back to the same config, in both libraries.
   written = cfg.to_hf_config()
   assert "rope_theta" in written and "torch_dtype" not in written
