@@ -6,6 +6,7 @@ from __future__ import annotations
 import hashlib
 import json
 import pathlib
+import re
 import shutil
 import time
 
@@ -93,3 +94,28 @@ def test_config_claiming_more_layers_than_the_weights_fails_before_building(fold
                      r"hold 1 \(numbered 0\.\.0\)"):
     AutoModel.from_pretrained(str(bad))
   assert time.monotonic() - start < 5  # building 50000 layers takes minutes
+
+
+@pytest.mark.parametrize("argv, message", [
+    (["info", "qwen3_0p6b", "--dtype", "nonsense"], "'nonsense' is not a dtype"),
+    (["info", "qwen3_0p6b", "--dtype", "int8"], "int8 is not a floating dtype"),
+    (["info", "qwen3_0p6b", "--batch-size", "-1"], "-1 is not a positive integer"),
+    (["info", "qwen3_0p6b", "--seq-len", "0"], "0 is not a positive integer"),
+    (["test", "qwen3_0p6b", "--steps", "0"], "0 is not a positive integer"),
+    (["test", "qwen3_0p6b", "--seq-len", "0"], "0 is not a positive integer"),
+    (["run", "tiny-demo", "--top-p", "1.5"], r"1.5 is not in \(0, 1\]"),
+    (["run", "tiny-demo", "--max-new-tokens", "0"], "0 is not a positive integer"),
+    (["export", "qwen3_0p6b", "/nonexistent/out", "--out-dtype", "int4"],
+     "int4 is not a floating dtype"),
+    (["info", "qwen3_0p6b", "--mesh", "1x"], "Mesh '1x' is not FSDPxTP"),
+])
+def test_cli_bad_arguments_print_an_error_and_exit_2(argv, message, capsys):
+  from tunix_zoo import cli  # pylint: disable=import-outside-toplevel
+  try:
+    code = cli.main(argv)
+  except SystemExit as e:  # argparse's own errors
+    code = e.code
+  err = capsys.readouterr().err
+  assert code == 2
+  assert re.search(r"error: .*" + message, err), err
+  assert "Traceback" not in err
