@@ -119,3 +119,29 @@ def test_cli_bad_arguments_print_an_error_and_exit_2(argv, message, capsys):
   assert code == 2
   assert re.search(r"error: .*" + message, err), err
   assert "Traceback" not in err
+
+
+@pytest.mark.parametrize("kwargs, message", [
+    ({"max_new_tokens": "3"}, "max_new_tokens must be an integer, got str '3'"),
+    ({"max_new_tokens": 2, "seed": "x"}, "seed must be an integer"),
+    ({"max_new_tokens": 2, "pad_id": -5}, "pad_id must be a token id >= 0"),
+    ({"max_new_tokens": 2, "eos_ids": "a"}, "eos_ids must be a token id or a list"),
+])
+def test_generate_argument_types(folder, kwargs, message):
+  from tunix_zoo.errors import GenerationError  # pylint: disable=import-outside-toplevel
+  from tunix_zoo.generate import generate  # pylint: disable=import-outside-toplevel
+  model, _ = AutoModel.from_pretrained(str(folder))
+  with pytest.raises(GenerationError, match=message):
+    generate(model, [[1, 2, 3]], **kwargs)
+
+
+@pytest.mark.parametrize("kwargs, error, message", [
+    ({"param_dtype": jnp.int8}, ArgumentError, "param_dtype=int8 is not a floating dtype"),
+    ({"module_path": 123}, ZooError, "module_path must be a regex string, got int 123"),
+])
+def test_apply_lora_argument_types(folder, kwargs, error, message):
+  from tunix_zoo.lora import apply_lora, lora_layers  # pylint: disable=import-outside-toplevel
+  model, _ = AutoModel.from_pretrained(str(folder))
+  with pytest.raises(error, match=message):
+    apply_lora(model, rank=2, alpha=2.0, **kwargs)
+  assert not lora_layers(model)  # the model is left as it was
