@@ -9,6 +9,7 @@ the value, and what to pass instead::
 
 from __future__ import annotations
 
+import operator
 from typing import Any
 
 import jax
@@ -67,7 +68,14 @@ def one_of(value: Any, name: str, choices: tuple[str, ...]) -> str:
 
 
 def _is_int(value: Any) -> bool:
-  return isinstance(value, (int, np.integer)) and not isinstance(value, bool)
+  """Whether ``value`` is an integer (a Python, numpy or 0-d integer JAX one), not a bool."""
+  if isinstance(value, (bool, np.bool_)):
+    return False
+  try:
+    operator.index(value)
+  except TypeError:
+    return False
+  return True
 
 
 def check_generate(max_new_tokens: Any, seed: Any, pad_id: Any, eos_ids: Any) -> None:
