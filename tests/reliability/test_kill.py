@@ -13,8 +13,7 @@ import time
 import pytest
 
 from tests.sources import servers
-from tests.sources.fixtures import (  # noqa: F401  (fixtures are found by name)
-    KAGGLE_HANDLE, checkpoint, kaggle, kaggle_server)
+from tests.sources.fixtures import KAGGLE_HANDLE
 from tunix_zoo.sources import fetch
 
 _REPO_ROOT = pathlib.Path(__file__).resolve().parents[2]

@@ -15,9 +15,7 @@ import time
 import pytest
 
 from tests.sources import servers
-from tests.sources.fixtures import (  # noqa: F401  (fixtures are found by name)
-    GCS_URL, HF_REPO, KAGGLE_HANDLE, checkpoint, gcs, gcs_emulator, gcs_proxy, hf_hub, hub_server,
-    kaggle, kaggle_server)
+from tests.sources.fixtures import GCS_URL, HF_REPO, KAGGLE_HANDLE
 from tunix_zoo.errors import SourceError
 from tunix_zoo.sources import _download, fetch
 
