@@ -17,6 +17,10 @@ import jax  # noqa: E402
 
 jax.config.update("jax_default_matmul_precision", "highest")
 
+# The real-server fixtures, registered once for every folder: a session fixture imported
+# into two test modules would start two Kaggle servers on its one fixed port.
+from tests.sources.fixtures import (  # noqa: E402,F401  (fixtures are found by name)
+    checkpoint, gcs, gcs_emulator, gcs_proxy, hf_hub, hub_server, kaggle, kaggle_server)
 
 def pytest_collection_modifyitems(config, items):
   # The Kaggle test server must bind the fixed port 7777 (KAGGLE_API_ENVIRONMENT=TEST), so

@@ -17,9 +17,7 @@ import pytest
 from huggingface_hub import constants
 
 from tests.sources import servers
-from tests.sources.fixtures import (  # noqa: F401  (fixtures are found by name)
-    GCS_URL, KAGGLE_HANDLE, checkpoint, gcs, gcs_emulator, gcs_proxy, hf_hub, hub_server,
-    kaggle, kaggle_server)
+from tests.sources.fixtures import GCS_URL, KAGGLE_HANDLE
 from tunix_zoo import cache, cli
 from tunix_zoo.automodel import AutoModel
 from tunix_zoo.errors import CacheError, SourceError

@@ -9,13 +9,14 @@ the value, and what to pass instead::
 
 from __future__ import annotations
 
+import operator
 from typing import Any
 
 import jax
 import jax.numpy as jnp
 import numpy as np
 
-from tunix_zoo.errors import ArgumentError, ShardingError
+from tunix_zoo.errors import ArgumentError, GenerationError, LoraError, ShardingError
 
 _DTYPE_FIX = "Pass a floating dtype: 'float32', 'bfloat16' or 'float16' (or jnp.bfloat16 ...)."
 
@@ -64,3 +65,35 @@ def one_of(value: Any, name: str, choices: tuple[str, ...]) -> str:
   if value not in choices:
     raise ArgumentError(f"{name}={value!r} is not one of {', '.join(map(repr, choices))}.")
   return value
+
+
+def _is_int(value: Any) -> bool:
+  """Whether ``value`` is an integer (a Python, numpy or 0-d integer JAX one), not a bool."""
+  if isinstance(value, (bool, np.bool_)):
+    return False
+  try:
+    operator.index(value)
+  except TypeError:
+    return False
+  return True
+
+
+def check_generate(max_new_tokens: Any, seed: Any, pad_id: Any, eos_ids: Any) -> None:
+  """Raises GenerationError for ``generate`` arguments of the wrong type (the sampling
+  settings' ranges are checked by ``generate`` itself)."""
+  for name, value in (("max_new_tokens", max_new_tokens), ("seed", seed), ("pad_id", pad_id)):
+    if not _is_int(value):
+      raise GenerationError(f"{name} must be an integer, got {type(value).__name__} {value!r}.")
+  if pad_id < 0:
+    raise GenerationError(f"pad_id must be a token id >= 0, got {pad_id}.")
+  ids = [eos_ids] if _is_int(eos_ids) or isinstance(eos_ids, str) else eos_ids
+  if ids is not None and (isinstance(ids, str) or not all(_is_int(i) and i >= 0 for i in ids)):
+    raise GenerationError(f"eos_ids must be a token id or a list of token ids, got {eos_ids!r}.")
+
+
+def check_lora(module_path: Any, param_dtype: Any) -> None:
+  """Raises a ZooError for ``apply_lora`` arguments of the wrong type."""
+  if not isinstance(module_path, str):
+    raise LoraError(f"module_path must be a regex string, got {type(module_path).__name__} "
+                    f"{module_path!r}.")
+  float_dtype(param_dtype, "param_dtype")

@@ -52,6 +52,39 @@ def human_bytes(n: int) -> str:
   return f"{n} B"
 
 
+def positive_int(text: str) -> int:
+  """argparse type: an integer >= 1 (argparse turns the ValueError into ``error:``)."""
+  value = int(text)
+  if value < 1:
+    raise argparse.ArgumentTypeError(f"{text} is not a positive integer")
+  return value
+
+
+def non_negative_float(text: str) -> float:
+  value = float(text)
+  if not value >= 0:  # also refuses nan
+    raise argparse.ArgumentTypeError(f"{text} is not a number >= 0")
+  return value
+
+
+def probability(text: str) -> float:
+  value = float(text)
+  if not 0 < value <= 1:
+    raise argparse.ArgumentTypeError(f"{text} is not in (0, 1]")
+  return value
+
+
+def float_dtype_name(text: str) -> str:
+  """argparse type: the name of a floating dtype (``bfloat16``, ``float32`` ...)."""
+  from tunix_zoo.arguments import float_dtype
+  from tunix_zoo.errors import ArgumentError
+
+  try:
+    return float_dtype(text, "dtype").name
+  except ArgumentError as e:
+    raise argparse.ArgumentTypeError(str(e).removeprefix("dtype=")) from None
+
+
 def resolve_config(model: str, overrides: Sequence[str] = ()) -> tuple[str, DecoderConfig]:
   """A preset id, an HF id naming one, a local checkpoint folder or ``tiny-demo``, with
   the ``--set key=value`` overrides applied."""
@@ -323,7 +356,7 @@ def cmd_download(args: argparse.Namespace) -> int:
   from tunix_zoo.sources import fetch
 
   kwargs = source_kwargs(args)
-  print(fetch(args.model, source=kwargs.pop("model_source"), **kwargs))
+  print(fetch(args.model, source=kwargs.pop("model_source"), verify=args.verify, **kwargs))
   return 0
 
 
@@ -384,11 +417,12 @@ def add_model_arguments(p: argparse.ArgumentParser, *, mesh: bool = True) -> Non
                  "config.json (an orbax / Kaggle Flax Gemma), e.g. gemma2_2b_it")
   if mesh:
     p.add_argument("--mesh", help="FSDPxTP, e.g. 1x8 (default 1 x all local devices)")
-    p.add_argument("--dtype", default=None, help="parameter dtype (default: the checkpoint's)")
+    p.add_argument("--dtype", default=None, type=float_dtype_name,
+                   help="parameter dtype (default: the checkpoint's)")
     p.add_argument("--stream", action="store_true",
                    help="gcs/huggingface: read the weights in place with range requests, "
                         "each process only its share; nothing is downloaded")
-    p.add_argument("--stream-concurrency", type=int, metavar="N",
+    p.add_argument("--stream-concurrency", type=positive_int, metavar="N",
                    help="with --stream: ranges fetched at a time (default 16)")
 
 
@@ -398,7 +432,7 @@ def add_training_arguments(p: argparse.ArgumentParser) -> None:
 
   p.add_argument("--remat", choices=REMAT_MODES, default="none",
                  help="recompute each decoder layer / attention block in the backward pass")
-  p.add_argument("--lora-rank", type=int, help="train LoRA adapters of this rank only")
+  p.add_argument("--lora-rank", type=positive_int, help="train LoRA adapters of this rank only")
   p.add_argument("--lora-module-path", default=DEFAULT_MODULE_PATH,
                  help="regex over module paths (layers.3.attn.q_proj) that get adapters "
                  "(default: every attention and MLP projection)")
@@ -423,11 +457,12 @@ def build_parser(command: str | None = None) -> argparse.ArgumentParser:
   p = sub.add_parser("info", help="config, parameter count and bytes per device (no allocation)")
   p.add_argument("model", help="config id (qwen3_8b), HF id (Qwen/Qwen3-8B) or checkpoint folder")
   p.add_argument("--mesh", default="1x1", help="FSDPxTP, e.g. 2x4 (default 1x1)")
-  p.add_argument("--dtype", default="bfloat16", help="parameter dtype (default bfloat16)")
+  p.add_argument("--dtype", default="bfloat16", type=float_dtype_name,
+                 help="parameter dtype (default bfloat16)")
   p.add_argument("--json", action="store_true")
-  p.add_argument("--batch-size", type=int,
+  p.add_argument("--batch-size", type=positive_int,
                  help="estimate a training step's memory for this batch (default 8)")
-  p.add_argument("--seq-len", type=int, help="... of rows of this many tokens (default 2048)")
+  p.add_argument("--seq-len", type=positive_int, help="... of rows of this many tokens (default 2048)")
   if command in (None, "info"):
     add_training_arguments(p)
   add_set_argument(p)
@@ -437,7 +472,8 @@ def build_parser(command: str | None = None) -> argparse.ArgumentParser:
                      "overridden; print its plan, optionally save it initialised")
   p.add_argument("model", help="config id (qwen3_0p6b), HF id naming one, or checkpoint folder")
   add_set_argument(p)
-  p.add_argument("--dtype", default="float32", help="parameter dtype (default float32)")
+  p.add_argument("--dtype", default="float32", type=float_dtype_name,
+                 help="parameter dtype (default float32)")
   p.add_argument("--mesh", default="1x1", help="FSDPxTP for bytes per device (default 1x1)")
   p.add_argument("--json", action="store_true")
   p.add_argument("--save-checkpoint", metavar="DIR",
@@ -451,20 +487,20 @@ def build_parser(command: str | None = None) -> argparse.ArgumentParser:
   add_model_arguments(p)
   p.add_argument("--prompt")
   p.add_argument("--chat", action="store_true", help="wrap the prompt in the chat template")
-  p.add_argument("--max-new-tokens", type=int, default=48)
-  p.add_argument("--temperature", type=float, default=0.0)
-  p.add_argument("--top-k", type=int)
-  p.add_argument("--top-p", type=float)
+  p.add_argument("--max-new-tokens", type=positive_int, default=48)
+  p.add_argument("--temperature", type=non_negative_float, default=0.0)
+  p.add_argument("--top-k", type=positive_int)
+  p.add_argument("--top-p", type=probability)
   p.add_argument("--seed", type=int, default=0)
   p.set_defaults(run=cmd_run)
 
   p = sub.add_parser("test", help="kick test: a few forward+backward SGD steps, loss must fall")
   add_model_arguments(p)
   p.add_argument("--load", action="store_true", help="load the checkpoint (default: random)")
-  p.add_argument("--batch-size", type=int, default=2)
-  p.add_argument("--seq-len", type=int, default=128)
-  p.add_argument("--steps", type=int, default=3)
-  p.add_argument("--learning-rate", type=float, default=0.5)
+  p.add_argument("--batch-size", type=positive_int, default=2)
+  p.add_argument("--seq-len", type=positive_int, default=128)
+  p.add_argument("--steps", type=positive_int, default=3)
+  p.add_argument("--learning-rate", type=non_negative_float, default=0.5)
   p.add_argument("--seed", type=int, default=0)
   if command in (None, "test"):
     add_training_arguments(p)
@@ -475,7 +511,8 @@ def build_parser(command: str | None = None) -> argparse.ArgumentParser:
   p = sub.add_parser("export", help="load MODEL and write it as an HF safetensors checkpoint")
   add_model_arguments(p)
   p.add_argument("out_dir")
-  p.add_argument("--out-dtype", help="dtype of the written weights, e.g. bfloat16")
+  p.add_argument("--out-dtype", type=float_dtype_name,
+                 help="dtype of the written weights, e.g. bfloat16")
   p.add_argument("--overwrite", action="store_true")
   p.add_argument("--push-to-hub", metavar="REPO",
                  help="then upload OUT_DIR to this Hub repo in one commit (token: HF_TOKEN)")
@@ -499,6 +536,8 @@ def build_parser(command: str | None = None) -> argparse.ArgumentParser:
 
   p = sub.add_parser("download", help="fetch a checkpoint into the cache and print its folder")
   add_model_arguments(p, mesh=False)
+  p.add_argument("--verify", action="store_true",
+                 help="re-hash files already in the cache against the server's checksums")
   p.set_defaults(run=cmd_download)
   return parser
 

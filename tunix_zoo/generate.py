@@ -31,7 +31,7 @@ import numpy as np
 from flax import nnx
 from jax.sharding import Mesh, NamedSharding, PartitionSpec
 
-from tunix_zoo import sharding
+from tunix_zoo import arguments, sharding
 from tunix_zoo.errors import GenerationError
 from tunix_zoo.layers import decode_attention
 
@@ -374,6 +374,7 @@ def generate(
 
       out = generate(model, [[1, 2, 3], [4, 5]], 16, temperature=0.8, top_k=50, seed=1)
   """
+  arguments.check_generate(max_new_tokens, seed, pad_id, eos_ids)
   _check_sampling(max_new_tokens, temperature, top_k, top_p)
   tokens, mask = _prompt_batch(tokens_or_prompts, attention_mask, tokenizer, pad_id)
   if eos_ids is None and tokenizer is not None:

@@ -25,7 +25,6 @@ import logging
 import os
 import pathlib
 import re
-import shutil
 from typing import Any
 
 import jax
@@ -34,9 +33,10 @@ from flax import nnx
 from jax.experimental import multihost_utils
 from jax.sharding import NamedSharding
 
-from tunix_zoo import registry, sharding
+from tunix_zoo import arguments, registry, sharding
 from tunix_zoo.checkpoint.loader import axis_counts, module_path as dotted
-from tunix_zoo.checkpoint.export import host_copy, move_into_place, new_staging_folder
+from tunix_zoo.checkpoint.export import (discard_staging, host_copy, move_into_place,
+                                         new_staging_folder)
 from tunix_zoo.checkpoint.push import check_push_arguments, push_folder
 from tunix_zoo.checkpoint.safetensors_io import write_safetensors
 from tunix_zoo.errors import LoraError
@@ -105,6 +105,7 @@ def apply_lora(
 
       apply_lora(model, rank=8, alpha=16.0, module_path=r"layers\\.\\d+\\.attn\\.(q|v)_proj")
   """
+  arguments.check_lora(module_path, param_dtype)
   _check_settings(rank, alpha, dropout)
   try:
     pattern = re.compile(module_path)
@@ -355,5 +356,5 @@ def _write_folder(
     write_safetensors(staging / ADAPTER_WEIGHTS, tensors)
     move_into_place(staging, out)
   except BaseException:
-    shutil.rmtree(staging, ignore_errors=True)
+    discard_staging(staging)
     raise

@@ -12,8 +12,7 @@ import pytest
 from tests import orbax_reference
 from tests.orbax_reference import assert_greedy_matches, assert_logits_match
 from tests.reference import one_device_mesh
-from tests.sources.fixtures import (  # noqa: F401  (fixtures are found by name)
-    checkpoint, gcs, gcs_emulator, gcs_proxy, kaggle, kaggle_server, upload_to_gcs)
+from tests.sources.fixtures import upload_to_gcs
 from tunix_zoo import AutoModel, ModelSource
 from tunix_zoo.errors import CheckpointError
 from tunix_zoo.tokenizer import Tokenizer

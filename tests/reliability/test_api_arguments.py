@@ -6,6 +6,7 @@ from __future__ import annotations
 import hashlib
 import json
 import pathlib
+import re
 import shutil
 import time
 
@@ -93,3 +94,54 @@ def test_config_claiming_more_layers_than_the_weights_fails_before_building(fold
                      r"hold 1 \(numbered 0\.\.0\)"):
     AutoModel.from_pretrained(str(bad))
   assert time.monotonic() - start < 5  # building 50000 layers takes minutes
+
+
+@pytest.mark.parametrize("argv, message", [
+    (["info", "qwen3_0p6b", "--dtype", "nonsense"], "'nonsense' is not a dtype"),
+    (["info", "qwen3_0p6b", "--dtype", "int8"], "int8 is not a floating dtype"),
+    (["info", "qwen3_0p6b", "--batch-size", "-1"], "-1 is not a positive integer"),
+    (["info", "qwen3_0p6b", "--seq-len", "0"], "0 is not a positive integer"),
+    (["test", "qwen3_0p6b", "--steps", "0"], "0 is not a positive integer"),
+    (["test", "qwen3_0p6b", "--seq-len", "0"], "0 is not a positive integer"),
+    (["run", "tiny-demo", "--top-p", "1.5"], r"1.5 is not in \(0, 1\]"),
+    (["run", "tiny-demo", "--max-new-tokens", "0"], "0 is not a positive integer"),
+    (["export", "qwen3_0p6b", "/nonexistent/out", "--out-dtype", "int4"],
+     "int4 is not a floating dtype"),
+    (["info", "qwen3_0p6b", "--mesh", "1x"], "Mesh '1x' is not FSDPxTP"),
+])
+def test_cli_bad_arguments_print_an_error_and_exit_2(argv, message, capsys):
+  from tunix_zoo import cli  # pylint: disable=import-outside-toplevel
+  try:
+    code = cli.main(argv)
+  except SystemExit as e:  # argparse's own errors
+    code = e.code
+  err = capsys.readouterr().err
+  assert code == 2
+  assert re.search(r"error: .*" + message, err), err
+  assert "Traceback" not in err
+
+
+@pytest.mark.parametrize("kwargs, message", [
+    ({"max_new_tokens": "3"}, "max_new_tokens must be an integer, got str '3'"),
+    ({"max_new_tokens": 2, "seed": "x"}, "seed must be an integer"),
+    ({"max_new_tokens": 2, "pad_id": -5}, "pad_id must be a token id >= 0"),
+    ({"max_new_tokens": 2, "eos_ids": "a"}, "eos_ids must be a token id or a list"),
+])
+def test_generate_argument_types(folder, kwargs, message):
+  from tunix_zoo.errors import GenerationError  # pylint: disable=import-outside-toplevel
+  from tunix_zoo.generate import generate  # pylint: disable=import-outside-toplevel
+  model, _ = AutoModel.from_pretrained(str(folder))
+  with pytest.raises(GenerationError, match=message):
+    generate(model, [[1, 2, 3]], **kwargs)
+
+
+@pytest.mark.parametrize("kwargs, error, message", [
+    ({"param_dtype": jnp.int8}, ArgumentError, "param_dtype=int8 is not a floating dtype"),
+    ({"module_path": 123}, ZooError, "module_path must be a regex string, got int 123"),
+])
+def test_apply_lora_argument_types(folder, kwargs, error, message):
+  from tunix_zoo.lora import apply_lora, lora_layers  # pylint: disable=import-outside-toplevel
+  model, _ = AutoModel.from_pretrained(str(folder))
+  with pytest.raises(error, match=message):
+    apply_lora(model, rank=2, alpha=2.0, **kwargs)
+  assert not lora_layers(model)  # the model is left as it was

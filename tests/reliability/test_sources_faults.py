@@ -4,14 +4,18 @@ caller gets and the state left on disk."""
 from __future__ import annotations
 
 import json
+import os
 import pathlib
+import shutil
+import subprocess
+import sys
+import tempfile
 import time
 
 import pytest
 
 from tests.sources import servers
-from tests.sources.fixtures import (  # noqa: F401  (fixtures are found by name)
-    HF_REPO, checkpoint, hf_hub, hub_server)
+from tests.sources.fixtures import GCS_URL, HF_REPO, KAGGLE_HANDLE
 from tunix_zoo.errors import SourceError
 from tunix_zoo.sources import _download, fetch
 
@@ -121,3 +125,130 @@ def test_hub_stale_incomplete_files_are_cleaned_after_a_rerun(hf_hub, checkpoint
   assert list(cache.rglob("*.incomplete"))
   servers.assert_fetched(fetch(HF_REPO), checkpoint)
   assert not list(cache.rglob("*.incomplete"))
+
+
+# ----------------------------------------------------------------------------- GCS
+
+
+def _gcs(**kwargs):
+  return fetch("tiny", source="gcs", model_path=GCS_URL, token="anon", **kwargs)
+
+
+def test_gcs_stall_mid_body_is_retried_after_the_read_timeout(gcs, checkpoint, monkeypatch):
+  monkeypatch.setenv("TUNIX_ZOO_READ_TIMEOUT_S", "1")
+  gcs.faults.stall(match="model.safetensors")
+  start = time.monotonic()
+  servers.assert_fetched(_gcs(), checkpoint)
+  assert time.monotonic() - start < 15  # not the server's 60 s stall
+  assert gcs.faults.count("model.safetensors") == 2
+
+
+def test_gcs_two_processes_into_one_folder_both_succeed(gcs, checkpoint, tmp_path):
+  target = tmp_path / "shared"
+  kwargs = {"model_id": "tiny", "source": "gcs", "model_path": GCS_URL, "token": "anon",
+            "model_download_path": str(target)}
+  procs = [servers.fetch_in_subprocess(kwargs) for _ in range(2)]
+  errors = [proc.communicate(timeout=120)[1].decode() for proc in procs]
+  assert [proc.returncode for proc in procs] == [0, 0], errors
+  servers.assert_fetched(target, checkpoint)
+  assert not list((target / ".tunix_zoo" / "partial").glob("*.part"))
+
+
+@pytest.mark.slow
+def test_gcs_500_forever_gives_up_within_60s(gcs, tmp_path):
+  """gcsfs's listing retries 500s itself (about 31 s) in paths its ``retries`` does not
+  reach; tunix_zoo adds no layer beyond the deadline."""
+  gcs.faults.status(500, match="/o", times=10**6)
+  start = time.monotonic()
+  with pytest.raises(SourceError, match="could not reach GCS"):
+    _gcs(model_download_path=str(tmp_path / "dl"))
+  assert time.monotonic() - start < 60
+  assert not (tmp_path / "dl" / "model.safetensors").exists()
+
+
+# ----------------------------------------------------------------------------- Kaggle
+
+
+def _kaggle(**kwargs):
+  return fetch("tiny", source="kaggle", model_path=KAGGLE_HANDLE, **kwargs)
+
+
+def test_kaggle_stall_mid_body_is_retried_after_the_read_timeout(kaggle, checkpoint, tmp_path,
+                                                                 monkeypatch):
+  monkeypatch.setenv("TUNIX_ZOO_READ_TIMEOUT_S", "1")
+  kaggle.faults.stall(match="model.safetensors")
+  start = time.monotonic()
+  servers.assert_fetched(_kaggle(model_download_path=str(tmp_path / "dl")), checkpoint)
+  assert time.monotonic() - start < 15
+  assert kaggle.faults.count("model.safetensors", method="GET") >= 2
+
+
+# ------------------------------------------------------ read-only folder, full disk
+
+
+_CHILD = """
+import json, os, resource, signal, sys
+from tunix_zoo.sources import fetch
+cases = json.loads(sys.argv[1])
+results = {}
+for name, kwargs in cases.items():
+  if name.startswith("full"):
+    signal.signal(signal.SIGXFSZ, signal.SIG_IGN)  # EFBIG instead of a kill
+    resource.setrlimit(resource.RLIMIT_FSIZE, (1024, 1024))
+  try:
+    fetch(**kwargs)
+    results[name] = ["ok", ""]
+  except Exception as e:
+    results[name] = [type(e).__name__, str(e)]
+print(json.dumps(results))
+"""
+
+
+@pytest.fixture
+def unprivileged_fetch(monkeypatch):
+  """Runs fetch cases in a process whose mode bits apply (root without CAP_DAC_OVERRIDE,
+  through setpriv); full-disk cases (named ``full*``, run last) under a 1 KB file size
+  limit."""
+  if os.geteuid() != 0 or not shutil.which("setpriv"):
+    pytest.skip("needs root and setpriv to drop CAP_DAC_OVERRIDE")
+  base = pathlib.Path(tempfile.mkdtemp(prefix="i17-fetch-"))
+  os.chmod(base, 0o777)
+  for name in ("HF_HOME", "HF_HUB_CACHE", "TUNIX_ZOO_CACHE", "HOME"):
+    monkeypatch.setenv(name, str(base / name.lower()))
+
+  def run(cases: dict) -> dict:
+    env = {**os.environ, "PYTHONPATH": str(pathlib.Path(__file__).resolve().parents[2])}
+    proc = subprocess.run(["setpriv", "--bounding-set=-dac_override,-dac_read_search",
+                           sys.executable, "-c", _CHILD, json.dumps(cases)], env=env,
+                          capture_output=True, text=True, timeout=300, cwd=base)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    return json.loads(proc.stdout.strip().splitlines()[-1])
+
+  return base, run
+
+
+def test_read_only_and_full_download_folders_are_source_errors(hf_hub, gcs, unprivileged_fetch):
+  base, run = unprivileged_fetch
+  readonly = base / "readonly"
+  readonly.mkdir(mode=0o555)
+  full = {name: base / name for name in ("full_hub", "full_gcs")}
+  for folder in full.values():
+    folder.mkdir(mode=0o777)
+  results = run({
+      "readonly_hub": {"model_id": HF_REPO, "model_download_path": str(readonly / "hub")},
+      "readonly_gcs": {"model_id": "tiny", "source": "gcs", "model_path": GCS_URL,
+                       "token": "anon", "model_download_path": str(readonly / "gcs")},
+      "full_hub": {"model_id": HF_REPO, "model_download_path": str(full["full_hub"])},
+      "full_gcs": {"model_id": "tiny", "source": "gcs", "model_path": GCS_URL,
+                   "token": "anon", "model_download_path": str(full["full_gcs"])},
+  })
+  for name in ("readonly_hub", "readonly_gcs"):
+    kind, message = results[name]
+    assert kind == "SourceError" and "Permission denied" in message, (name, message)
+    assert str(readonly) in message and "model_download_path" in message
+  assert list(readonly.iterdir()) == []
+  for name, folder in full.items():
+    kind, message = results[name]
+    assert kind == "SourceError" and "File too large" in message, (name, message)
+    assert "Free space" in message
+    assert not (folder / "model.safetensors").exists()  # nothing half-written under its name

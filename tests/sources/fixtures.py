@@ -1,9 +1,7 @@
 """Pytest fixtures serving a tiny checkpoint from real servers on 127.0.0.1.
 
-``tests/sources/conftest.py`` registers them for this folder; other test modules
-import the ones they need::
-
-    from tests.sources.fixtures import checkpoint, hf_hub, hub_server  # noqa: F401
+``tests/conftest.py`` registers them once for every test folder (a session fixture
+imported into two modules would start two Kaggle servers on its fixed port)::
 
     def test_load_from_hub(hf_hub):
       model, path = AutoModel.from_pretrained(hf_hub.REPO, mesh)

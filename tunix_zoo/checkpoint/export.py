@@ -309,6 +309,12 @@ def _hold(staging: pathlib.Path) -> None:
   _held[staging] = fd
 
 
+def discard_staging(staging: pathlib.Path) -> None:
+  """Removes a staging folder from :func:`new_staging_folder` that will not be moved."""
+  shutil.rmtree(staging, ignore_errors=True)
+  _release(staging)
+
+
 def _release(staging: pathlib.Path) -> None:
   fd = _held.pop(staging, None)
   if fd is not None:

@@ -12,6 +12,7 @@ from __future__ import annotations
 import concurrent.futures
 import contextlib
 import dataclasses
+import errno
 import fnmatch
 import hashlib
 import json
@@ -54,6 +55,48 @@ CONVERT_HINT = (
     "publishes *.safetensors.")
 
 TRANSIENT_STATUS = frozenset({408, 429, 500, 502, 503, 504})
+
+
+_DISK_ERRNOS = frozenset({errno.ENOSPC, errno.EFBIG, errno.EDQUOT, errno.EACCES, errno.EPERM,
+                          errno.EROFS})
+
+
+def disk_error(exc: BaseException, *, source: str, ref: str,
+               folder: pathlib.Path | None) -> SourceError | None:
+  """A SourceError for a local write that failed (full disk, read-only or foreign
+  folder), found on ``exc`` or what it was raised from; None for any other failure."""
+  current: BaseException | None = exc
+  while current is not None:
+    if (isinstance(current, OSError) and current.errno in _DISK_ERRNOS
+        and not isinstance(current, (ConnectionError, TimeoutError))):
+      where = current.filename or folder
+      if current.errno in (errno.ENOSPC, errno.EFBIG, errno.EDQUOT):
+        fix = ("Free space there (or raise the file size limit), or pass "
+               "model_download_path=<a folder on a disk with room>.")
+      else:
+        fix = ("Fix the folder's permissions, or pass model_download_path=<a folder you can "
+               "write> (or set TUNIX_ZOO_CACHE / HF_HOME / KAGGLEHUB_CACHE).")
+      return source_error(source, ref, f"cannot write the download in {where}: "
+                          f"{current.strerror}.", fix + " Nothing was left half-written.")
+    current = current.__cause__
+  return None
+
+
+@contextlib.contextmanager
+def folder_lock(folder: pathlib.Path, *, source: str, ref: str) -> Iterator[None]:
+  """Holds ``<folder>/.tunix_zoo/lock`` (as huggingface_hub locks its blobs), so two
+  processes fetching into one folder take turns instead of sharing partial files."""
+  lock_path = folder / ".tunix_zoo" / "lock"
+  try:
+    lock_path.parent.mkdir(parents=True, exist_ok=True)
+    lock = filelock.FileLock(str(lock_path))
+    lock.acquire()
+  except OSError as e:
+    raise disk_error(e, source=source, ref=ref, folder=folder) or e
+  try:
+    yield
+  finally:
+    lock.release()
 
 
 def source_error(source: str, ref: str, problem: str, fix: str) -> SourceError:

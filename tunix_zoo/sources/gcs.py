@@ -1,5 +1,9 @@
 """Google Cloud Storage folders (``gs://bucket/prefix``), through gcsfs.
 
+Two processes fetching into one folder take turns (a lock file in it). Every request
+has the retry policy's connect and read timeouts (a server stalling mid-body is retried
+like a drop) and :func:`tunix_zoo.sources._download.retry` is the one retry layer.
+
 The prefix is listed, the safetensors, configs and tokenizer files are downloaded in
 parallel, each into a partial file that becomes the real one by an atomic rename once
 its size and md5 check out; a marker under ``<folder>/.tunix_zoo/gcs/`` records the
@@ -141,7 +145,38 @@ def _download_one(fs: Any, remote: str, folder: pathlib.Path, name: str,
         "digest": base64.b64decode(identity["md5"]).hex()}})
 
 
-def _to_source_error(exc: BaseException, url: str) -> SourceError | None:
+def _is_transient(exc: BaseException) -> bool:
+  """Worth another try: a checksum mismatch, a drop, a stall past the read timeout, 5xx."""
+  if isinstance(exc, FileNotFoundError) or _download.disk_error(
+      exc, source=SOURCE, ref="", folder=None):
+    return False
+  status = _download.http_status(exc)
+  if status is not None:
+    return status in _download.TRANSIENT_STATUS
+  return any(isinstance(e, (_ChecksumMismatch, aiohttp.ClientError, asyncio.TimeoutError,
+                            requests.RequestException, ConnectionError, TimeoutError))
+             for e in _download.exception_chain(exc))
+
+
+def _filesystem(token: Any) -> gcsfs.GCSFileSystem:
+  """A gcsfs client whose every request has the policy's timeouts, and no retries of
+  its own: :func:`_download.retry` is the one retry layer."""
+  policy = _download.retry_policy()
+  # A fresh instance: fsspec's instance and listing caches would hide changed objects.
+  fs = gcsfs.GCSFileSystem(
+      token=token, skip_instance_cache=True, use_listings_cache=False,
+      requests_timeout=aiohttp.ClientTimeout(total=None, sock_connect=policy.connect_timeout_s,
+                                             sock_read=policy.read_timeout_s))
+  fs.retries = 1
+  return fs
+
+
+def _to_source_error(exc: BaseException, url: str,
+                     folder: pathlib.Path | None = None) -> SourceError | None:
+  # A local write that failed is reported as such, whatever it was raised while handling.
+  disk = _download.disk_error(exc, source=SOURCE, ref=url, folder=folder)
+  if disk is not None:
+    return disk
   chain = list(_download.exception_chain(exc))
   status = _download.http_status(exc)
   creds_fix = ("Run `gcloud auth application-default login`, set "
@@ -156,7 +191,7 @@ def _to_source_error(exc: BaseException, url: str) -> SourceError | None:
         SOURCE, url, "GCS denied access (HTTP 403).",
         "Use credentials with storage.objects.list and storage.objects.get on the bucket. "
         + creds_fix)
-  if any(isinstance(e, FileNotFoundError) for e in chain):
+  if any(isinstance(e, FileNotFoundError) and e.errno is None for e in chain):
     return _download.source_error(
         SOURCE, url, "the bucket or an object of it does not exist (HTTP 404).",
         "Check the path with `gcloud storage ls " + url + "`; if the objects were being "
@@ -171,7 +206,7 @@ def _to_source_error(exc: BaseException, url: str) -> SourceError | None:
                      ConnectionError, TimeoutError)) for e in chain):
     endpoint = os.environ.get("STORAGE_EMULATOR_HOST") or "https://storage.googleapis.com"
     return _download.source_error(
-        SOURCE, url, f"could not reach GCS at {endpoint} after gcsfs's retries "
+        SOURCE, url, f"could not reach GCS at {endpoint} within the retry policy "
         f"({type(exc).__name__}).",
         "Check your network (and STORAGE_EMULATOR_HOST if set); if the files are already "
         "downloaded, pass local_files_only=True.")
@@ -216,37 +251,37 @@ def fetch(url: str, *, download_dir: str | os.PathLike[str] | None = None,
             else _default_folder(bucket, prefix)).resolve()
   if local_files_only:
     return _offline(url, folder)
-  # A fresh instance: fsspec's instance and listing caches would hide changed objects.
-  fs = gcsfs.GCSFileSystem(token=token, skip_instance_cache=True, use_listings_cache=False)
+  fs = _filesystem(token)
   root = f"{bucket}/{prefix}".rstrip("/")
   try:
-    listing = fs.find(root, detail=True)  # gcsfs retries transient failures itself
-    objects = {path[len(root) + 1:]: info for path, info in listing.items()
-               if path.startswith(root + "/") and not path.endswith("/")}
-    if not objects:
-      raise _download.source_error(SOURCE, url, "no objects under this prefix.",
-                                   "Check the path with `gcloud storage ls " + url + "`.")
-    names = _download.select_files(objects, source=SOURCE, ref=url)
-    identities = {n: _identity(objects[n]) for n in names}
-    todo = [n for n in names if not _is_complete(folder, n, identities[n], rehash=verify)]
-    total = sum(identities[n]["size"] for n in todo)
-    bar_lock = threading.Lock()
-    with progress.progress_class()(total=total, unit="B", unit_scale=True,
-                                     desc=f"Downloading {len(todo)} files from {url}") as bar, \
-        concurrent.futures.ThreadPoolExecutor(_MAX_WORKERS) as pool:
-      _download.wait_all([pool.submit(
-          _download.retry,
-          lambda n=n: _download_one(fs, f"{root}/{n}", folder, n, identities[n], bar,
-                                    bar_lock),
-          is_transient=lambda e: isinstance(e, _ChecksumMismatch),
-          what=f"GCS download of {url}/{n}") for n in todo])
+    with _download.folder_lock(folder, source=SOURCE, ref=url):
+      listing = _download.retry(lambda: fs.find(root, detail=True), is_transient=_is_transient,
+                                what=f"GCS listing of {url}")
+      objects = {path[len(root) + 1:]: info for path, info in listing.items()
+                 if path.startswith(root + "/") and not path.endswith("/")}
+      if not objects:
+        raise _download.source_error(SOURCE, url, "no objects under this prefix.",
+                                     "Check the path with `gcloud storage ls " + url + "`.")
+      names = _download.select_files(objects, source=SOURCE, ref=url)
+      identities = {n: _identity(objects[n]) for n in names}
+      todo = [n for n in names if not _is_complete(folder, n, identities[n], rehash=verify)]
+      total = sum(identities[n]["size"] for n in todo)
+      bar_lock = threading.Lock()
+      with progress.progress_class()(total=total, unit="B", unit_scale=True,
+                                       desc=f"Downloading {len(todo)} files from {url}") as bar, \
+          concurrent.futures.ThreadPoolExecutor(_MAX_WORKERS) as pool:
+        _download.wait_all([pool.submit(
+            _download.retry,
+            lambda n=n: _download_one(fs, f"{root}/{n}", folder, n, identities[n], bar,
+                                      bar_lock),
+            is_transient=_is_transient, what=f"GCS download of {url}/{n}") for n in todo])
+      _download.atomic_write_text(folder / _STATE / "gcs-manifest.json",
+                                  json.dumps({"url": url, "files": names}, indent=1))
   except SourceError:
     raise
   except Exception as e:  # pylint: disable=broad-except
-    error = _to_source_error(e, url)
+    error = _to_source_error(e, url, folder)
     if error is None:
       raise
     raise error from e
-  _download.atomic_write_text(folder / _STATE / "gcs-manifest.json",
-                              json.dumps({"url": url, "files": names}, indent=1))
   return _download.check_folder(folder, source=SOURCE, ref=url)

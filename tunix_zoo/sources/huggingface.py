@@ -98,6 +98,8 @@ def _validate_revision(repo_id: str, revision: str) -> str:
 
 
 def _is_transient(exc: BaseException) -> bool:
+  if _download.disk_error(exc, source=SOURCE, ref="", folder=None):
+    return False
   chain = list(_download.exception_chain(exc))
   if any(isinstance(e, (hf_errors.OfflineModeIsEnabled, hf_errors.RepositoryNotFoundError,
                         hf_errors.RevisionNotFoundError)) for e in chain):
@@ -199,9 +201,13 @@ def _clean_stale_partials(repo_id: str, cache_dir: str | os.PathLike[str] | None
 
 
 def _to_source_error(exc: BaseException, repo_id: str, revision: str | None,
-                     endpoint: str, offline: bool) -> SourceError | None:
+                     endpoint: str, offline: bool,
+                     folder: pathlib.Path | None = None) -> SourceError | None:
   """Translates a huggingface_hub failure into advice; None for unknown errors."""
   ref = f"{repo_id}@{revision}" if revision else repo_id
+  disk = _download.disk_error(exc, source=SOURCE, ref=ref, folder=folder)
+  if disk is not None:
+    return disk
   page = f"{endpoint}/{repo_id}"
   token_fix = ("Set HF_TOKEN (or run `hf auth login`) or pass token=..., with a token that "
                f"can read the repo; for gated models accept the license at {page} first.")
@@ -365,7 +371,8 @@ def fetch(repo_id: str, *, revision: str | None = None, token: str | None = None
   except SourceError:
     raise
   except Exception as e:  # pylint: disable=broad-except
-    error = _to_source_error(e, repo_id, revision, endpoint, offline)
+    error = _to_source_error(e, repo_id, revision, endpoint, offline,
+                             pathlib.Path(local_dir or hf_constants.HF_HUB_CACHE))
     if error is None:
       raise
     raise error from e

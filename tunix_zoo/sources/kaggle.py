@@ -10,7 +10,11 @@ orbax checkpoint folder and ``tokenizer.model``) are fetched, one
     folder = fetch("google/gemma-3/transformers/gemma-3-1b-it", local_files_only=True)
 
 kagglehub marks each finished file complete; a file cut off mid-way has no marker and is
-fetched again by the next call. tunix_zoo records which files a version needs under
+fetched again by the next call. With ``model_download_path`` each file is downloaded
+into a hidden staging folder inside it and renamed to its final name once complete, so
+a killed download never leaves a half file under a real name. Every request has the
+retry policy's connect and read timeouts (kagglesdk sets none): a server stalling
+mid-body is retried like a drop. tunix_zoo records which files a version needs under
 :func:`tunix_zoo.sources._download.cache_root`, so that a later call for a pinned
 version (or any call with ``local_files_only=True``) makes no request at all.
 Credentials are kagglehub's: ``KAGGLE_API_TOKEN``, ``KAGGLE_USERNAME`` +
@@ -36,7 +40,9 @@ import kagglehub.config
 import kagglehub.exceptions
 import kagglehub.handle
 import requests
+import requests.adapters
 import urllib3.exceptions
+from kagglesdk import kaggle_http_client
 from kagglesdk.kaggle_env import get_endpoint, get_env
 from kagglesdk.models.types import model_api_service
 
@@ -49,7 +55,44 @@ _HANDLE_FIX = ("Pass model_path='owner/model/framework/variation[/version]', e.g
                "'google/gemma-3/transformers/gemma-3-1b-it/1'.")
 _MAX_WORKERS = 8  # kagglehub's own cap on parallel file downloads
 _PAGE_SIZE = 25  # what kagglehub itself asks for
+_STAGING = pathlib.Path(".tunix_zoo") / "kaggle-staging"
 T = TypeVar("T")
+
+
+class _TimeoutAdapter(requests.adapters.HTTPAdapter):
+  """Gives every request without a timeout the retry policy's connect and read timeouts."""
+
+  def send(self, request, **kwargs):  # noqa: ANN001, ANN201 (requests' signature)
+    if kwargs.get("timeout") is None:
+      policy = _download.retry_policy()
+      kwargs["timeout"] = (policy.connect_timeout_s, policy.read_timeout_s)
+    return super().send(request, **kwargs)
+
+
+def _bound_kagglesdk_requests() -> None:
+  """Mounts :class:`_TimeoutAdapter` on every session kagglesdk opens.
+
+  kagglesdk's client sends its calls, downloads included, with no timeout and offers no
+  setting for one; its sessions are made in ``KaggleHttpClient._init_session``.
+  """
+  client = kaggle_http_client.KaggleHttpClient
+  original = client._init_session  # pylint: disable=protected-access
+  if getattr(original, "bounded_by_tunix_zoo", False):
+    return
+
+  def init_session(self):  # noqa: ANN001, ANN202
+    fresh = self._session is None  # pylint: disable=protected-access
+    result = original(self)
+    if fresh and self._session is not None:  # pylint: disable=protected-access
+      for prefix in ("http://", "https://"):
+        self._session.mount(prefix, _TimeoutAdapter())  # pylint: disable=protected-access
+    return result
+
+  init_session.bounded_by_tunix_zoo = True
+  client._init_session = init_session  # pylint: disable=protected-access
+
+
+_bound_kagglesdk_requests()
 
 
 @dataclasses.dataclass(frozen=True)
@@ -108,6 +151,8 @@ def parse_handle(handle: str) -> KaggleRef:
 
 
 def _is_transient(exc: BaseException) -> bool:
+  if _download.disk_error(exc, source=SOURCE, ref="", folder=None):
+    return False
   status = _download.http_status(exc)
   if status is not None:
     return status in _download.TRANSIENT_STATUS
@@ -119,7 +164,11 @@ def _is_transient(exc: BaseException) -> bool:
              for e in _download.exception_chain(exc))
 
 
-def _to_source_error(exc: BaseException, ref: KaggleRef) -> SourceError | None:
+def _to_source_error(exc: BaseException, ref: KaggleRef,
+                     folder: pathlib.Path | None = None) -> SourceError | None:
+  disk = _download.disk_error(exc, source=SOURCE, ref=str(ref), folder=folder)
+  if disk is not None:
+    return disk
   status = _download.http_status(exc)
   if status in (401, 403):
     return _download.source_error(
@@ -144,13 +193,13 @@ def _to_source_error(exc: BaseException, ref: KaggleRef) -> SourceError | None:
 
 
 @contextlib.contextmanager
-def _errors(ref: KaggleRef) -> Iterator[None]:
+def _errors(ref: KaggleRef, folder: pathlib.Path | None) -> Iterator[None]:
   try:
     yield
   except SourceError:
     raise
   except Exception as e:  # pylint: disable=broad-except
-    error = _to_source_error(e, ref)
+    error = _to_source_error(e, ref, folder)
     if error is None:
       raise
     raise error from e
@@ -217,18 +266,34 @@ def _cached_versions(ref: KaggleRef) -> list[int]:
   return sorted((int(p.name) for p in root.iterdir() if p.name.isdigit()), reverse=True)
 
 
-def _download_file(ref: KaggleRef, name: str, out_dir: pathlib.Path | None) -> None:
-  output_dir = str(out_dir) if out_dir else None
+def _kagglehub_download(ref: KaggleRef, name: str, output_dir: str | None,
+                        force: bool = False) -> None:
   try:
-    kagglehub.model_download(str(ref), path=name, output_dir=output_dir)
+    kagglehub.model_download(str(ref), path=name, output_dir=output_dir, force_download=force)
   except FileExistsError:
     # The file is there without kagglehub's completion marker: an earlier download was cut
     # off. Replace it.
     kagglehub.model_download(str(ref), path=name, output_dir=output_dir, force_download=True)
 
 
+def _download_file(ref: KaggleRef, name: str, out_dir: pathlib.Path | None,
+                   force: bool = False) -> None:
+  if out_dir is None:
+    _kagglehub_download(ref, name, None, force)  # kagglehub's cache, marked complete by it
+    return
+  staging = out_dir / _STAGING
+  staged = kagglehub.cache.Cache(override_dir=str(staging))
+  # A marker left by an earlier call would make kagglehub skip a file that was moved out.
+  staged.mark_as_incomplete(ref.handle(), name)
+  _kagglehub_download(ref, name, str(staging))
+  target = out_dir / name
+  target.parent.mkdir(parents=True, exist_ok=True)
+  os.replace(staging / name, target)  # same filesystem: atomic
+  kagglehub.cache.Cache(override_dir=str(out_dir)).mark_as_complete(ref.handle(), name)
+
+
 def fetch(handle: str, *, download_dir: str | os.PathLike[str] | None = None,
-          local_files_only: bool = False) -> pathlib.Path:
+          local_files_only: bool = False, verify: bool = False) -> pathlib.Path:
   """Downloads a Kaggle model variation's safetensors (or orbax), configs and tokenizer.
 
   Args:
@@ -238,6 +303,8 @@ def fetch(handle: str, *, download_dir: str | os.PathLike[str] | None = None,
       instead of kagglehub's cache.
     local_files_only: never call Kaggle; use the newest complete download (of the given
       version, if pinned).
+    verify: download every file again, checked against the md5 Kaggle sends with it
+      (kagglehub keeps no checksum to re-hash a cache hit against).
 
   Returns:
     The folder holding config.json and the ``*.safetensors`` files.
@@ -259,11 +326,11 @@ def fetch(handle: str, *, download_dir: str | os.PathLike[str] | None = None,
         SOURCE, handle, "local_files_only=True and no complete download of it was found"
         + (f" in {out_dir}." if out_dir else " in kagglehub's cache."),
         "Run once with local_files_only=False (and the same model_download_path) first.")
-  with _errors(ref):
+  with _errors(ref, out_dir):
     if ref.version is None:
       ref = dataclasses.replace(ref, version=_retry(lambda: _current_version(ref), ref,
                                                     "version lookup"))
-    folder = _complete_folder(ref, out_dir)
+    folder = None if verify else _complete_folder(ref, out_dir)
     if folder is not None:
       return _download.check_folder(folder, source=SOURCE, ref=str(ref))
     names = _download.select_files(_retry(lambda: _list_files(ref), ref, "file listing"),
@@ -272,7 +339,7 @@ def fetch(handle: str, *, download_dir: str | os.PathLike[str] | None = None,
     with _download.stderr_hidden_if_quiet(), \
         concurrent.futures.ThreadPoolExecutor(_MAX_WORKERS) as pool:
       _download.wait_all([
-          pool.submit(_retry, lambda n=n: _download_file(ref, n, out_dir), ref,
+          pool.submit(_retry, lambda n=n: _download_file(ref, n, out_dir, verify), ref,
                       f"download of {n}") for n in names])
   _download.atomic_write_text(_manifest(ref, out_dir),
                               json.dumps({"handle": str(ref), "files": names}, indent=1))
