@@ -21,7 +21,7 @@ from tests.sources.fixtures import GCS_URL, KAGGLE_HANDLE
 from tunix_zoo import cache, cli
 from tunix_zoo.automodel import AutoModel
 from tunix_zoo.errors import CacheError, SourceError
-from tunix_zoo.sources import ModelSource, fetch
+from tunix_zoo.sources import ModelSource, _download, fetch
 
 pytestmark = pytest.mark.servers
 
@@ -127,14 +127,15 @@ def test_remove_a_repo_and_unknown_names(two_repos, capsys):
   assert "error: 'acme/nothing' is not in the cache" in capsys.readouterr().err
 
 
-def write_manifest(folder: pathlib.Path, names, algorithm: str = "sha256") -> None:
-  files = {n: {"size": (folder / n).stat().st_size,
-               algorithm: hashlib.new(algorithm, (folder / n).read_bytes()).hexdigest()}
+def record_checksums(folder: pathlib.Path, names, algorithm: str = "sha256") -> None:
+  """Records checksums as a source that advertises them would (kagglehub gives none)."""
+  files = {n: {"size": (folder / n).stat().st_size, "algorithm": algorithm,
+               "digest": hashlib.new(algorithm, (folder / n).read_bytes()).hexdigest()}
            for n in names}
-  (folder / cache.MANIFEST_NAME).write_text(json.dumps({"files": files}))
+  _download.record_checksums(folder, source="kaggle", ref=str(folder), files=files)
 
 
-def test_kaggle_versions_verify_by_manifest_and_remove(kaggle, checkpoint, tmp_path, capsys):
+def test_kaggle_versions_verify_by_recorded_checksums_and_remove(kaggle, checkpoint, tmp_path, capsys):
   kaggle.add_model(KAGGLE_HANDLE, 3, servers.make_checkpoint(tmp_path / "v3", seed=3))
   v2 = fetch(None, source=ModelSource.KAGGLE, model_path=f"{KAGGLE_HANDLE}/2")
   v3 = fetch(None, source=ModelSource.KAGGLE, model_path=f"{KAGGLE_HANDLE}/3")
@@ -148,15 +149,15 @@ def test_kaggle_versions_verify_by_manifest_and_remove(kaggle, checkpoint, tmp_p
   assert cli.main(["cache", "verify", f"{KAGGLE_HANDLE}/2"]) == 3
   assert "no recorded checksums" in capsys.readouterr().out
 
-  write_manifest(v2, servers.FETCHED)
-  write_manifest(v3, servers.FETCHED, "md5")
+  record_checksums(v2, servers.FETCHED)
+  record_checksums(v3, servers.FETCHED, "md5")
   assert all(r.ok for r in cache.verify(KAGGLE_HANDLE))
   flip_byte(v3 / "model.safetensors")
   [report] = cache.verify(f"{KAGGLE_HANDLE}/3")
   assert report.bad_files == ("model.safetensors",)
 
   cache.remove(f"{KAGGLE_HANDLE}/3")
-  assert not v3.exists()
+  assert not v3.exists() and not _download.read_checksums(v3)
   assert [e.model for e in cache.list_cached()] == [f"{KAGGLE_HANDLE}/2"]
   kaggle.faults.status(503, times=100)  # offline in effect: no request may succeed
   assert fetch(None, source=ModelSource.KAGGLE, model_path=KAGGLE_HANDLE,
@@ -168,9 +169,9 @@ def test_gcs_download_lists_verifies_and_removes(gcs, checkpoint, tmp_path):
   folder = fetch(None, source=ModelSource.GCS, model_path=GCS_URL, token="anon")
   [entry] = cache.list_cached()
   assert (entry.source, entry.model, entry.path) == ("gcs", GCS_URL, folder)
-  assert cache.verify(GCS_URL)[0].status == cache.NO_CHECKSUMS
-  write_manifest(folder, servers.FETCHED)
-  assert cache.verify(GCS_URL)[0].ok
+  # The download recorded the md5 the bucket advertised for every file.
+  [report] = cache.verify(GCS_URL)
+  assert report.ok and report.checked == len(servers.FETCHED)
   (folder / "tokenizer.json").unlink()
   assert cache.verify(GCS_URL)[0].bad_files == ("tokenizer.json",)
   nested = folder / "keep-me.txt"  # not listed by the record: not this download's file
@@ -181,11 +182,9 @@ def test_gcs_download_lists_verifies_and_removes(gcs, checkpoint, tmp_path):
   shutil.rmtree(folder)
 
 
-def test_a_malformed_manifest_is_an_error_not_a_pass(tmp_path):
-  assert cache.read_manifest(tmp_path) is None
-  (tmp_path / cache.MANIFEST_NAME).write_text(json.dumps({"files": {"a": {"sha256": "00"}}}))
-  with pytest.raises(CacheError, match="integer size"):
-    cache.read_manifest(tmp_path)
-  (tmp_path / cache.MANIFEST_NAME).write_text("{not json")
-  with pytest.raises(CacheError, match="is not a checksum manifest"):
-    cache.read_manifest(tmp_path)
+def test_a_record_without_usable_checksums_is_not_a_pass(kaggle, checkpoint):
+  folder = fetch(None, source=ModelSource.KAGGLE, model_path=f"{KAGGLE_HANDLE}/2")
+  _download.record_checksums(folder, source="kaggle", ref="x", files={
+      "model.safetensors": {"size": 1}, "config.json": "not a record"})
+  [report] = cache.verify(f"{KAGGLE_HANDLE}/2")
+  assert report.status == cache.NO_CHECKSUMS and not report.ok

@@ -11,13 +11,10 @@ Three caches are read, each in its own layout:
 * GCS: tunix_zoo's download folders under ``<cache_root>/gcs/``, one entry per
   ``gs://bucket/prefix``.
 
-Kaggle and GCS folders are verified against a manifest the download leaves in the model
-folder, :data:`MANIFEST_NAME`::
-
-    {"files": {"model.safetensors": {"size": 123, "sha256": "<hex>", "md5": "<hex>"}}}
-
-(``sha256`` and ``md5`` each optional, lowercase hex); a folder without one is reported
-as :data:`NO_CHECKSUMS`, never as verified. Example::
+Kaggle and GCS folders are verified against the checksums their server advertised, which
+the download recorded (:func:`tunix_zoo.sources.read_checksums`: per file its size, the
+algorithm and the digest; GCS gives md5s, Kaggle none); a folder without a record is
+reported as :data:`NO_CHECKSUMS`, never as verified. Example::
 
     for entry in list_cached():
       print(entry.source, entry.model, entry.size, entry.last_used)
@@ -29,7 +26,6 @@ as :data:`NO_CHECKSUMS`, never as verified. Example::
 from __future__ import annotations
 
 import dataclasses
-import hashlib
 import json
 import os
 import pathlib
@@ -39,10 +35,9 @@ from typing import Iterable, Iterator
 
 from tunix_zoo.errors import CacheError
 
-__all__ = ["CachedModel", "VerifyReport", "MANIFEST_NAME", "VERIFIED", "MISMATCH",
-           "NO_CHECKSUMS", "list_cached", "find", "verify", "remove", "read_manifest"]
+__all__ = ["CachedModel", "VerifyReport", "VERIFIED", "MISMATCH", "NO_CHECKSUMS",
+           "list_cached", "find", "verify", "remove"]
 
-MANIFEST_NAME = ".tunix_zoo_manifest.json"
 VERIFIED = "verified"
 MISMATCH = "mismatch"
 NO_CHECKSUMS = "no recorded checksums"
@@ -115,7 +110,7 @@ def verify(model: str | None = None, *,
   """
   entries = (find(model, hf_cache_dir=hf_cache_dir) if model is not None
              else list_cached(hf_cache_dir=hf_cache_dir))
-  return [_verify_hf(e, hf_cache_dir) if e.source == HUGGINGFACE else _verify_manifest(e)
+  return [_verify_hf(e, hf_cache_dir) if e.source == HUGGINGFACE else _verify_recorded(e)
           for e in entries]
 
 
@@ -175,23 +170,16 @@ def _hf_entries(cache_dir: str | os.PathLike[str] | None) -> list[CachedModel]:
   return sorted(entries, key=lambda e: e.model)
 
 
-def _git_blob_sha1(path: pathlib.Path) -> str:
-  h = hashlib.sha1(b"blob %d\0" % path.stat().st_size)
-  _feed(h, path)
-  return h.hexdigest()
-
-
 def _verify_hf(entry: CachedModel, cache_dir: str | os.PathLike[str] | None) -> VerifyReport:
+  from tunix_zoo.sources import file_digest  # pylint: disable=import-outside-toplevel
+
   bad = []
   for name in entry.files:
     blob = (entry.path / name).resolve()
     expected = blob.name
-    if not blob.is_file():
-      bad.append(name)
-    elif len(expected) == 64:
-      if _file_hash(blob, "sha256") != expected:
-        bad.append(name)
-    elif _git_blob_sha1(blob) != expected:
+    # A blob is named by the hash the Hub gave: sha256 (LFS) or the git blob id.
+    algorithm = "sha256" if len(expected) == 64 else "git-sha1"
+    if not blob.is_file() or file_digest(blob, algorithm) != expected:
       bad.append(name)
   return VerifyReport(entry, MISMATCH if bad else VERIFIED, len(entry.files), tuple(bad))
 
@@ -218,6 +206,7 @@ def _kaggle_entries() -> list[CachedModel]:
 def _remove_kaggle(entry: CachedModel) -> None:
   variation = entry.path.parent
   shutil.rmtree(entry.path)
+  _forget_checksums(entry.path)
   # kagglehub's per-file completion markers and the whole-version one.
   shutil.rmtree(variation / ".complete" / entry.path.name, ignore_errors=True)
   (variation / f"{entry.path.name}.complete").unlink(missing_ok=True)
@@ -251,55 +240,38 @@ def _remove_gcs(entry: CachedModel) -> None:
   # Only the listed files: another prefix's download may live in a sub-folder.
   for name in entry.files:
     (entry.path / name).unlink(missing_ok=True)
-  (entry.path / MANIFEST_NAME).unlink(missing_ok=True)
+  _forget_checksums(entry.path)
   shutil.rmtree(entry.path / _GCS_RECORD.parent, ignore_errors=True)
   for name in entry.files:
     _prune_empty((entry.path / name).parent, stop=entry.path)
   _prune_empty(entry.path, stop=_gcs_root())
 
 
-# -- manifests and folders ---------------------------------------------------------------
-def read_manifest(folder: pathlib.Path) -> dict[str, dict[str, object]] | None:
-  """The ``files`` table of ``folder``'s :data:`MANIFEST_NAME`, or None when absent.
+# -- recorded checksums and folders -------------------------------------------------------
+def _verify_recorded(entry: CachedModel) -> VerifyReport:
+  from tunix_zoo.sources import file_digest, read_checksums  # pylint: disable=import-outside-toplevel
 
-  Raises:
-    CacheError: the manifest exists but is not of the documented shape.
-  """
-  path = folder / MANIFEST_NAME
-  if not path.is_file():
-    return None
-  try:
-    files = json.loads(path.read_text(encoding="utf-8"))["files"]
-    if not isinstance(files, dict) or not all(
-        isinstance(v, dict) and isinstance(v.get("size"), int) for v in files.values()):
-      raise TypeError("each entry needs an integer size")
-  except (ValueError, KeyError, TypeError) as e:
-    raise CacheError(f"{path} is not a checksum manifest ({e}); expected "
-                     '{"files": {"<relpath>": {"size": N, "sha256": "<hex>"}}}. Delete it '
-                     "and download the model again.") from e
-  return files
-
-
-def _verify_manifest(entry: CachedModel) -> VerifyReport:
-  files = read_manifest(entry.path)
-  if files is None:
-    return VerifyReport(entry, NO_CHECKSUMS, 0)
   bad = []
   checked = 0
-  for name, record in sorted(files.items()):
+  for name, record in sorted(read_checksums(entry.path).items()):
+    if not (isinstance(record, dict) and isinstance(record.get("size"), int)
+            and isinstance(record.get("algorithm"), str)
+            and isinstance(record.get("digest"), str)):
+      continue  # not a checksum we can test against
     path = entry.path / name
-    if not path.is_file() or path.stat().st_size != record["size"]:
+    checked += 1
+    if (not path.is_file() or path.stat().st_size != record["size"]
+        or file_digest(path, record["algorithm"]) != record["digest"].lower()):
       bad.append(name)
-      continue
-    for algorithm in ("sha256", "md5"):
-      if isinstance(record.get(algorithm), str):
-        checked += 1
-        if _file_hash(path, algorithm) != record[algorithm].lower():
-          bad.append(name)
-        break
-  if not bad and not checked:
+  if not checked:
     return VerifyReport(entry, NO_CHECKSUMS, 0)
   return VerifyReport(entry, MISMATCH if bad else VERIFIED, checked, tuple(bad))
+
+
+def _forget_checksums(folder: pathlib.Path) -> None:
+  from tunix_zoo.sources import checksum_record_path  # pylint: disable=import-outside-toplevel
+
+  checksum_record_path(folder).unlink(missing_ok=True)
 
 
 def _folder_entry(source: str, model: str, folder: pathlib.Path,
@@ -342,15 +314,3 @@ def _names(model: str, entry: CachedModel) -> bool:
     return False
   return (not revision or revision in entry.refs
           or (len(revision) >= 7 and commit.startswith(revision)))
-
-
-def _feed(h: "hashlib._Hash", path: pathlib.Path) -> None:
-  with open(path, "rb") as f:
-    for block in iter(lambda: f.read(1 << 20), b""):
-      h.update(block)
-
-
-def _file_hash(path: pathlib.Path, algorithm: str) -> str:
-  h = hashlib.new(algorithm)
-  _feed(h, path)
-  return h.hexdigest()

@@ -30,9 +30,10 @@ import pathlib
 from typing import Any
 
 from tunix_zoo.errors import SourceError
-from tunix_zoo.sources._download import cache_root
+from tunix_zoo.sources._download import cache_root, checksum_record_path, file_digest, read_checksums
 
-__all__ = ["ModelSource", "cache_root", "fetch", "open_stream"]
+__all__ = ["ModelSource", "cache_root", "checksum_record_path", "fetch", "file_digest",
+           "open_stream", "read_checksums"]
 
 
 class ModelSource(str, enum.Enum):
