@@ -90,7 +90,7 @@ def test_verify_reads_the_git_blob_sha1_of_regular_files(tmp_path):
   path.write_text('{"model_type": "llama"}\n')
   git = subprocess.run(["git", "hash-object", str(path)], capture_output=True, text=True,
                        check=True).stdout.strip()
-  assert cache._git_blob_sha1(path) == git  # pylint: disable=protected-access
+  assert _download.file_digest(path, _download.GIT_SHA1) == git
 
 
 def test_remove_a_revision_keeps_the_blobs_others_use(two_repos, monkeypatch, capsys):
