@@ -124,8 +124,8 @@ def test_partition_specs_reshard_onto_another_mesh(demo):
   model, _ = AutoModel.from_pretrained(folder, make_mesh((1, 1), AxisType.Auto))
   specs = nnx.get_partition_spec(nnx.state(model, nnx.Param))
   # Size-1 mesh axes stay in the spec: a reshard onto a larger mesh shards.
-  assert specs["layers"][0]["attn"]["q_proj"]["weight"].get_value() == ("tp", "fsdp")
-  assert specs["embed_tokens"]["weight"].get_value() == ("tp", "fsdp")
+  assert specs["layers"][0]["attn"]["q_proj"]["weight"].get_value() == PartitionSpec("tp", "fsdp")
+  assert specs["embed_tokens"]["weight"].get_value() == PartitionSpec("tp", "fsdp")
   target = make_mesh((2, 2), AxisType.Auto, first_device=4)
   graphdef, state = nnx.split(model)
   shardings = jax.tree.map(
