@@ -30,3 +30,5 @@ def test_examples(tmp_path):
   assert float(out.strip().splitlines()[-1].split()[-1]) < 1e-4
   out = run_example("export.py", str(tmp_path / "exported"), tmp_path=tmp_path)
   assert "model.safetensors" in out and (tmp_path / "exported" / "config.json").exists()
+  out = run_example("tunix_grpo.py", tmp_path=tmp_path)
+  assert out.strip().splitlines()[-1].startswith("GRPO steps: 2")

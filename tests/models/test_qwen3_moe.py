@@ -377,3 +377,24 @@ def test_config_disagreeing_with_expert_tensors_is_refused(checkpoints, tmp_path
 def test_malformed_stacked_rule_is_refused(checkpoint, module):
   with pytest.raises(ValueError, match="stacked axis"):
     Rule(checkpoint, module)
+
+
+def test_router_logits_forward_draws_a_fresh_dropout_mask_on_explicit_meshes():
+  # forward_with_router_logits runs on a functional copy of the model on Explicit meshes;
+  # it must write the advanced dropout RNG back, or every call reuses one mask.
+  from tests.test_training import tiny_moe_config
+  from tunix_zoo.automodel import AutoModel
+  from tunix_zoo.lora import apply_lora, lora_layers
+
+  mesh = jax.make_mesh((1, 1), ("fsdp", "tp"), axis_types=(AxisType.Explicit,) * 2,
+                       devices=jax.devices()[:1])
+  model = AutoModel.from_config(tiny_moe_config(), mesh)
+  apply_lora(model, rank=2, alpha=2.0, dropout=0.5, module_path=".*q_proj",
+             rngs=nnx.Rngs(params=0, dropout=1))
+  for layer in lora_layers(model).values():
+    layer.lora_b.set_value(jnp.ones_like(layer.lora_b.get_value()))
+  tokens = jnp.arange(3, 15)[None]
+  first, _, routers = model.forward_with_router_logits(tokens)
+  second, _, _ = model.forward_with_router_logits(tokens)
+  assert len(routers) == model.config.num_layers
+  assert not np.allclose(np.asarray(first), np.asarray(second))
