@@ -46,7 +46,7 @@ def make_random_checkpoint(config_id: str, folder: pathlib.Path, dtype: str = "b
 
   from tunix_zoo import registry
   from tunix_zoo.checkpoint.loader import module_path
-  from tunix_zoo.checkpoint.safetensors_io import ShardedWriter
+  from tunix_zoo.checkpoint.writer import ShardedWriter
   from tunix_zoo.planning import abstract_model
 
   config = registry.get_config(config_id)

@@ -60,7 +60,8 @@ from jax.experimental import multihost_utils
 from tunix_zoo import registry
 from tunix_zoo.checkpoint.loader import module_path
 from tunix_zoo.checkpoint.push import check_push_arguments, push_folder
-from tunix_zoo.checkpoint.safetensors_io import SAFETENSORS_DTYPES, ShardedWriter, parse_size
+from tunix_zoo.checkpoint.reader import SAFETENSORS_DTYPES
+from tunix_zoo.checkpoint.writer import ShardedWriter, parse_size
 from tunix_zoo.errors import ExportError
 
 log = logging.getLogger(__name__)
