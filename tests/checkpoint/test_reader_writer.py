@@ -338,6 +338,44 @@ def test_sharded_writer_splits_at_the_limit(tmp_path):
       assert_same(files.read(key), array)
 
 
+def test_planned_writer_writes_the_same_files_in_any_order(tmp_path):
+  sizes = {"a": 400, "b": 400, "c": 300, "d": 2500, "e": 100, "f": 0}
+  rng = np.random.default_rng(2)
+  tensors = {key: rng.standard_normal(n).astype(np.float32) for key, n in sizes.items()}
+  tensors["g"] = np.ones((3, 5), ml_dtypes.bfloat16)
+  with ShardedWriter(tmp_path / "held", max_shard_size=3200) as writer:
+    for key, array in tensors.items():
+      writer.add(key, array)
+  plan = [(key, array.shape, array.dtype) for key, array in tensors.items()]
+  with ShardedWriter(tmp_path / "planned", max_shard_size=3200, plan=plan) as writer:
+    for key, array in reversed(tensors.items()):
+      writer.add(key, array)
+  names = sorted(os.listdir(tmp_path / "held"))
+  assert len(names) == 5 and sorted(os.listdir(tmp_path / "planned")) == names
+  for name in names:
+    assert (tmp_path / "planned" / name).read_bytes() == (tmp_path / "held" / name).read_bytes()
+
+
+def test_planned_writer_rejects_tensors_unlike_the_plan_and_cleans_up(tmp_path):
+  plan = [("a", (2, 3), np.float32), ("b", (4,), ml_dtypes.bfloat16)]
+  with pytest.raises(CheckpointError, match="'a' is planned twice"):
+    ShardedWriter(tmp_path / "twice", plan=plan + plan[:1])
+  with pytest.raises(CheckpointError, match="no dtype for object"):
+    ShardedWriter(tmp_path / "object", plan=[("o", (1,), object)])
+  writer = ShardedWriter(tmp_path / "out", plan=plan)
+  with pytest.raises(CheckpointError, match="'c' is not in the plan"):
+    writer.add("c", np.zeros(1))
+  with pytest.raises(CheckpointError, match=r"planned float32|planned F32 of shape \(2, 3\)"):
+    writer.add("a", np.zeros((3, 2), np.float32))
+  with pytest.raises(CheckpointError, match="planned BF16"):
+    writer.add("b", np.zeros(4, np.float32))
+  writer.add("a", np.zeros((2, 3), np.float32))
+  with pytest.raises(CheckpointError, match="1 planned tensor.*never given.*: b"):
+    writer.finish()
+  writer.abort()
+  assert os.listdir(tmp_path / "out") == []
+
+
 def test_sharded_writer_writes_one_model_safetensors_when_it_fits(tmp_path):
   with ShardedWriter(tmp_path, max_shard_size=10**6, metadata={"exported_by": "test"}) as w:
     w.add("x", np.ones((4, 4), ml_dtypes.bfloat16))
