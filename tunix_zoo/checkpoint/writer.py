@@ -149,7 +149,6 @@ class _PlannedFile:
   def __init__(self, path: str, entries: list[_Entry], metadata: Mapping[str, str]):
     self.path = path
     self.entries = {entry.key: entry for entry in entries}
-    self.nbytes = entries[-1].end if entries else 0
     self._metadata = metadata
     self._unwritten = set(self.entries)
     self._file: Any = None
