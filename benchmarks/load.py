@@ -46,7 +46,7 @@ def make_random_checkpoint(config_id: str, folder: pathlib.Path, dtype: str = "b
 
   from tunix_zoo import registry
   from tunix_zoo.build import abstract_model, module_path
-  from tunix_zoo.checkpoint.safetensors_io import ShardedWriter
+  from tunix_zoo.checkpoint.writer import ShardedWriter
 
   config = registry.get_config(config_id)
   if num_layers is not None:
@@ -56,9 +56,11 @@ def make_random_checkpoint(config_id: str, folder: pathlib.Path, dtype: str = "b
   rng = np.random.default_rng(seed)
   folder.mkdir(parents=True, exist_ok=True)
   total = 0
-  with ShardedWriter(folder, max_shard_size=max_shard_size) as writer:
-    for path, var in nnx.to_flat_state(nnx.state(abstract_model(config), nnx.Param)):
-      name = module_path(path)
+  params = [(module_path(path), var)
+            for path, var in nnx.to_flat_state(nnx.state(abstract_model(config), nnx.Param))]
+  plan = [(spec.param_table.checkpoint_key(name), var.shape, np_dtype) for name, var in params]
+  with ShardedWriter(folder, max_shard_size=max_shard_size, plan=plan) as writer:
+    for name, var in params:
       values = (rng.standard_normal(var.shape, np.float32) * 0.02).astype(np_dtype)
       if name.endswith("norm.weight"):
         values = np.ones(var.shape, np_dtype)

@@ -18,7 +18,8 @@ from tests import reference
 from tests.reference import MAX_ABS
 from tunix_zoo import registry
 from tunix_zoo.automodel import AutoModel, ModelSource, load_folder
-from tunix_zoo.checkpoint.safetensors_io import CheckpointFiles, write_safetensors
+from tunix_zoo.checkpoint.reader import CheckpointFiles
+from tunix_zoo.checkpoint.writer import write_safetensors
 from tunix_zoo.errors import (
     CheckpointError, ConfigMismatchError, SourceError, UnknownModelError,
 )

@@ -26,6 +26,7 @@ LAYERS: list[tuple[str, ...]] = [
      "tunix_zoo.models.*.params"),
     ("tunix_zoo.layers.*", "tunix_zoo.models.*.model"),  # model math
     ("tunix_zoo.build",),
+    ("tunix_zoo.checkpoint.reader",),  # below writer, which lays files out in its format
     ("tunix_zoo.checkpoint", "tunix_zoo.checkpoint.*"),
     ("tunix_zoo.sources", "tunix_zoo.sources.*", "tunix_zoo.tokenizer", "tunix_zoo.generate",
      "tunix_zoo.training", "tunix_zoo.lora", "tunix_zoo.planning",

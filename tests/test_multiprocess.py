@@ -31,7 +31,7 @@ from flax import nnx
 
 from tests import reference
 from tunix_zoo.automodel import load_folder
-from tunix_zoo.checkpoint.safetensors_io import CheckpointFiles
+from tunix_zoo.checkpoint.reader import CheckpointFiles
 
 pytestmark = pytest.mark.slow
 

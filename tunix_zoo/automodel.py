@@ -31,7 +31,7 @@ from tunix_zoo import arguments, registry, sharding
 from tunix_zoo.build import abstract_model, initialise, module_path, parameter_shardings
 from tunix_zoo.checkpoint import orbax_io
 from tunix_zoo.checkpoint.loader import check_layer_count, load_checkpoint
-from tunix_zoo.checkpoint.safetensors_io import CheckpointFiles
+from tunix_zoo.checkpoint.reader import CheckpointFiles
 from tunix_zoo.config import DecoderConfig
 from tunix_zoo.errors import CheckpointError, ConfigError, ConfigMismatchError, SourceError, ZooError
 from tunix_zoo.naming import ModelNaming

@@ -38,7 +38,7 @@ from tunix_zoo.checkpoint.loader import axis_counts, module_path as dotted
 from tunix_zoo.checkpoint.export import (discard_staging, host_copy, move_into_place,
                                          new_staging_folder)
 from tunix_zoo.checkpoint.push import check_push_arguments, push_folder
-from tunix_zoo.checkpoint.safetensors_io import write_safetensors
+from tunix_zoo.checkpoint.writer import write_safetensors
 from tunix_zoo.errors import LoraError
 from tunix_zoo.layers.basic import Linear
 from tunix_zoo.layers.lora import LoRALinear

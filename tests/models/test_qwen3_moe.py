@@ -26,7 +26,7 @@ from tests import reference
 from tests.models.test_parity import MAX_ABS, greedy, mesh_2x4, one_device_mesh
 from tunix_zoo.automodel import load_folder
 from tunix_zoo.checkpoint.keymap import Rule
-from tunix_zoo.checkpoint.safetensors_io import CheckpointFiles
+from tunix_zoo.checkpoint.reader import CheckpointFiles
 from tunix_zoo.errors import CheckpointError
 from tunix_zoo.layers.moe import (
     GATHER_MAX_COPIES_PER_EXPERT,

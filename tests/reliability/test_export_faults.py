@@ -18,7 +18,7 @@ import pytest
 from tests.sources import servers
 from tunix_zoo.automodel import load_folder
 from tunix_zoo.checkpoint import export
-from tunix_zoo.checkpoint.safetensors_io import CheckpointFiles
+from tunix_zoo.checkpoint.reader import CheckpointFiles
 from tunix_zoo.errors import ExportError
 
 _REPO_ROOT = pathlib.Path(__file__).resolve().parents[2]

@@ -14,7 +14,7 @@ import safetensors
 import safetensors.numpy
 from hypothesis import strategies as st
 
-from tunix_zoo.checkpoint.safetensors_io import CheckpointFiles, SafetensorsFile
+from tunix_zoo.checkpoint.reader import CheckpointFiles, SafetensorsFile
 from tunix_zoo.errors import CheckpointError
 
 

@@ -26,7 +26,8 @@ from tests.sources.counting import counting
 from tests.sources.fixtures import GCS_BUCKET, HF_REPO, upload_to_gcs
 from tunix_zoo import AutoModel, ModelSource
 from tunix_zoo.automodel import load_folder, load_stream
-from tunix_zoo.checkpoint.safetensors_io import CheckpointFiles, ShardedWriter
+from tunix_zoo.checkpoint.reader import CheckpointFiles
+from tunix_zoo.checkpoint.writer import ShardedWriter
 from tunix_zoo.errors import SourceError
 from tunix_zoo.sources import open_stream
 

@@ -60,7 +60,8 @@ from jax.experimental import multihost_utils
 from tunix_zoo import registry
 from tunix_zoo.checkpoint.loader import module_path
 from tunix_zoo.checkpoint.push import check_push_arguments, push_folder
-from tunix_zoo.checkpoint.safetensors_io import SAFETENSORS_DTYPES, ShardedWriter, parse_size
+from tunix_zoo.checkpoint.reader import SAFETENSORS_DTYPES
+from tunix_zoo.checkpoint.writer import ShardedWriter, parse_size
 from tunix_zoo.errors import ExportError
 
 log = logging.getLogger(__name__)
@@ -150,7 +151,8 @@ def save_pretrained(
   staging, writer, problem = None, None, None
   if jax.process_index() == 0:
     try:
-      staging, writer = _prepare_staging(out, overwrite, source, hf_config, max_shard_size)
+      staging, writer = _prepare_staging(out, overwrite, source, hf_config, max_shard_size,
+                                         _write_plan(tensors))
     except Exception as e:
       problem = e
   if not _all_agree(problem is None):
@@ -207,6 +209,12 @@ def _export_tensors(model: nnx.Module, target_dtype: np.dtype | None) -> list[_E
         dtype=_written_dtype(np.dtype(value.dtype), target_dtype),
     ))
   return tensors
+
+
+def _write_plan(tensors: list[_ExportTensor]) -> list[tuple[str, tuple[int, ...], np.dtype]]:
+  """Every written tensor's key, shape and dtype, in writing order."""
+  return [(key, tensor.value.shape[1:] if tensor.stacked else tensor.value.shape, tensor.dtype)
+          for tensor in tensors for key in tensor.keys]
 
 
 def _stream_tensors(tensors: list[_ExportTensor], writer: ShardedWriter | None) -> Exception | None:
@@ -358,6 +366,7 @@ def _prepare_staging(
     source: pathlib.Path | None,
     hf_config: dict[str, Any],
     max_shard_size: int,
+    plan: list[tuple[str, tuple[int, ...], np.dtype]],
 ) -> tuple[pathlib.Path, ShardedWriter]:
   """Checks ``out``, then makes the staging folder with everything but the weights.
 
@@ -374,7 +383,7 @@ def _prepare_staging(
     _write_json(staging / "config.json", hf_config)
     if source is not None:
       _copy_tokenizer_files(source, staging)
-    return staging, ShardedWriter(staging, max_shard_size)
+    return staging, ShardedWriter(staging, max_shard_size, plan=plan)
   except BaseException as e:
     shutil.rmtree(staging, ignore_errors=True)
     _release(staging)

@@ -7,7 +7,7 @@ each addressable device's slice, read straight from the checkpoint. Host memory 
 bounded by the slices in flight; a process reads only the slices its devices hold.
 
 The checkpoint is any :class:`CheckpointReader`: a safetensors folder
-(:class:`~tunix_zoo.checkpoint.safetensors_io.CheckpointFiles`, opened from a path) or
+(:class:`~tunix_zoo.checkpoint.reader.CheckpointFiles`, opened from a path) or
 an orbax one (:class:`~tunix_zoo.checkpoint.orbax_io.OrbaxCheckpoint`, whose tensorstore
 reads fetch only the slice asked for).
 
@@ -36,7 +36,7 @@ from tunix_zoo import sharding
 from tunix_zoo.build import axis_counts, module_path, parameter_shardings  # noqa: F401
 from tunix_zoo.checkpoint import row_blocks
 from tunix_zoo.checkpoint.keymap import KeyMap
-from tunix_zoo.checkpoint.safetensors_io import CheckpointFiles
+from tunix_zoo.checkpoint.reader import CheckpointFiles
 from tunix_zoo.errors import CheckpointError
 
 log = logging.getLogger(__name__)

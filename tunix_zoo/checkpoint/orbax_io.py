@@ -6,7 +6,7 @@ Such a checkpoint holds no config.json and no safetensors: a folder written by
 presents it under the HF keys of the family's safetensors layout, each HF tensor a view
 (select, transpose, merge axes, resize rows) of one orbax leaf given by the family's
 :class:`~tunix_zoo.checkpoint.keymap.OrbaxTable`. It is a checkpoint reader like
-:class:`~tunix_zoo.checkpoint.safetensors_io.CheckpointFiles`, so the one loader serves
+:class:`~tunix_zoo.checkpoint.reader.CheckpointFiles`, so the one loader serves
 both: each device slice of an HF tensor becomes one tensorstore read of the region of
 the leaf that covers it; no leaf is restored whole on the host unless a device holds it
 whole::
@@ -29,7 +29,7 @@ from typing import Any, Mapping
 import numpy as np
 
 from tunix_zoo.checkpoint.keymap import OrbaxRule, OrbaxTable
-from tunix_zoo.checkpoint.safetensors_io import _aligned_empty as aligned_empty
+from tunix_zoo.checkpoint.reader import aligned_empty
 from tunix_zoo.errors import CheckpointError
 
 log = logging.getLogger(__name__)

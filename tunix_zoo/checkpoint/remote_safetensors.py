@@ -27,11 +27,9 @@ from typing import Callable, Protocol
 import jax
 import numpy as np
 
-from tunix_zoo.checkpoint.safetensors_io import (INDEX_FILE_NAME, MAX_HEADER_BYTES,
-                                                 SINGLE_FILE_NAME, _aligned_empty,
-                                                 _json_object_without_duplicates,
-                                                 _normalize_index, _parse_header, _suggest,
-                                                 _TensorInfo)
+from tunix_zoo.checkpoint.reader import (INDEX_FILE_NAME, MAX_HEADER_BYTES, SINGLE_FILE_NAME,
+                                         _json_object_without_duplicates, _normalize_index,
+                                         _parse_header, _suggest, _TensorInfo, aligned_empty)
 from tunix_zoo.errors import CheckpointError
 
 log = logging.getLogger(__name__)
@@ -143,14 +141,14 @@ class RemoteCheckpoint:
     rest = index[1:]
     if not rows:
       empty = np.empty((0,) + info.shape[1:], info.dtype)[(slice(None),) + rest]
-      return _aligned_empty(empty.shape, info.dtype)
+      return aligned_empty(empty.shape, info.dtype)
     first, last = min(rows[0], rows[-1]), max(rows[0], rows[-1])
     block = self.read_rows(key, first, last + 1)
     rows_index = slice(None) if rows.step == 1 else np.asarray(rows) - first
     selected = block[(rows_index,) + rest]
     if rows.step == 1 and selected.shape == block.shape:
       return block
-    out = _aligned_empty(selected.shape, info.dtype)
+    out = aligned_empty(selected.shape, info.dtype)
     out[...] = selected
     return out
 
@@ -163,7 +161,7 @@ class RemoteCheckpoint:
       raise ValueError(f"{self.location}: rows [{start}, {stop}) of {key!r}, which has "
                        f"{rows}.")
     row_bytes = info.nbytes // rows if rows else 0
-    out = _aligned_empty(((stop - start),) + info.shape[1:] if info.shape else (), info.dtype)
+    out = aligned_empty(((stop - start),) + info.shape[1:] if info.shape else (), info.dtype)
     flat = out.reshape(-1).view(np.uint8)
     begin, end = info.start + start * row_bytes, info.start + stop * row_bytes
 

@@ -1,21 +1,18 @@
-"""Reading and writing safetensors files with numpy alone.
+"""Reading safetensors files with numpy alone.
 
 The loader hands ``jax.make_array_from_callback`` a callback that must return host numpy
-for exactly one device's slice of one tensor. ``safetensors``' numpy framework cannot
-read BF16, and its flax/jax frameworks materialise on the default device, so this module
-parses the format itself: an 8-byte little-endian header length, a JSON header naming each
-tensor's dtype, shape and byte range, then the raw little-endian bytes. Slices are copied
-out of a read-only memory map, so host memory stays bounded by the slice::
+for exactly one device's slice of one tensor. ``safetensors``' numpy API reads whole
+tensors (BF16 included, as ``ml_dtypes.bfloat16``) and its flax/jax APIs materialise on
+the default device, so this module parses the format itself: an 8-byte little-endian
+header length, a JSON header naming each tensor's dtype, shape and byte range, then the
+raw little-endian bytes. Slices are copied out of a read-only memory map, so host memory
+stays bounded by the slice::
 
     with CheckpointFiles("/ckpt/Qwen3-0.6B") as files:
       shape = files.shape("model.embed_tokens.weight")
       rows = files.read("model.embed_tokens.weight", (slice(0, 1024), slice(None)))
 
-Writing streams tensors one at a time into HF-named shards::
-
-    with ShardedWriter(out_dir, max_shard_size="5GB") as writer:
-      for key, array in tensors:
-        writer.add(key, array)
+:mod:`tunix_zoo.checkpoint.writer` writes the files.
 """
 
 from __future__ import annotations
@@ -26,11 +23,9 @@ import json
 import math
 import mmap
 import os
-import re
-import shutil
 import struct
 import threading
-from typing import Any, Iterable, Mapping
+from typing import Any, Iterable
 
 import ml_dtypes
 import numpy as np
@@ -62,7 +57,6 @@ SAFETENSORS_DTYPES: dict[str, np.dtype] = {
     "U8": np.dtype(np.uint8),
     "BOOL": np.dtype(np.bool_),
 }
-_DTYPE_NAMES = {dtype: name for name, dtype in SAFETENSORS_DTYPES.items()}
 
 # The reference implementation refuses larger headers; so do we, before allocating one.
 MAX_HEADER_BYTES = 100_000_000
@@ -73,14 +67,6 @@ _MAX_BYTES = 2**63
 # whole tensor resident.
 _BLOCK_BYTES = 64 << 20
 _ALIGNMENT = 64
-_WRITE_COPY_BUFFER_BYTES = 16 << 20
-
-_SIZE_UNITS = {
-    "": 1, "b": 1,
-    "kb": 10**3, "mb": 10**6, "gb": 10**9, "tb": 10**12,
-    "kib": 2**10, "mib": 2**20, "gib": 2**30, "tib": 2**40,
-}
-_SIZE_PATTERN = re.compile(r"^\s*(\d+(?:\.\d*)?)\s*([a-z]*)\s*$", re.IGNORECASE)
 
 
 @dataclasses.dataclass(frozen=True)
@@ -206,11 +192,16 @@ def _release_pages(mapped: mmap.mmap, start: int, end: int) -> None:
     mapped.madvise(mmap.MADV_DONTNEED, aligned, end - aligned)
 
 
-def _aligned_empty(shape: tuple[int, ...], dtype: np.dtype) -> np.ndarray:
+def aligned_empty(shape: tuple[int, ...], dtype: np.dtype) -> np.ndarray:
   """An uninitialised array whose data starts on a 64-byte boundary.
 
   JAX's CPU client adopts such buffers without copying (it copies unaligned ones), so a
   slice read for a CPU device is never held twice.
+
+  Example::
+
+      out = aligned_empty((1024, 64), np.dtype(np.float32))
+      out[...] = source_rows
   """
   nbytes = int(np.prod(shape, dtype=np.int64)) * dtype.itemsize
   raw = np.empty(nbytes + _ALIGNMENT, np.uint8)
@@ -221,7 +212,7 @@ def _aligned_empty(shape: tuple[int, ...], dtype: np.dtype) -> np.ndarray:
 def _copy_slice(mapped: mmap.mmap, info: _TensorInfo, index: tuple[slice, ...]) -> np.ndarray:
   source = np.ndarray(info.shape, info.dtype, buffer=mapped, offset=info.start)
   selected = source[index]
-  out = _aligned_empty(selected.shape, np.dtype(info.dtype))
+  out = aligned_empty(selected.shape, np.dtype(info.dtype))
   if out.size == 0:
     return out
   if source.ndim == 0:
@@ -567,251 +558,3 @@ class CheckpointFiles:
           f"{self._index_path} says {name} holds tensor {key!r}, but it does not: the index "
           f"and the shards come from different versions. Download the checkpoint again.")
     return f
-
-
-def parse_size(size: int | str) -> int:
-  """Bytes in a size such as ``"5GB"`` (decimal, as HF: 1KB = 1000) or ``"512MiB"``.
-
-  Example::
-
-      parse_size("100KB")  # 100_000
-      parse_size("2GiB")   # 2_147_483_648
-  """
-  if _is_int(size):
-    value = size
-  else:
-    match = _SIZE_PATTERN.match(size) if isinstance(size, str) else None
-    if not match or match.group(2).lower() not in _SIZE_UNITS:
-      raise CheckpointError(
-          f"Cannot read {size!r} as a size; write a number with a unit among "
-          f"B, KB, MB, GB, TB (powers of 1000) or KiB, MiB, GiB, TiB, such as '5GB'.")
-    value = int(float(match.group(1)) * _SIZE_UNITS[match.group(2).lower()])
-  if value <= 0:
-    raise CheckpointError(f"Size {size!r} must be positive.")
-  return value
-
-
-def _file_metadata(metadata: Mapping[str, str] | None) -> dict[str, str]:
-  """Metadata with ``format: pt`` unless given, which transformers needs to load a file."""
-  merged = {"format": "pt", **(metadata or {})}
-  if not all(isinstance(k, str) and isinstance(v, str) for k, v in merged.items()):
-    raise CheckpointError(f"safetensors metadata must map strings to strings, got {merged!r}.")
-  return merged
-
-
-def _prepare_array(key: Any, array: Any) -> tuple[np.ndarray, str]:
-  """A C-contiguous little-endian array and its safetensors dtype name."""
-  if not isinstance(key, str) or key == "__metadata__":
-    raise CheckpointError(f"Cannot write a tensor named {key!r}: names are strings other "
-                          f"than '__metadata__'.")
-  array = np.asarray(array)
-  if array.dtype.byteorder == ">":
-    array = array.astype(array.dtype.newbyteorder("<"))
-  name = _DTYPE_NAMES.get(array.dtype)
-  if name is None:
-    raise CheckpointError(f"Cannot write tensor {key!r}: safetensors has no dtype for "
-                          f"{array.dtype}; cast it to one of "
-                          f"{', '.join(map(str, _DTYPE_NAMES))}.")
-  # Not np.ascontiguousarray, which turns a scalar into shape (1,).
-  return (array if array.flags.c_contiguous else array.copy(order="C")), name
-
-
-def _encode_header(entries: Iterable[tuple[str, str, tuple[int, ...], int, int]],
-                   metadata: Mapping[str, str]) -> bytes:
-  """The length field and JSON header, padded with spaces so tensor data is 8-aligned."""
-  header: dict[str, Any] = {"__metadata__": dict(metadata)} if metadata else {}
-  for key, dtype_name, shape, begin, end in entries:
-    header[key] = {"dtype": dtype_name, "shape": list(shape), "data_offsets": [begin, end]}
-  raw = json.dumps(header, separators=(",", ":")).encode("utf-8")
-  raw += b" " * (-len(raw) % 8)
-  return struct.pack("<Q", len(raw)) + raw
-
-
-def _write_bytes(f: Any, array: np.ndarray) -> None:
-  f.write(memoryview(array.reshape(-1).view(np.uint8)))
-
-
-def _flush_to_disk(f: Any) -> None:
-  f.flush()
-  os.fsync(f.fileno())
-
-
-class _StreamedFile:
-  """One safetensors file written a tensor at a time.
-
-  The header comes first in the file but is known only at the end, so tensor bytes go to
-  a side file and are appended after the header on ``finish``: host memory holds one
-  tensor, at the cost of writing the data twice.
-  """
-
-  def __init__(self, path: str):
-    self.path = path
-    self._data_path = path + ".data"
-    self._data = open(self._data_path, "wb")
-    self.entries: list[tuple[str, str, tuple[int, ...], int, int]] = []
-    self.nbytes = 0
-
-  def add(self, key: str, array: np.ndarray, dtype_name: str) -> None:
-    _write_bytes(self._data, array)
-    self.entries.append((key, dtype_name, array.shape, self.nbytes, self.nbytes + array.nbytes))
-    self.nbytes += array.nbytes
-
-  def finish(self, metadata: Mapping[str, str]) -> None:
-    self._data.close()
-    with open(self.path, "wb") as out, open(self._data_path, "rb") as data:
-      out.write(_encode_header(self.entries, metadata))
-      shutil.copyfileobj(data, out, _WRITE_COPY_BUFFER_BYTES)
-      _flush_to_disk(out)
-    os.remove(self._data_path)
-
-  def abort(self) -> None:
-    try:
-      self._data.close()
-    except OSError:
-      pass  # Flushing what a full disk refused fails again; the file is removed below.
-    for path in (self._data_path, self.path):
-      if os.path.exists(path):
-        os.remove(path)
-
-
-def write_safetensors(path: str | os.PathLike[str],
-                      tensors: Mapping[str, Any] | Iterable[tuple[str, Any]],
-                      metadata: Mapping[str, str] | None = None) -> None:
-  """Writes one safetensors file that ``safetensors`` and transformers read.
-
-  ``tensors`` is a dict, written in one pass, or an iterable of ``(key, array)`` pairs,
-  consumed one array at a time. Metadata defaults to ``{"format": "pt"}``, which
-  transformers requires; given metadata is added to it.
-
-  Example::
-
-      write_safetensors("/tmp/w.safetensors", {"w": np.ones((2, 3), ml_dtypes.bfloat16)})
-  """
-  path = os.fspath(path)
-  metadata = _file_metadata(metadata)
-  if isinstance(tensors, Mapping):
-    prepared = [(key, *_prepare_array(key, array)) for key, array in tensors.items()]
-    entries, offset = [], 0
-    for key, array, dtype_name in prepared:
-      entries.append((key, dtype_name, array.shape, offset, offset + array.nbytes))
-      offset += array.nbytes
-    with open(path, "wb") as f:
-      f.write(_encode_header(entries, metadata))
-      for _, array, _ in prepared:
-        _write_bytes(f, array)
-      _flush_to_disk(f)
-    return
-  streamed = _StreamedFile(path)
-  try:
-    seen = set()
-    for key, array in tensors:
-      if key in seen:
-        raise CheckpointError(f"Tensor {key!r} was given twice for {path}.")
-      seen.add(key)
-      streamed.add(key, *_prepare_array(key, array))
-    streamed.finish(metadata)
-  except BaseException:
-    streamed.abort()
-    raise
-
-
-class ShardedWriter:
-  """Writes tensors one by one into HF-named safetensors shards.
-
-  A new shard starts when the next tensor would push the current one past
-  ``max_shard_size`` (a tensor larger than the limit gets a shard of its own). ``finish``
-  names the shards ``model-00001-of-0000N.safetensors`` and writes
-  ``model.safetensors.index.json``, or names a single shard ``model.safetensors``. Leaving
-  a ``with`` block finishes, or on an exception removes the partial shards. Not
-  thread-safe; atomic replacement of a previous export is the caller's job.
-
-  Example::
-
-      with ShardedWriter(out_dir, max_shard_size="5GB") as writer:
-        for key, array in host_arrays():
-          writer.add(key, array)
-  """
-
-  def __init__(self, out_dir: str | os.PathLike[str], max_shard_size: int | str = "5GB",
-               metadata: Mapping[str, str] | None = None):
-    self.out_dir = os.fspath(out_dir)
-    self.max_shard_size = parse_size(max_shard_size)
-    self._metadata = _file_metadata(metadata)
-    os.makedirs(self.out_dir, exist_ok=True)
-    existing = sorted(name for name in os.listdir(self.out_dir)
-                      if name.endswith(".safetensors") or name == INDEX_FILE_NAME)
-    if existing:
-      raise CheckpointError(
-          f"{self.out_dir} already holds checkpoint files ({', '.join(existing)}); mixing "
-          f"them with new shards would corrupt both. Write into an empty folder.")
-    self._shards: list[_StreamedFile] = []
-    self._shard_of_key: dict[str, int] = {}
-    self._total_size = 0
-    self._total_parameters = 0
-    self._finished = False
-
-  def add(self, key: str, array: Any) -> None:
-    """Writes one tensor; the caller may free ``array`` once this returns."""
-    if self._finished:
-      raise ValueError(f"ShardedWriter for {self.out_dir} is finished; add tensors before "
-                       f"finish().")
-    if key in self._shard_of_key:
-      raise CheckpointError(f"Tensor {key!r} was given twice to the writer for {self.out_dir}.")
-    array, dtype_name = _prepare_array(key, array)
-    current = self._shards[-1] if self._shards else None
-    if current is None or (current.entries and
-                           current.nbytes + array.nbytes > self.max_shard_size):
-      if current is not None:
-        current.finish(self._metadata)
-      current = _StreamedFile(self._pending_path(len(self._shards) + 1))
-      self._shards.append(current)
-    current.add(key, array, dtype_name)
-    self._shard_of_key[key] = len(self._shards)
-    self._total_size += array.nbytes
-    self._total_parameters += array.size
-
-  def finish(self) -> list[str]:
-    """Names the shards, writes the index if sharded; returns the paths written."""
-    if self._finished:
-      raise ValueError(f"ShardedWriter for {self.out_dir} is already finished.")
-    self._finished = True
-    if not self._shards:
-      self._shards.append(_StreamedFile(self._pending_path(1)))
-    self._shards[-1].finish(self._metadata)
-    count = len(self._shards)
-    names = ([SINGLE_FILE_NAME] if count == 1 else
-             [f"model-{i:05d}-of-{count:05d}.safetensors" for i in range(1, count + 1)])
-    written = []
-    for shard, name in zip(self._shards, names):
-      written.append(os.path.join(self.out_dir, name))
-      os.replace(shard.path, written[-1])
-    if count > 1:
-      index = {
-          "metadata": {"total_parameters": self._total_parameters,
-                       "total_size": self._total_size},
-          "weight_map": {key: names[shard - 1]
-                         for key, shard in sorted(self._shard_of_key.items())},
-      }
-      written.append(os.path.join(self.out_dir, INDEX_FILE_NAME))
-      with open(written[-1], "w") as f:
-        f.write(json.dumps(index, indent=2) + "\n")
-        _flush_to_disk(f)
-    return written
-
-  def abort(self) -> None:
-    """Removes the shards written so far."""
-    self._finished = True
-    for shard in self._shards:
-      shard.abort()
-
-  def __enter__(self) -> ShardedWriter:
-    return self
-
-  def __exit__(self, exc_type: type[BaseException] | None, *exc_info: object) -> None:
-    if exc_type is not None:
-      self.abort()
-    elif not self._finished:
-      self.finish()
-
-  def _pending_path(self, number: int) -> str:
-    return os.path.join(self.out_dir, f".model-{number:05d}.safetensors.partial")

@@ -1,4 +1,5 @@
-"""safetensors_io against the reference safetensors library and transformers."""
+"""checkpoint.reader and checkpoint.writer against the reference safetensors library and
+transformers."""
 
 import concurrent.futures
 import gc
@@ -17,9 +18,9 @@ import safetensors.torch
 import torch
 from hypothesis import strategies as st
 
-from tunix_zoo.checkpoint import safetensors_io
-from tunix_zoo.checkpoint.safetensors_io import (CheckpointFiles, SafetensorsFile, ShardedWriter,
-                                                 parse_size, write_safetensors)
+from tunix_zoo.checkpoint import reader
+from tunix_zoo.checkpoint.reader import SAFETENSORS_DTYPES, CheckpointFiles, SafetensorsFile
+from tunix_zoo.checkpoint.writer import ShardedWriter, parse_size, write_safetensors
 from tunix_zoo.errors import CheckpointError
 
 # Dtypes the reference's numpy framework can hold; the others need torch or ml_dtypes.
@@ -33,6 +34,23 @@ TORCH_DTYPES = {
     "BOOL": torch.bool,
 }
 SHAPES = ((7, 5, 3), (13,), (), (0, 4), (4, 0, 2), (33, 17))
+
+
+def reference_parses(dtype_name: str) -> bool:
+  """Whether the installed safetensors library parses a header naming this dtype (it
+  refuses the whole file otherwise; releases differ in the float8 variants they know)."""
+  itemsize = SAFETENSORS_DTYPES[dtype_name].itemsize
+  header = json.dumps({"t": {"dtype": dtype_name, "shape": [1],
+                             "data_offsets": [0, itemsize]}}).encode()
+  header += b" " * (-len(header) % 8)
+  try:
+    safetensors.deserialize(struct.pack("<Q", len(header)) + header + bytes(itemsize))
+  except safetensors.SafetensorError:
+    return False
+  return True
+
+
+REFERENCE_DTYPES = tuple(name for name in SAFETENSORS_DTYPES if reference_parses(name))
 
 
 def random_array(rng: np.random.Generator, dtype: np.dtype, shape: tuple[int, ...]) -> np.ndarray:
@@ -70,7 +88,7 @@ def every_dtype() -> dict[str, np.ndarray]:
   """One tensor per safetensors dtype and shape."""
   rng = np.random.default_rng(0)
   return {f"{name}/{i}": random_array(rng, dtype, shape)
-          for name, dtype in safetensors_io.SAFETENSORS_DTYPES.items()
+          for name, dtype in SAFETENSORS_DTYPES.items()
           for i, shape in enumerate(SHAPES)}
 
 
@@ -78,6 +96,19 @@ def every_dtype() -> dict[str, np.ndarray]:
 def every_dtype_file(tmp_path_factory, every_dtype) -> str:
   path = str(tmp_path_factory.mktemp("every_dtype") / "model.safetensors")
   write_safetensors(path, every_dtype)
+  return path
+
+
+@pytest.fixture(scope="module")
+def reference_dtypes(every_dtype) -> dict[str, np.ndarray]:
+  """The tensors of the dtypes the installed safetensors library knows."""
+  return {k: v for k, v in every_dtype.items() if k.split("/")[0] in REFERENCE_DTYPES}
+
+
+@pytest.fixture(scope="module")
+def reference_dtype_file(tmp_path_factory, reference_dtypes) -> str:
+  path = str(tmp_path_factory.mktemp("reference_dtypes") / "model.safetensors")
+  write_safetensors(path, reference_dtypes)
   return path
 
 
@@ -94,10 +125,15 @@ def test_written_file_loads_in_safetensors_numpy(tmp_path, every_dtype):
     assert_same(loaded[key], expected)
 
 
-def test_written_file_loads_in_safetensors_torch_with_metadata(every_dtype_file, every_dtype):
-  with safetensors.safe_open(every_dtype_file, framework="pt") as f:
+def test_reference_parses_the_common_dtypes():
+  assert {"F32", "F16", "BF16", "F8_E4M3", "F8_E5M2", "I64", "BOOL"} <= set(REFERENCE_DTYPES)
+
+
+def test_written_file_loads_in_safetensors_torch_with_metadata(reference_dtype_file,
+                                                               reference_dtypes):
+  with safetensors.safe_open(reference_dtype_file, framework="pt") as f:
     assert f.metadata() == {"format": "pt"}
-    for key, expected in every_dtype.items():
+    for key, expected in reference_dtypes.items():
       dtype_name = key.split("/")[0]
       if dtype_name in TORCH_DTYPES:
         tensor = f.get_tensor(key)
@@ -105,18 +141,21 @@ def test_written_file_loads_in_safetensors_torch_with_metadata(every_dtype_file,
         assert_same(torch_to_numpy(tensor, expected.dtype), expected)
 
 
-def test_streamed_pairs_write_the_same_tensors_as_a_dict(tmp_path, every_dtype):
+def test_streamed_pairs_write_the_same_tensors_as_a_dict(tmp_path, every_dtype,
+                                                         every_dtype_file, reference_dtypes):
   path = tmp_path / "streamed.safetensors"
-  write_safetensors(path, ((key, value) for key, value in every_dtype.items()),
-                    metadata={"source": "test"})
-  with safetensors.safe_open(str(path), framework="pt") as f:
-    assert f.metadata() == {"format": "pt", "source": "test"}
-    assert_same(torch_to_numpy(f.get_tensor("BF16/0"), ml_dtypes.bfloat16), every_dtype["BF16/0"])
+  write_safetensors(path, ((key, value) for key, value in every_dtype.items()))
+  assert path.read_bytes() == open(every_dtype_file, "rb").read()
   with SafetensorsFile(path) as f:
     assert f.keys() == sorted(every_dtype)
     for key, expected in every_dtype.items():
       assert_same(f.read(key), expected)
-  assert os.listdir(tmp_path) == ["streamed.safetensors"]
+  reference_path = tmp_path / "reference.safetensors"
+  write_safetensors(reference_path, iter(reference_dtypes.items()), metadata={"source": "test"})
+  with safetensors.safe_open(str(reference_path), framework="pt") as f:
+    assert f.metadata() == {"format": "pt", "source": "test"}
+    assert_same(torch_to_numpy(f.get_tensor("BF16/0"), ml_dtypes.bfloat16), every_dtype["BF16/0"])
+  assert sorted(os.listdir(tmp_path)) == ["reference.safetensors", "streamed.safetensors"]
 
 
 def test_header_is_padded_so_data_is_8_byte_aligned(tmp_path):
@@ -209,8 +248,8 @@ def test_random_slices_equal_numpy_slicing(every_dtype_file, every_dtype, data):
   full = every_dtype[key]
   slices = tuple(data.draw(st.slices(size)) for size in full.shape)
   slices = slices[:data.draw(st.integers(0, len(slices)))]
-  block_bytes = data.draw(st.sampled_from([1, 8, 100, safetensors_io._BLOCK_BYTES]))
-  with mock.patch.object(safetensors_io, "_BLOCK_BYTES", block_bytes):
+  block_bytes = data.draw(st.sampled_from([1, 8, 100, reader._BLOCK_BYTES]))
+  with mock.patch.object(reader, "_BLOCK_BYTES", block_bytes):
     with SafetensorsFile(every_dtype_file) as f:
       got = f.read(key, slices)
       assert f.bytes_read == got.nbytes
@@ -297,6 +336,44 @@ def test_sharded_writer_splits_at_the_limit(tmp_path):
   with CheckpointFiles(tmp_path) as files:
     for key, array in tensors.items():
       assert_same(files.read(key), array)
+
+
+def test_planned_writer_writes_the_same_files_in_any_order(tmp_path):
+  sizes = {"a": 400, "b": 400, "c": 300, "d": 2500, "e": 100, "f": 0}
+  rng = np.random.default_rng(2)
+  tensors = {key: rng.standard_normal(n).astype(np.float32) for key, n in sizes.items()}
+  tensors["g"] = np.ones((3, 5), ml_dtypes.bfloat16)
+  with ShardedWriter(tmp_path / "held", max_shard_size=3200) as writer:
+    for key, array in tensors.items():
+      writer.add(key, array)
+  plan = [(key, array.shape, array.dtype) for key, array in tensors.items()]
+  with ShardedWriter(tmp_path / "planned", max_shard_size=3200, plan=plan) as writer:
+    for key, array in reversed(tensors.items()):
+      writer.add(key, array)
+  names = sorted(os.listdir(tmp_path / "held"))
+  assert len(names) == 5 and sorted(os.listdir(tmp_path / "planned")) == names
+  for name in names:
+    assert (tmp_path / "planned" / name).read_bytes() == (tmp_path / "held" / name).read_bytes()
+
+
+def test_planned_writer_rejects_tensors_unlike_the_plan_and_cleans_up(tmp_path):
+  plan = [("a", (2, 3), np.float32), ("b", (4,), ml_dtypes.bfloat16)]
+  with pytest.raises(CheckpointError, match="'a' is planned twice"):
+    ShardedWriter(tmp_path / "twice", plan=plan + plan[:1])
+  with pytest.raises(CheckpointError, match="no dtype for object"):
+    ShardedWriter(tmp_path / "object", plan=[("o", (1,), object)])
+  writer = ShardedWriter(tmp_path / "out", plan=plan)
+  with pytest.raises(CheckpointError, match="'c' is not in the plan"):
+    writer.add("c", np.zeros(1))
+  with pytest.raises(CheckpointError, match=r"planned float32|planned F32 of shape \(2, 3\)"):
+    writer.add("a", np.zeros((3, 2), np.float32))
+  with pytest.raises(CheckpointError, match="planned BF16"):
+    writer.add("b", np.zeros(4, np.float32))
+  writer.add("a", np.zeros((2, 3), np.float32))
+  with pytest.raises(CheckpointError, match="1 planned tensor.*never given.*: b"):
+    writer.finish()
+  writer.abort()
+  assert os.listdir(tmp_path / "out") == []
 
 
 def test_sharded_writer_writes_one_model_safetensors_when_it_fits(tmp_path):
