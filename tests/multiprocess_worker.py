@@ -32,7 +32,7 @@ from tunix_zoo import registry
 from tunix_zoo.automodel import load_folder, read_hf_config
 from tunix_zoo.checkpoint import loader
 from tunix_zoo.checkpoint.export import save_pretrained
-from tunix_zoo.checkpoint.loader import module_path
+from tunix_zoo.build import module_path
 from tunix_zoo.checkpoint.reader import CheckpointFiles
 
 AXIS_TYPES = {"explicit": AxisType.Explicit, "auto": AxisType.Auto}

@@ -174,3 +174,11 @@ def mesh_2x4(axis_type):
   import jax
 
   return jax.make_mesh((2, 4), ("fsdp", "tp"), axis_types=(axis_type,) * 2)
+
+
+def greedy(model, tokens, mask, new_tokens: int) -> np.ndarray:
+  """tunix_zoo's greedy ``[B, new_tokens]`` continuation: a jitted prefill, then one
+  on-device loop over the KV cache."""
+  from tunix_zoo.generate import generate
+
+  return generate(model, tokens, new_tokens, attention_mask=mask).tokens

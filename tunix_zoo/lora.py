@@ -34,7 +34,7 @@ from jax.experimental import multihost_utils
 from jax.sharding import NamedSharding
 
 from tunix_zoo import arguments, registry, sharding
-from tunix_zoo.checkpoint.loader import axis_counts, module_path as dotted
+from tunix_zoo.build import axis_counts, module_path as dotted
 from tunix_zoo.checkpoint.export import (discard_staging, host_copy, move_into_place,
                                          new_staging_folder)
 from tunix_zoo.checkpoint.push import check_push_arguments, push_folder

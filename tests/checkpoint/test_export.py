@@ -30,7 +30,7 @@ from tunix_zoo.automodel import load_folder
 from tunix_zoo.checkpoint import export
 from tunix_zoo.checkpoint.export import save_pretrained
 from tunix_zoo.checkpoint.keymap import Rule
-from tunix_zoo.checkpoint.loader import module_path
+from tunix_zoo.build import module_path
 from tunix_zoo.checkpoint.reader import INDEX_FILE_NAME, CheckpointFiles
 from tunix_zoo.checkpoint.writer import ShardedWriter
 from tunix_zoo.errors import ExportError

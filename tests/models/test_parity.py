@@ -15,17 +15,11 @@ from flax import nnx
 from jax.sharding import AxisType
 
 from tests import reference
-from tests.reference import MAX_ABS, mesh_2x4, one_device_mesh
+from tests.reference import MAX_ABS, greedy, mesh_2x4, one_device_mesh
 from tunix_zoo.automodel import load_folder
-from tunix_zoo.generate import generate
 
 NEW_TOKENS = 32
 CASES = sorted(reference.CASES)
-
-
-def greedy(model, tokens, mask, new_tokens):
-  """Greedy decoding with the model's KV cache: a jitted prefill, then one on-device loop."""
-  return generate(model, tokens, new_tokens, attention_mask=mask).tokens
 
 
 def real(mask):

@@ -23,7 +23,7 @@ from flax import nnx
 from jax.sharding import AxisType, PartitionSpec
 
 from tests import reference
-from tests.models.test_parity import MAX_ABS, greedy, mesh_2x4, one_device_mesh
+from tests.reference import MAX_ABS, greedy, mesh_2x4, one_device_mesh
 from tunix_zoo.automodel import load_folder
 from tunix_zoo.checkpoint.keymap import Rule
 from tunix_zoo.checkpoint.reader import CheckpointFiles

@@ -18,7 +18,7 @@ from tests.sources.fixtures import HF_REPO
 from flax import nnx
 
 from tunix_zoo import AutoModel, ModelSource, cache
-from tunix_zoo.checkpoint.loader import module_path
+from tunix_zoo.build import module_path
 from tunix_zoo.automodel import load_folder
 from tunix_zoo.errors import SourceError
 from tunix_zoo.sources import fetch

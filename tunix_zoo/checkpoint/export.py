@@ -58,7 +58,7 @@ from flax import nnx
 from jax.experimental import multihost_utils
 
 from tunix_zoo import registry
-from tunix_zoo.checkpoint.loader import module_path
+from tunix_zoo.build import module_path
 from tunix_zoo.checkpoint.push import check_push_arguments, push_folder
 from tunix_zoo.checkpoint.reader import SAFETENSORS_DTYPES
 from tunix_zoo.checkpoint.writer import ShardedWriter, parse_size

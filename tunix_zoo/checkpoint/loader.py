@@ -33,7 +33,7 @@ from flax import nnx
 from jax.sharding import Mesh
 
 from tunix_zoo import sharding
-from tunix_zoo.build import axis_counts, module_path, parameter_shardings  # noqa: F401
+from tunix_zoo.build import module_path, parameter_shardings
 from tunix_zoo.checkpoint import row_blocks
 from tunix_zoo.checkpoint.keymap import KeyMap
 from tunix_zoo.checkpoint.reader import CheckpointFiles
