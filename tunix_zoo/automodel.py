@@ -33,7 +33,8 @@ from tunix_zoo.checkpoint import orbax_io
 from tunix_zoo.checkpoint.loader import check_layer_count, load_checkpoint
 from tunix_zoo.checkpoint.reader import CheckpointFiles
 from tunix_zoo.config import DecoderConfig
-from tunix_zoo.errors import CheckpointError, ConfigError, ConfigMismatchError, SourceError, ZooError
+from tunix_zoo.errors import (CheckpointError, ConfigError, ConfigMismatchError, SourceError,
+                              ZooError)
 from tunix_zoo.naming import ModelNaming
 from tunix_zoo.progress import progress_class
 from tunix_zoo.sources import ModelSource, fetch, open_stream
@@ -229,6 +230,18 @@ def checkpoint_dtype(folder: str | os.PathLike | Any, variant: str | None = None
   return max(by_dtype, key=by_dtype.get)
 
 
+def family_and_config(hf_config: dict[str, Any],
+                      preset_id: str | None) -> tuple[Any, DecoderConfig]:
+  """The registered family and the config a parsed config.json describes, checked against
+  the preset ``preset_id`` names (if it names one)."""
+  spec = registry.family_for_hf_config(hf_config)
+  config = spec.config_class.from_hf_config(hf_config)
+  preset = preset_for(preset_id)
+  if preset is not None:
+    check_against_preset(config, *preset)
+  return spec, config
+
+
 def load_folder(
     folder: str | os.PathLike,
     mesh: Mesh | None = None,
@@ -251,11 +264,7 @@ def load_folder(
                              param_dtype=param_dtype, sharding_rules=sharding_rules,
                              remat=remat)
   hf_config = read_hf_config(folder)
-  spec = registry.family_for_hf_config(hf_config)
-  config = spec.config_class.from_hf_config(hf_config)
-  preset = preset_for(preset_id)
-  if preset is not None:
-    check_against_preset(config, *preset)
+  spec, config = family_and_config(hf_config, preset_id)
   check_layer_count(folder, spec.param_table, config.num_layers, variant)
   if "ConditionalGeneration" in " ".join(hf_config.get("architectures") or ()):
     log.warning(
@@ -293,12 +302,7 @@ def load_stream(
       model = load_stream(open_stream(None, source="gcs", model_path="gs://b/m"), mesh)
   """
   try:
-    hf_config = reader.read_json("config.json")
-    spec = registry.family_for_hf_config(hf_config)
-    config = spec.config_class.from_hf_config(hf_config)
-    preset = preset_for(preset_id)
-    if preset is not None:
-      check_against_preset(config, *preset)
+    spec, config = family_and_config(reader.read_json("config.json"), preset_id)
     mesh = mesh or default_mesh()
     param_dtype = param_dtype or checkpoint_dtype(reader)
     abstract = abstract_model(

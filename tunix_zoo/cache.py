@@ -249,7 +249,8 @@ def _remove_gcs(entry: CachedModel) -> None:
 
 # -- recorded checksums and folders -------------------------------------------------------
 def _verify_recorded(entry: CachedModel) -> VerifyReport:
-  from tunix_zoo.sources import file_digest, read_checksums  # pylint: disable=import-outside-toplevel
+  # pylint: disable-next=import-outside-toplevel
+  from tunix_zoo.sources import file_digest, read_checksums
 
   bad = []
   checked = 0

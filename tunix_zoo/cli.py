@@ -462,7 +462,8 @@ def build_parser(command: str | None = None) -> argparse.ArgumentParser:
   p.add_argument("--json", action="store_true")
   p.add_argument("--batch-size", type=positive_int,
                  help="estimate a training step's memory for this batch (default 8)")
-  p.add_argument("--seq-len", type=positive_int, help="... of rows of this many tokens (default 2048)")
+  p.add_argument("--seq-len", type=positive_int,
+                 help="... of rows of this many tokens (default 2048)")
   if command in (None, "info"):
     add_training_arguments(p)
   add_set_argument(p)

@@ -45,7 +45,8 @@ from tunix_zoo.layers.lora import LoRALinear
 
 log = logging.getLogger(__name__)
 
-__all__ = ["DEFAULT_MODULE_PATH", "TUNIX_ALIASES", "apply_lora", "merge_lora", "lora_layers", "save_lora_adapter"]
+__all__ = ["DEFAULT_MODULE_PATH", "TUNIX_ALIASES", "apply_lora", "merge_lora", "lora_layers",
+           "save_lora_adapter"]
 
 # Every attention and MLP projection: what fine-tuning configs usually name.
 DEFAULT_MODULE_PATH = ".*q_proj|.*k_proj|.*v_proj|.*o_proj|.*gate_proj|.*up_proj|.*down_proj"

@@ -36,7 +36,8 @@ def check_push_arguments(push_to_hub: bool, repo_id: str | None, token: str | No
     raise ExportError(f"{', '.join(given)} apply to an upload; pass push_to_hub=True too, "
                       "or leave them out.")
   if push_to_hub and repo_id is not None:
-    from tunix_zoo.sources.huggingface import validate_repo_id  # pylint: disable=import-outside-toplevel
+    # pylint: disable-next=import-outside-toplevel
+    from tunix_zoo.sources.huggingface import validate_repo_id
 
     validate_repo_id(repo_id)
 
@@ -74,7 +75,8 @@ def push_folder(
   from huggingface_hub import constants  # pylint: disable=import-outside-toplevel
   from huggingface_hub import utils as hf_utils  # pylint: disable=import-outside-toplevel
 
-  from tunix_zoo.sources.huggingface import validate_repo_id  # pylint: disable=import-outside-toplevel
+  # pylint: disable-next=import-outside-toplevel
+  from tunix_zoo.sources.huggingface import validate_repo_id
 
   validate_repo_id(repo_id)
   folder = pathlib.Path(folder)

@@ -18,7 +18,8 @@ slow to import)::
       config = ckpt.read_json("config.json")
 
 Every returned folder holds config.json and ``*.safetensors`` (plus tokenizer files when
-the source has them), or an orbax checkpoint (a Kaggle Flax Gemma) and its tokenizer.model. Download progress is drawn with tqdm unless ``TUNIX_ZOO_QUIET=1``.
+the source has them), or an orbax checkpoint (a Kaggle Flax Gemma) and its
+tokenizer.model. Download progress is drawn with tqdm unless ``TUNIX_ZOO_QUIET=1``.
 """
 
 from __future__ import annotations
@@ -30,7 +31,8 @@ import pathlib
 from typing import Any
 
 from tunix_zoo.errors import SourceError
-from tunix_zoo.sources._download import cache_root, checksum_record_path, file_digest, read_checksums
+from tunix_zoo.sources._download import (cache_root, checksum_record_path, file_digest,
+                                         read_checksums)
 
 __all__ = ["ModelSource", "cache_root", "checksum_record_path", "fetch", "file_digest",
            "open_stream", "read_checksums"]

@@ -256,8 +256,9 @@ class RetryPolicy:
 
   ``attempts`` tries at most, ``base_delay_s`` before the second (doubling, at most
   ``max_delay_s``, with jitter), all within ``deadline_s`` of the first: no try starts
-  that could not finish, at the pace of the slowest try so far, before it. ``read_timeout_s`` bounds every wait for bytes from a
-  server: a stall longer than it fails the request, which is then retried like a drop.
+  that could not finish, at the pace of the slowest try so far, before it.
+  ``read_timeout_s`` bounds every wait for bytes from a server: a stall longer than it
+  fails the request, which is then retried like a drop.
   :func:`retry_policy` reads the ``TUNIX_ZOO_RETRY_*`` and ``TUNIX_ZOO_READ_TIMEOUT_S``
   environment variables, so a deployment (or a test) can tighten or loosen them::
 
