@@ -28,7 +28,7 @@ from flax import nnx
 from jax.experimental import multihost_utils
 from jax.sharding import AxisType, NamedSharding, PartitionSpec
 
-from tunix_zoo import registry
+from tunix_zoo import automodel, registry
 from tunix_zoo.automodel import load_folder, read_hf_config
 from tunix_zoo.checkpoint import loader
 from tunix_zoo.checkpoint.export import save_pretrained
@@ -54,8 +54,8 @@ class RecordingFiles(CheckpointFiles):
 
   instances: list[RecordingFiles] = []
 
-  def __init__(self, folder: Any):
-    super().__init__(folder)
+  def __init__(self, folder: Any, variant: str | None = None):
+    super().__init__(folder, variant)
     self.reads: list[tuple[str, list[list[int]]]] = []
     self.final_bytes_read = 0
     self._reads_lock = threading.Lock()
@@ -116,7 +116,8 @@ def main() -> None:
       coordinator_address=f"127.0.0.1:{args.port}", num_processes=args.num_processes,
       process_id=args.process_id, initialization_timeout=60,
   )
-  loader.CheckpointFiles = RecordingFiles
+  # load_folder opens the reader it hands the loader; the loader opens one for the layer check.
+  automodel.CheckpointFiles = loader.CheckpointFiles = RecordingFiles
   key_map = registry.family_for_hf_config(read_hf_config(args.checkpoint)).param_table
   inputs = np.load(args.inputs)
   out = pathlib.Path(args.out)

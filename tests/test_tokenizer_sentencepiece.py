@@ -42,8 +42,8 @@ def test_encode_decode_match_transformers_gemma_tokenizer(spm_folder):
         text, add_special_tokens=False)["input_ids"], text
     assert ours.decode(expected) == reference.decode(expected, skip_special_tokens=True), text
     assert ours.decode(expected, skip_special_tokens=False) == reference.decode(expected), text
-  assert ours.bos_id == reference.bos_token_id == 2
-  assert ours.pad_id == reference.pad_token_id == 0
+  assert ours.bos_id() == reference.bos_token_id == 2
+  assert ours.pad_id() == reference.pad_token_id == 0
 
 
 def test_gemma_chat_template_and_stop_ids(spm_folder):

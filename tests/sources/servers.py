@@ -19,6 +19,7 @@ from __future__ import annotations
 
 import base64
 import dataclasses
+import errno
 import hashlib
 import http.client
 import http.server
@@ -646,9 +647,19 @@ class KaggleServer(_Server):
 
   handler = _KaggleHandler
   PORT = 7777
+  # Another test process (a run beside this one) may hold the fixed port for a while.
+  BIND_WAIT_S = 120.0
 
   def __init__(self) -> None:
-    super().__init__(self.PORT)
+    deadline = time.monotonic() + self.BIND_WAIT_S
+    while True:
+      try:
+        super().__init__(self.PORT)
+        break
+      except OSError as e:
+        if e.errno != errno.EADDRINUSE or time.monotonic() > deadline:
+          raise
+        time.sleep(0.5)
     self.models: dict[str, _KaggleModel] = {}
 
   def add_model(self, handle: str, version: int, folder: pathlib.Path, *,
