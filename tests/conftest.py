@@ -22,16 +22,6 @@ jax.config.update("jax_default_matmul_precision", "highest")
 from tests.sources.fixtures import (  # noqa: E402,F401  (fixtures are found by name)
     checkpoint, gcs, gcs_emulator, gcs_proxy, hf_hub, hub_server, kaggle, kaggle_server)
 
-@pytest.hookimpl(tryfirst=True)  # before pytest-xdist reads the groups
-def pytest_collection_modifyitems(config, items):
-  # The Kaggle test server must bind the fixed port 7777 (KAGGLE_API_ENVIRONMENT=TEST), so
-  # under pytest-xdist every test that needs it runs in the same worker.
-  group = pytest.mark.xdist_group("kaggle_port_7777")
-  for item in items:
-    if "kaggle_server" in getattr(item, "fixturenames", ()):
-      item.add_marker(group)
-
-
 @pytest.fixture(scope="session")
 def reference_checkpoints(tmp_path_factory):
   """case -> (folder, transformers model) of :data:`tests.reference.CASES`, made once per
