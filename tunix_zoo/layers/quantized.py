@@ -184,10 +184,18 @@ class Quantization:
     """``x @ W.T`` for the quantized ``W``; with one scale per output channel (and
     unpacked values) the scale multiplies the product, so the dot reads the stored bytes."""
     x = x.astype(dtype)
-    if scales.shape[1] == 1 and not self.packed:
-      y = jnp.einsum("...i,oi->...o", x, values.astype(dtype))
-      return y * scales[:, 0].astype(dtype)
-    return jnp.einsum("...i,oi->...o", x, self.dequantize(values, scales, dtype))
+
+    def product(x, values, scales):
+      if scales.shape[1] == 1 and not self.packed:
+        y = jnp.einsum("...i,oi->...o", x, values.astype(dtype))
+        return y * scales[:, 0].astype(dtype)
+      return jnp.einsum("...i,oi->...o", x, self.dequantize(values, scales, dtype))
+
+    if not isinstance(x, jax.core.Tracer):
+      return product(x, values, scales)  # eager: nothing to differentiate
+    # Rematerialised: the backward pass (QLoRA) recomputes the float weight rather than
+    # keeping a float copy of every layer's weight alive until it runs.
+    return jax.checkpoint(product, prevent_cse=False)(x, values, scales)
 
 
 def is_quantized_weight(var: nnx.Variable) -> bool:
