@@ -32,7 +32,8 @@ from jax.sharding import AxisType
 
 from tests import reference
 from tunix_zoo import AutoModel, cli
-from tunix_zoo.errors import CheckpointError, ConfigError, LoraError
+from tunix_zoo.checkpoint.export import save_pretrained
+from tunix_zoo.errors import CheckpointError, ConfigError, ExportError, LoraError
 from tunix_zoo.layers.quantized import Quantization
 from tunix_zoo.lora import apply_lora, merge_lora, save_lora_adapter
 from tunix_zoo.planning import plan_model, plan_training
@@ -156,7 +157,7 @@ def test_info_counts_the_bytes_each_device_holds(int4_on_2x4):
   assert info["bytes_per_device"] < unquantized / 2
 
 
-def test_decode_with_the_cache_reads_quantized_weights(reference_checkpoints):
+def test_decode_with_the_cache_reads_quantized_weights(reference_checkpoints, tmp_path):
   model, _ = AutoModel.from_pretrained(str(reference_checkpoints["qwen3"][0]), one_device(),
                                        quantization="int8")
   batch = tokens()[:2, :12]
@@ -165,6 +166,8 @@ def test_decode_with_the_cache_reads_quantized_weights(reference_checkpoints):
   step, _ = model(batch[:, -1:], cache=cache)
   full, _ = model(batch)
   np.testing.assert_allclose(np.asarray(step[:, 0]), np.asarray(full[:, -1]), atol=1e-5)
+  with pytest.raises(ExportError, match="quantized weights"):
+    save_pretrained(model, tmp_path / "export")
 
 
 def test_qlora_trains_adapters_over_frozen_quantized_weights(reference_checkpoints, tmp_path):

@@ -193,7 +193,8 @@ def load_checkpoint(
           ckpt, wanted[module_path(path)][0], var.get_metadata()["quantization"],
           np.dtype(variables[scale_path].dtype), shardings[module_path(path)],
           shardings[module_path(scale_path)])
-      transfers.add(scales, nbytes)
+      transfers.add(values, nbytes)
+      transfers.add(scales, 0)
       if progress is not None:
         progress(values.nbytes + scales.nbytes)
       return [(path, values), (scale_path, scales)]

@@ -10,9 +10,9 @@ the model. :func:`check_not_prequantized` refuses checkpoints quantized by other
 
 Example::
 
-    values, scales = load_quantized(ckpt, "model.layers.0.mlp.up_proj.weight",
-                                    Quantization.of("int8"), jnp.bfloat16,
-                                    values_sharding, scales_sharding)
+    values, scales, nbytes = load_quantized(ckpt, "model.layers.0.mlp.up_proj.weight",
+                                            Quantization.of("int8"), jnp.bfloat16,
+                                            values_sharding, scales_sharding)
 """
 
 from __future__ import annotations
@@ -46,7 +46,13 @@ FOREIGN_QUANTIZED_SUFFIXES = {
 def check_not_prequantized(where: Any, hf_config: dict[str, Any] | None,
                            keys: Iterable[str]) -> None:
   """Raises CheckpointError for a checkpoint another tool stored quantized (a
-  ``quantization_config`` in config.json, or tensors such as ``*.weight_scale``)."""
+  ``quantization_config`` in config.json, or tensors such as ``*.weight_scale``).
+
+  Example::
+
+      with CheckpointFiles(folder) as files:
+        check_not_prequantized(folder, read_hf_config(folder), files.keys())
+  """
   found = []
   if hf_config and hf_config.get("quantization_config") is not None:
     config = hf_config["quantization_config"]
@@ -96,8 +102,9 @@ class _RowQuantizer:
 def load_quantized(ckpt: Any, key: str, quantization: Quantization, scale_dtype: Any,
                    values_sharding: jax.sharding.Sharding,
                    scales_sharding: jax.sharding.Sharding) -> tuple[jax.Array, jax.Array, int]:
-  """``(values, scales, host bytes read)`` of checkpoint tensor ``key`` (``[out, in]``),
-  quantized slice by slice into the two shardings."""
+  """``(values, scales, host bytes quantized)`` of checkpoint tensor ``key``
+  (``[out, in]``), quantized slice by slice into the two shardings (see the module's
+  example)."""
   shape = tuple(ckpt.shape(key))
   values_shape, scales_shape = quantization.shapes(*shape)
   rows = _RowQuantizer(ckpt, key, quantization, scale_dtype, shape)

@@ -42,8 +42,9 @@ from tunix_zoo.layers.basic import Linear
 KINDS = ("int8", "int4", "nf4", "fp8")
 DEFAULT_GROUP_SIZE = 128  # int4 / nf4
 # Module paths (``re.fullmatch``) left in the compute dtype by default: the LM head, as
-# bitsandbytes and torchao leave it; embeddings and norms are not Linear layers.
-DEFAULT_SKIP = "lm_head"
+# bitsandbytes and torchao leave it, and MoE routers (tiny, and they pick the experts);
+# embeddings, norms and stacked experts are not Linear layers.
+DEFAULT_SKIP = r"lm_head|.*\.mlp\.gate"
 
 # QLoRA's NormalFloat4 levels (arXiv 2305.14314, appendix E), ascending.
 NF4_LEVELS = np.array([
@@ -60,8 +61,8 @@ FP8_MAX = 448.0  # float8_e4m3fn
 class Quantization:
   """How Linear weights are quantized: ``kind`` (int8, int4, nf4, fp8), ``group_size``
   inputs per scale (None: one scale per output channel; int4 / nf4 default to 128) and
-  ``skip``, a regex of module paths kept in the compute dtype (default ``lm_head``; ``""``
-  quantizes every Linear).
+  ``skip``, a regex of module paths kept in the compute dtype (default: the LM head and
+  MoE routers; ``""`` quantizes every Linear).
 
   Example::
 
@@ -121,8 +122,8 @@ class Quantization:
       raise ConfigError(
           f"{path} has {in_features} inputs, not a multiple of quantization group_size "
           f"{self.group_size}: pass Quantization({self.kind!r}, group_size=G) with a G "
-          f"dividing every Linear's inputs, or skip={self.skip + '|' if self.skip else ''}"
-          f"{re.escape(path)!r}.")
+          f"dividing every Linear's inputs, or "
+          f"skip={(self.skip + '|' if self.skip else '') + re.escape(path)!r}.")
 
   def shapes(self, out_features: int, in_features: int) -> tuple[tuple[int, int], tuple[int, int]]:
     """``(values shape, scales shape)`` of an ``[out, in]`` weight."""
@@ -199,16 +200,32 @@ class Quantization:
 
 
 def is_quantized_weight(var: nnx.Variable) -> bool:
-  """Whether ``var`` holds a quantized Linear's values (its scales travel with it)."""
+  """Whether ``var`` holds a quantized Linear's values (its scales travel with it).
+
+  Example::
+
+      is_quantized_weight(model.layers[0].mlp.up_proj.weight)   # True once quantized
+  """
   return var.get_metadata().get("quantization") is not None
 
 
 def is_quantization_scale(var: nnx.Variable) -> bool:
+  """Whether ``var`` is a quantized Linear's ``weight_scale``.
+
+  Example::
+
+      is_quantization_scale(model.layers[0].mlp.up_proj.weight_scale)   # True
+  """
   return bool(var.get_metadata().get("quantization_scale"))
 
 
 def dense_shape(var: nnx.Variable) -> tuple[int, ...]:
-  """The shape of the float weight a (quantized) weight variable stands for."""
+  """The shape of the float weight a (quantized) weight variable stands for.
+
+  Example::
+
+      dense_shape(int4_linear.weight)   # (out, in), while its values are (out, in / 2)
+  """
   return tuple(var.get_metadata().get("dense_shape") or var.shape)
 
 
