@@ -89,14 +89,28 @@ def test_int8_logits_match_float32(reference_checkpoints, float_logits, case):
       max_abs, top1, top1_all)
 
 
+@pytest.fixture(scope="module")
+def four_bit_model(reference_checkpoints):
+  """kind -> (model, logits of :func:`tokens`) of the qwen3 reference on one device."""
+  cache = {}
+
+  def get(kind):
+    if kind not in cache:
+      model, _ = AutoModel.from_pretrained(str(reference_checkpoints["qwen3"][0]),
+                                           one_device(), quantization=GROUPED[kind])
+      cache[kind] = model, np.asarray(model(tokens())[0])
+    return cache[kind]
+
+  return get
+
+
 @pytest.mark.parametrize("kind", ["int4", "nf4"])
-def test_4bit_logits_match_float32(reference_checkpoints, float_logits, kind):
-  model, _ = AutoModel.from_pretrained(str(reference_checkpoints["qwen3"][0]), one_device(),
-                                       quantization=GROUPED[kind])
+def test_4bit_logits_match_float32(four_bit_model, float_logits, kind):
+  model, logits = four_bit_model(kind)
   proj = model.layers[0].mlp.down_proj  # [64, 96]: 48 bytes a row, 3 groups of 32
   assert proj.weight.dtype == jnp.uint8 and proj.weight.shape == (64, 48)
   assert proj.weight_scale.shape == (64, 3)
-  max_abs, top1, top1_all = agreement(np.asarray(model(tokens())[0]), float_logits("qwen3"),
+  max_abs, top1, top1_all = agreement(logits, float_logits("qwen3"),
                                       INT4_TOP1_MARGIN)
   assert max_abs <= INT4_MAX_ABS and top1 >= INT4_TOP1 and top1_all >= INT4_TOP1_ALL, (
       max_abs, top1, top1_all)
@@ -127,16 +141,14 @@ def int4_on_2x4(request, reference_checkpoints):
   return folder, mesh, model
 
 
-def test_2x4_mesh_shards_scales_with_their_weights(int4_on_2x4):
+def test_2x4_mesh_shards_scales_with_their_weights(int4_on_2x4, four_bit_model):
   _, mesh, model = int4_on_2x4
   for proj in (model.layers[0].attn.q_proj, model.layers[1].mlp.up_proj):
     values, scales = proj.weight.get_value(), proj.weight_scale.get_value()
     assert values.sharding.mesh == mesh and scales.sharding.mesh == mesh
     assert values.sharding.spec == scales.sharding.spec
     assert any(axis is not None for axis in scales.sharding.spec)
-  single, _ = AutoModel.from_pretrained(str(int4_on_2x4[0]), one_device(),
-                                        quantization=GROUPED["int4"])
-  np.testing.assert_allclose(np.asarray(model(tokens())[0]), np.asarray(single(tokens())[0]),
+  np.testing.assert_allclose(np.asarray(model(tokens())[0]), four_bit_model("int4")[1],
                              atol=1e-5)
 
 
