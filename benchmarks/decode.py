@@ -7,8 +7,11 @@ jitted while_loop); transformers with ``model.generate`` (sdpa; eager with its d
 Roofline: per step every weight (but an untied input embedding, of which a step reads
 only its tokens' rows) and the whole KV cache buffer are read once; the
 step's floor is those bytes over the measured device copy bandwidth. Prints JSON.
+``--quantization none,int8,int4`` runs tunix_zoo once per weight format (``from_config(...,
+quantization=...)``; the weights' bytes are the quantized values plus scales).
 
     python benchmarks/decode.py --model qwen3_0p6b --batch 1 --new-tokens 256
+    python benchmarks/decode.py --model qwen3_8b --libraries tunix_zoo --quantization none,int8,int4
 """
 
 from __future__ import annotations
@@ -25,7 +28,8 @@ def copy_bandwidth_bytes_per_s() -> float:
   import jax
   import jax.numpy as jnp
 
-  x = jnp.ones((1 << 30,), jnp.float32)  # 4 GiB
+  # 4 GiB on an accelerator; 64 MiB on CPU, where this runs only as a smoke test.
+  x = jnp.ones((1 << 30 if jax.default_backend() != "cpu" else 1 << 24,), jnp.float32)
   copy = jax.jit(lambda a: a + 1)
   copy(x).block_until_ready()
   start = time.perf_counter()
@@ -36,7 +40,8 @@ def copy_bandwidth_bytes_per_s() -> float:
 
 
 def run_tunix_zoo(config_id: str, batch: int, prompt: int, new_tokens: int,
-                  decode_kernel: str = "auto", layers: int | None = None) -> dict:
+                  decode_kernel: str = "auto", layers: int | None = None,
+                  quantization: str | None = None) -> dict:
   import jax
   import jax.numpy as jnp
   import numpy as np
@@ -45,7 +50,7 @@ def run_tunix_zoo(config_id: str, batch: int, prompt: int, new_tokens: int,
   from tunix_zoo.automodel import AutoModel
   from tunix_zoo.generate import generate
   from tunix_zoo.layers import decode_attention
-  from tunix_zoo.config import count_parameters
+  from tunix_zoo.planning import plan_model
 
   decode_attention.MODE = decode_kernel
 
@@ -54,12 +59,13 @@ def run_tunix_zoo(config_id: str, batch: int, prompt: int, new_tokens: int,
     config = config.replace(num_layers=layers, layer_types=config.layer_types[:layers])
   mesh = jax.make_mesh((1, len(jax.devices())), ("fsdp", "tp"),
                        axis_types=(jax.sharding.AxisType.Auto,) * 2)
-  model = AutoModel.from_config(config, mesh, dtype=jnp.bfloat16, param_dtype=jnp.bfloat16)
+  model = AutoModel.from_config(config, mesh, dtype=jnp.bfloat16, param_dtype=jnp.bfloat16,
+                                quantization=quantization)
   tokens = np.random.default_rng(0).integers(3, config.vocab_size, (batch, prompt))
   compile_seconds = generate(model, tokens, new_tokens).compile_seconds  # Prefill + decode.
   out = generate(model, tokens, new_tokens)
   step_seconds = out.decode_seconds / (new_tokens - 1)
-  weight_bytes = 2 * count_parameters(config)
+  weight_bytes = plan_model(config, (1, 1), "bfloat16", quantization=quantization).bytes_total
   if not config.tie_word_embeddings:
     # A step reads only its tokens' rows of an untied input embedding.
     weight_bytes -= 2 * config.vocab_size * config.hidden_size
@@ -74,8 +80,17 @@ def run_tunix_zoo(config_id: str, batch: int, prompt: int, new_tokens: int,
       roofline_step_ms=1e3 * floor, roofline_fraction=floor / step_seconds,
       copy_bandwidth_tb_s=bandwidth / 1e12, compile_seconds=compile_seconds,
       prefill_tokens_per_s=out.prefill_tokens_per_second,
+      weight_bytes=weight_bytes, device_bytes_in_use=device_bytes_in_use(),
       device=jax.devices()[0].device_kind, jax=jax.__version__,
   )
+
+
+def device_bytes_in_use() -> int | None:
+  """The first device's allocated bytes (None where the backend keeps no statistics)."""
+  import jax
+
+  stats = jax.devices()[0].memory_stats()
+  return stats.get("bytes_in_use") if stats else None
 
 
 def run_transformers(config_id: str, batch: int, prompt: int, new_tokens: int,
@@ -133,13 +148,26 @@ def main() -> None:
   parser.add_argument("--layers", type=int, help="override the depth (tunix_zoo only)")
   parser.add_argument("--decode-kernel", default="auto", choices=("auto", "off"),
                       help="tunix_zoo's one-kernel decode attention (off: XLA's kernels)")
+  parser.add_argument("--quantization", default="none",
+                      help="comma-separated weight formats for tunix_zoo: none, int8, int4, "
+                      "nf4, fp8 (each a separate run; reported as tunix_zoo_<format>)")
   args = parser.parse_args()
   report = dict(model=args.model, batch=args.batch, prompt=args.prompt,
                 new_tokens=args.new_tokens)
   for library in args.libraries.split(","):
     if library == "tunix_zoo":
-      report[library] = run_tunix_zoo(args.model, args.batch, args.prompt, args.new_tokens,
-                                      args.decode_kernel, args.layers)
+      for quantization in args.quantization.split(","):
+        name = library if quantization == "none" else f"{library}_{quantization}"
+        report[name] = run_tunix_zoo(
+            args.model, args.batch, args.prompt, args.new_tokens, args.decode_kernel,
+            args.layers, None if quantization == "none" else quantization)
+      formats = args.quantization.split(",")
+      if "none" in formats:
+        base = report[library]["decode_tokens_per_s"]
+        for quantization in formats:
+          if quantization != "none":
+            report[f"{library}_{quantization}"]["speedup_vs_bf16"] = (
+                report[f"{library}_{quantization}"]["decode_tokens_per_s"] / base)
     elif library == "google_tunix":
       report[library] = run_google_tunix(args.model, args.batch, args.prompt, args.new_tokens)
     else:
