@@ -74,3 +74,8 @@ class ConfigError(ZooError, ValueError):
 class CacheError(ZooError):
     """A cached model named for verify or remove is not in the cache, or its records are
     unreadable."""
+
+
+class KernelError(ZooError, ValueError):
+    """A kernel policy names an unknown setting, or forces a kernel where it cannot run
+    (no GPU, shapes it does not serve, a mesh layout it cannot split)."""
