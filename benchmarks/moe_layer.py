@@ -9,6 +9,7 @@ Usage::
     python benchmarks/moe_layer.py                  # 30B-A3B shapes, bf16, 8 x 2048 tokens
     python benchmarks/moe_layer.py --small          # small shapes, a CPU smoke run
     python benchmarks/moe_layer.py --small --dispatch dense   # the dense reference path
+    python benchmarks/moe_layer.py --kernel xla     # XLA's ragged_dot instead of Mosaic GPU
 """
 
 from __future__ import annotations
@@ -36,11 +37,15 @@ def main() -> None:
   parser.add_argument("--batch", type=int, help="override the batch size")
   parser.add_argument("--seq", type=int, help="override the sequence length")
   parser.add_argument("--dispatch", choices=("ragged", "dense"), default="ragged")
+  parser.add_argument("--kernel", choices=("auto", "mosaic_gpu", "xla"), default="auto",
+                      help="KernelPolicy.moe: the grouped matmul of the ragged dispatch")
   parser.add_argument("--dtype", default="bfloat16")
   parser.add_argument("--steps", type=int, default=20, help="timed calls")
   args = parser.parse_args()
   sys.path.insert(0, str(pathlib.Path(__file__).resolve().parents[1]))
-  from tunix_zoo.layers.moe import MoE, grouped_matmul_kernel, route
+  from tunix_zoo.kernels import KernelPolicy
+  from tunix_zoo.kernels import grouped_matmul as grouped_kernel
+  from tunix_zoo.layers.moe import MoE, route
 
   name = "small" if args.small else "qwen3_30b_a3b"
   hidden, width, experts, top_k, batch, seq = SHAPES[name]
@@ -49,6 +54,7 @@ def main() -> None:
   moe = MoE(
       hidden, width, num_experts=experts, top_k=top_k, act="silu", norm_topk_prob=True,
       rngs=nnx.Rngs(0), dtype=dtype, param_dtype=dtype,
+      kernel_policy=KernelPolicy(moe=args.kernel),
   )
   graphdef, state = nnx.split(moe)
 
@@ -56,7 +62,7 @@ def main() -> None:
   def forward(state, x):
     layer = nnx.merge(graphdef, state)
     if args.dispatch == "ragged":
-      return layer(x)
+      return layer(x)[0]
     flat = x.reshape(-1, hidden)
     weights, chosen = route(layer.gate(flat), top_k, norm_topk_prob=True)
     return layer.experts.dense(flat, weights, chosen).reshape(x.shape)
@@ -79,8 +85,10 @@ def main() -> None:
       "benchmark": "moe_layer",
       "shapes": name,
       "dispatch": args.dispatch,
-      "grouped_matmul": grouped_matmul_kernel(dtype, (experts, width, hidden))
-      if args.dispatch == "ragged" else None,
+      "grouped_matmul": (
+          "mosaic_gpu" if args.kernel != "xla" and grouped_kernel.supports(
+              dtype, (experts, width, hidden)) else "ragged_dot"
+      ) if args.dispatch == "ragged" else None,
       "device": jax.devices()[0].device_kind,
       "dtype": dtype.name,
       "hidden": hidden, "expert_width": width, "experts": experts, "top_k": top_k,

@@ -94,13 +94,6 @@ def test_the_setting_runs_the_kernel_only_where_it_can_serve(setting, q_shape, k
     assert (attend() is not None) is runs
 
 
-def test_policy_settings_are_checked():
-  with pytest.raises(KernelError, match="decode_attention='off'.*'auto', 'pallas'"):
-    KernelPolicy(decode_attention="off")
-  with pytest.raises(KernelError, match="must be a KernelPolicy"):
-    set_kernel_policy(object(), "xla")
-
-
 @pytest.mark.parametrize("case", ["gemma2", "gemma3", "qwen3", "llama3_tied_mha"])
 def test_greedy_decoding_through_the_kernel_matches_transformers(reference_checkpoints, case):
   folder, torch_model = reference_checkpoints[case]
@@ -127,8 +120,8 @@ def test_decode_step_logits_on_a_mesh_equal_the_xla_path(reference_checkpoints, 
   for policy in (XLA, INTERPRET):
     set_kernel_policy(model, policy)
     logits[policy.decode_attention], _ = model(step, cache=cache)
-    lowered = jax.jit(lambda step, cache: model(step, cache=cache)).lower(step, cache).as_text()
-    assert ("decode_attention" in lowered) is (policy is INTERPRET)
+    jaxpr = str(jax.make_jaxpr(lambda step, cache: model(step, cache=cache))(step, cache))
+    assert ("pallas_call" in jaxpr) is (policy is INTERPRET)
   np.testing.assert_allclose(logits["interpret"], logits["xla"], atol=TOLERANCE, rtol=0)
 
 

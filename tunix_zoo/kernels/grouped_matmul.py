@@ -108,18 +108,10 @@ def _grouped_matmul_bwd(residuals, grad):
 grouped_matmul.defvjp(_grouped_matmul_fwd, _grouped_matmul_bwd)
 
 
-def _plan(x, gate, mesh, rules) -> tuple[PartitionSpec, tuple[str, ...], tuple[int, ...]]:
-  """Per-device split: the tokens' spec, the mesh axes of the expert width, and one
-  device's ``[experts, width, embed]`` share."""
-  tokens_spec = sharding.partition_spec(("batch", None), x.shape, mesh, rules)
-  width_axes = sharding.mesh_axes(
-      sharding.partition_spec((None, "expert_mlp", None), gate.shape, mesh, rules)[1]
-  )
-  # The batch rule took its axes first; an axis both would use is left to the width.
-  token_axes = tuple(a for a in sharding.mesh_axes(tokens_spec[0]) if a not in width_axes)
-  tokens_spec = PartitionSpec(token_axes or None, None)
-  width = gate.shape[1] // math.prod(mesh.shape[a] for a in width_axes)
-  return tokens_spec, width_axes, (gate.shape[0], width, gate.shape[2])
+def _width_axes(gate_proj: jax.Array, mesh, rules) -> tuple[str, ...]:
+  """The mesh axes each expert's width (``expert_mlp``) is split over."""
+  spec = sharding.partition_spec((None, "expert_mlp", None), gate_proj.shape, mesh, rules)
+  return sharding.mesh_axes(spec[1])
 
 
 def experts(
@@ -143,10 +135,12 @@ def experts(
   ``tunix_zoo.layers.moe.Experts`` holds them. ``"auto"`` on a GPU where the kernels
   cannot run logs why, once; a forced ``"mosaic_gpu"`` raises KernelError.
   """
-  local_shape = gate_proj.shape
+  if setting == "xla":
+    return None
+  experts_count, width, hidden = gate_proj.shape
   if mesh is not None and mesh.size > 1:
-    local_shape = _plan(x, gate_proj, mesh, rules)[2]
-  why_not = why_unsupported(x.dtype, local_shape)
+    width //= math.prod(mesh.shape[a] for a in _width_axes(gate_proj, mesh, rules))
+  why_not = why_unsupported(x.dtype, (experts_count, width, hidden))
   if setting == "auto" and why_not is not None and jax.default_backend() == "gpu":
     if why_not not in _logged:
       _logged.add(why_not)
@@ -182,7 +176,11 @@ def per_device(
   args = (x, weights, chosen, gate_proj, up_proj, down_proj)
   if mesh is None or mesh.size == 1:
     return experts_fn(*args, matmul=matmul)
-  tokens_spec, width_axes, _ = _plan(x, gate_proj, mesh, rules)
+  width_axes = _width_axes(gate_proj, mesh, rules)
+  # Tokens split as the batch is, but not over an axis the width already takes.
+  batch = sharding.partition_spec(("batch", None), x.shape, mesh, rules)[0]
+  token_axes = tuple(a for a in sharding.mesh_axes(batch) if a not in width_axes)
+  tokens_spec = PartitionSpec(token_axes or None, None)
 
   def shard(x, weights, chosen, gate_proj, up_proj, down_proj):
     out = experts_fn(x, weights, chosen, gate_proj, up_proj, down_proj, matmul=matmul)
