@@ -123,9 +123,9 @@ class DecoderLayer(nnx.Module):
     if self.post_attn_norm is not None:
       h = self.post_attn_norm(h)
     x = x + h
-    h, router_logits = self.mlp(self.pre_mlp_norm(x)), None
-    if isinstance(self.mlp, MoE):
-      h, router_logits = h
+    h = self.mlp(self.pre_mlp_norm(x))
+    # A mixture of experts returns its router logits too.
+    h, router_logits = h if isinstance(self.mlp, MoE) else (h, None)
     if self.post_mlp_norm is not None:
       h = self.post_mlp_norm(h)
     return x + h, layer_cache, router_logits
