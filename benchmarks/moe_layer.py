@@ -10,6 +10,7 @@ Usage::
     python benchmarks/moe_layer.py --small          # small shapes, a CPU smoke run
     python benchmarks/moe_layer.py --small --dispatch dense   # the dense reference path
     python benchmarks/moe_layer.py --kernel xla     # XLA's ragged_dot instead of Mosaic GPU
+    python benchmarks/moe_layer.py --mesh 1x2       # sharded: (fsdp, tp), per device
 """
 
 from __future__ import annotations
@@ -39,10 +40,13 @@ def main() -> None:
   parser.add_argument("--dispatch", choices=("ragged", "dense"), default="ragged")
   parser.add_argument("--kernel", choices=("auto", "mosaic_gpu", "xla"), default="auto",
                       help="KernelPolicy.moe: the grouped matmul of the ragged dispatch")
+  parser.add_argument("--mesh", help="FSDPxTP, e.g. 1x2: experts' width over tp, tokens "
+                      "over fsdp (default: one device)")
   parser.add_argument("--dtype", default="bfloat16")
   parser.add_argument("--steps", type=int, default=20, help="timed calls")
   args = parser.parse_args()
   sys.path.insert(0, str(pathlib.Path(__file__).resolve().parents[1]))
+  from tunix_zoo import sharding
   from tunix_zoo.kernels import KernelPolicy
   from tunix_zoo.kernels import grouped_matmul as grouped_kernel
   from tunix_zoo.layers.moe import MoE, route
@@ -56,6 +60,14 @@ def main() -> None:
       rngs=nnx.Rngs(0), dtype=dtype, param_dtype=dtype,
       kernel_policy=KernelPolicy(moe=args.kernel),
   )
+  mesh = None
+  if args.mesh:
+    shape = tuple(int(n) for n in args.mesh.split("x"))
+    mesh = jax.make_mesh(shape, ("fsdp", "tp"), axis_types=(jax.sharding.AxisType.Auto,) * 2)
+    for _, var in nnx.to_flat_state(nnx.state(moe, nnx.Param)):
+      logical = var.get_metadata().get("logical_axes") or (None,) * var.ndim
+      var.set_value(jax.device_put(var.get_value(), sharding.named_sharding(
+          logical, var.shape, mesh)))
   graphdef, state = nnx.split(moe)
 
   @jax.jit
@@ -68,6 +80,8 @@ def main() -> None:
     return layer.experts.dense(flat, weights, chosen).reshape(x.shape)
 
   x = jax.random.normal(jax.random.key(1), (batch, seq, hidden), dtype)
+  if mesh is not None:
+    x = jax.device_put(x, sharding.named_sharding(("batch", None, None), x.shape, mesh))
   start = time.perf_counter()
   forward(state, x).block_until_ready()
   compile_s = time.perf_counter() - start
@@ -87,9 +101,11 @@ def main() -> None:
       "dispatch": args.dispatch,
       "grouped_matmul": (
           "mosaic_gpu" if args.kernel != "xla" and grouped_kernel.supports(
-              dtype, (experts, width, hidden)) else "ragged_dot"
+              dtype, (experts, width // (mesh.shape["tp"] if mesh else 1), hidden))
+          else "ragged_dot"
       ) if args.dispatch == "ragged" else None,
       "device": jax.devices()[0].device_kind,
+      "mesh": args.mesh,
       "dtype": dtype.name,
       "hidden": hidden, "expert_width": width, "experts": experts, "top_k": top_k,
       "batch": batch, "seq": seq, "tokens": tokens,
