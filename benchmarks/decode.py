@@ -49,10 +49,8 @@ def run_tunix_zoo(config_id: str, batch: int, prompt: int, new_tokens: int,
   from tunix_zoo import registry
   from tunix_zoo.automodel import AutoModel
   from tunix_zoo.generate import generate
-  from tunix_zoo.layers import decode_attention
+  from tunix_zoo.kernels import KernelPolicy, set_kernel_policy
   from tunix_zoo.planning import plan_model
-
-  decode_attention.MODE = decode_kernel
 
   config = registry.get_config(config_id)
   if layers is not None:  # For compile time against depth.
@@ -61,6 +59,7 @@ def run_tunix_zoo(config_id: str, batch: int, prompt: int, new_tokens: int,
                        axis_types=(jax.sharding.AxisType.Auto,) * 2)
   model = AutoModel.from_config(config, mesh, dtype=jnp.bfloat16, param_dtype=jnp.bfloat16,
                                 quantization=quantization)
+  set_kernel_policy(model, KernelPolicy(decode_attention=decode_kernel))
   tokens = np.random.default_rng(0).integers(3, config.vocab_size, (batch, prompt))
   compile_seconds = generate(model, tokens, new_tokens).compile_seconds  # Prefill + decode.
   out = generate(model, tokens, new_tokens)
@@ -146,8 +145,8 @@ def main() -> None:
   parser.add_argument("--new-tokens", type=int, default=256)
   parser.add_argument("--libraries", default="tunix_zoo,transformers")
   parser.add_argument("--layers", type=int, help="override the depth (tunix_zoo only)")
-  parser.add_argument("--decode-kernel", default="auto", choices=("auto", "off"),
-                      help="tunix_zoo's one-kernel decode attention (off: XLA's kernels)")
+  parser.add_argument("--decode-kernel", default="auto", choices=("auto", "pallas", "xla"),
+                      help="tunix_zoo's one-kernel decode attention (xla: XLA's kernels)")
   parser.add_argument("--quantization", default="none",
                       help="comma-separated weight formats for tunix_zoo: none, int8, int4, "
                       "nf4, fp8 (each a separate run; reported as tunix_zoo_<format>)")

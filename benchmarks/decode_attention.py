@@ -59,11 +59,11 @@ def main() -> None:
   import jax.numpy as jnp
   import numpy as np
 
-  from tunix_zoo.layers import decode_attention
+  from tunix_zoo.kernels import decode_attention
   from tunix_zoo.layers.attention import dot_product_attention
 
-  if jax.default_backend() != "gpu":
-    decode_attention.MODE = "interpret"  # A dry run of the script; its times mean nothing.
+  # Off a GPU, a dry run of the script in Pallas's interpreter; its times mean nothing.
+  interpret = jax.default_backend() != "gpu"
   rng = np.random.default_rng(0)
   rows = []
   for name, batch, heads, kv_heads, head_dim, length, softcap in SHAPES:
@@ -76,7 +76,7 @@ def main() -> None:
     starts = rng.integers(0, length // 2, batch)
     mask = jnp.asarray(np.arange(length)[None, None, :] >= starts[:, None, None])
     kernel = lambda q, k, v, m: decode_attention.decode_attention(  # noqa: E731
-        q, k, v, m, scale, softcap)
+        q, k, v, m, scale, softcap, interpret=interpret)
     xla = lambda q, k, v, m: dot_product_attention(q, k, v, m, scale, softcap)  # noqa: E731
     up = lambda x: x.astype(jnp.float32)  # noqa: E731
     ref = dot_product_attention(up(q), up(k), up(v), mask, scale, softcap)
@@ -91,7 +91,8 @@ def main() -> None:
       if length % block_keys:
         continue
       variant = lambda q, k, v, m: decode_attention.decode_attention(  # noqa: E731
-          q, k, v, m, scale, softcap, block_keys=block_keys, num_warps=warps, num_stages=stages)
+          q, k, v, m, scale, softcap, block_keys=block_keys, num_warps=warps, num_stages=stages,
+          interpret=interpret)
       variants[f"block{block_keys}_warps{warps}_stages{stages}_us"] = 1e6 * seconds_per_call(
           variant, q, k, v, mask)
     rows.append(dict(**variants,

@@ -9,6 +9,8 @@ Usage::
     python benchmarks/moe_layer.py                  # 30B-A3B shapes, bf16, 8 x 2048 tokens
     python benchmarks/moe_layer.py --small          # small shapes, a CPU smoke run
     python benchmarks/moe_layer.py --small --dispatch dense   # the dense reference path
+    python benchmarks/moe_layer.py --kernel xla     # XLA's ragged_dot instead of Mosaic GPU
+    python benchmarks/moe_layer.py --mesh 1x2       # sharded: (fsdp, tp), per device
 """
 
 from __future__ import annotations
@@ -36,11 +38,18 @@ def main() -> None:
   parser.add_argument("--batch", type=int, help="override the batch size")
   parser.add_argument("--seq", type=int, help="override the sequence length")
   parser.add_argument("--dispatch", choices=("ragged", "dense"), default="ragged")
+  parser.add_argument("--kernel", choices=("auto", "mosaic_gpu", "xla"), default="auto",
+                      help="KernelPolicy.moe: the grouped matmul of the ragged dispatch")
+  parser.add_argument("--mesh", help="FSDPxTP, e.g. 1x2: experts' width over tp, tokens "
+                      "over fsdp (default: one device)")
   parser.add_argument("--dtype", default="bfloat16")
   parser.add_argument("--steps", type=int, default=20, help="timed calls")
   args = parser.parse_args()
   sys.path.insert(0, str(pathlib.Path(__file__).resolve().parents[1]))
-  from tunix_zoo.layers.moe import MoE, grouped_matmul_kernel, route
+  from tunix_zoo import sharding
+  from tunix_zoo.kernels import KernelPolicy
+  from tunix_zoo.kernels import grouped_matmul as grouped_kernel
+  from tunix_zoo.layers.moe import MoE, route
 
   name = "small" if args.small else "qwen3_30b_a3b"
   hidden, width, experts, top_k, batch, seq = SHAPES[name]
@@ -49,19 +58,30 @@ def main() -> None:
   moe = MoE(
       hidden, width, num_experts=experts, top_k=top_k, act="silu", norm_topk_prob=True,
       rngs=nnx.Rngs(0), dtype=dtype, param_dtype=dtype,
+      kernel_policy=KernelPolicy(moe=args.kernel),
   )
+  mesh = None
+  if args.mesh:
+    shape = tuple(int(n) for n in args.mesh.split("x"))
+    mesh = jax.make_mesh(shape, ("fsdp", "tp"), axis_types=(jax.sharding.AxisType.Auto,) * 2)
+    for _, var in nnx.to_flat_state(nnx.state(moe, nnx.Param)):
+      logical = var.get_metadata().get("logical_axes") or (None,) * var.ndim
+      var.set_value(jax.device_put(var.get_value(), sharding.named_sharding(
+          logical, var.shape, mesh)))
   graphdef, state = nnx.split(moe)
 
   @jax.jit
   def forward(state, x):
     layer = nnx.merge(graphdef, state)
     if args.dispatch == "ragged":
-      return layer(x)
+      return layer(x)[0]
     flat = x.reshape(-1, hidden)
     weights, chosen = route(layer.gate(flat), top_k, norm_topk_prob=True)
     return layer.experts.dense(flat, weights, chosen).reshape(x.shape)
 
   x = jax.random.normal(jax.random.key(1), (batch, seq, hidden), dtype)
+  if mesh is not None:
+    x = jax.device_put(x, sharding.named_sharding(("batch", None, None), x.shape, mesh))
   start = time.perf_counter()
   forward(state, x).block_until_ready()
   compile_s = time.perf_counter() - start
@@ -79,9 +99,13 @@ def main() -> None:
       "benchmark": "moe_layer",
       "shapes": name,
       "dispatch": args.dispatch,
-      "grouped_matmul": grouped_matmul_kernel(dtype, (experts, width, hidden))
-      if args.dispatch == "ragged" else None,
+      "grouped_matmul": (
+          "mosaic_gpu" if args.kernel != "xla" and grouped_kernel.supports(
+              dtype, (experts, width // (mesh.shape["tp"] if mesh else 1), hidden))
+          else "ragged_dot"
+      ) if args.dispatch == "ragged" else None,
       "device": jax.devices()[0].device_kind,
+      "mesh": args.mesh,
       "dtype": dtype.name,
       "hidden": hidden, "expert_width": width, "experts": experts, "top_k": top_k,
       "batch": batch, "seq": seq, "tokens": tokens,

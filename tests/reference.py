@@ -60,6 +60,16 @@ BASE = dict(
 )
 
 
+def tiny_moe_config():
+  """A two-layer Qwen3-MoE config of 4 experts (top 2), every layer sparse."""
+  from tunix_zoo import registry
+
+  return registry.get_config("qwen3_30b_a3b").replace(
+      vocab_size=VOCAB, hidden_size=32, intermediate_size=64, moe_intermediate_size=16,
+      num_layers=2, num_heads=4, num_kv_heads=2, head_dim=8, num_experts=4, num_experts_per_tok=2,
+  )
+
+
 def make_checkpoint(case: str, folder: pathlib.Path, *, seed: int = 0, **save_kwargs: Any):
   """Saves a random transformers model of ``case`` into ``folder``; returns the model."""
   import torch

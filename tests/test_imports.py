@@ -25,6 +25,7 @@ LAYERS: list[tuple[str, ...]] = [
     ("tunix_zoo.models", "tunix_zoo.models.*.config"),  # family tables: no jax
     ("tunix_zoo.sharding", "tunix_zoo.arguments", "tunix_zoo.checkpoint.keymap", "tunix_zoo.models.decoder_params",
      "tunix_zoo.models.*.params"),
+    ("tunix_zoo.kernels", "tunix_zoo.kernels.*"),  # below the model math that calls them
     ("tunix_zoo.layers.*", "tunix_zoo.models.*.model"),  # model math
     ("tunix_zoo.build",),
     ("tunix_zoo.checkpoint.reader",),  # below writer, which lays files out in its format

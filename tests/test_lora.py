@@ -244,7 +244,7 @@ def test_dropout_acts_in_training_and_not_after_eval(reference_checkpoints):
 
 
 def test_moe_experts_matched_by_the_regex_are_reported(caplog):
-  from tests.test_training import tiny_moe_config
+  from tests.reference import tiny_moe_config
 
   model = AutoModel.from_config(tiny_moe_config())
   with caplog.at_level(logging.WARNING, logger="tunix_zoo.lora"):

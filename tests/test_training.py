@@ -15,6 +15,7 @@ import pytest
 from flax import nnx
 
 from tests import reference
+from tests.reference import tiny_moe_config
 from tunix_zoo import registry
 from tunix_zoo.automodel import AutoModel
 from tunix_zoo.errors import RematError
@@ -31,13 +32,6 @@ def tiny_config(case: str):
   config_class, _, kwargs = reference.CASES[case]
   hf = getattr(transformers, config_class)(**{**reference.BASE, **kwargs}).to_dict()
   return registry.family_for_hf_config(hf).config_class.from_hf_config(hf)
-
-
-def tiny_moe_config():
-  return registry.get_config("qwen3_30b_a3b").replace(
-      vocab_size=reference.VOCAB, hidden_size=32, intermediate_size=64, moe_intermediate_size=16,
-      num_layers=2, num_heads=4, num_kv_heads=2, head_dim=8, num_experts=4, num_experts_per_tok=2,
-  )
 
 
 def tokens(batch: int = 2, length: int = 17, seed: int = 0) -> jax.Array:

@@ -80,6 +80,11 @@ class CacheError(ZooError):
     unreadable."""
 
 
+class KernelError(ZooError, ValueError):
+    """A kernel policy names an unknown setting, or forces a kernel where it cannot run
+    (no GPU, shapes it does not serve, a mesh layout it cannot split)."""
+
+
 # Third-party clients (requests, httpx, gcsfs, kagglesdk) wrap their HTTP failures
 # differently; sources and uploads read the status the same way through these two.
 def exception_chain(exc: BaseException) -> Iterator[BaseException]:

@@ -33,7 +33,7 @@ from jax.sharding import Mesh, NamedSharding, PartitionSpec
 
 from tunix_zoo import arguments, sharding
 from tunix_zoo.errors import GenerationError
-from tunix_zoo.layers import decode_attention
+from tunix_zoo.kernels import decode_attention
 
 __all__ = ["GenerateOutput", "Tokenizer", "filter_logits", "generate"]
 
@@ -213,8 +213,8 @@ def _signature(tree: Any) -> tuple[Any, ...]:
 
 def _compile(fn: Callable, graphdef, opts: _Options, args: tuple, donate: tuple[int, ...]):
   """The compiled ``fn`` for these arguments, and the seconds compiling it took (0 if cached)."""
-  # The kernel mode is read while tracing, so programs traced under another mode differ.
-  key = (fn.__name__, graphdef, opts, decode_attention.MODE, _signature(args))
+  # The graph definition holds the layers' kernel policy: a program per policy too.
+  key = (fn.__name__, graphdef, opts, _signature(args))
   with _compiled_lock:
     executable = _compiled.get(key)
     if executable is not None:

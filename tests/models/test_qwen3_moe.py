@@ -4,8 +4,7 @@ Every case is a ``Qwen3MoeForCausalLM`` saved with ``save_pretrained`` (one tens
 expert) and loaded with ``load_folder``. Tolerances as tests/models/test_parity.py:
 float32 logits within 1e-4 over real tokens of a left-padded batch, greedy decoding
 token-identical to ``generate``; the auxiliary load-balancing loss equals transformers'
-``aux_loss``; the grouped (``ragged_dot``) and gathered expert paths equal the dense
-reference.
+``aux_loss``. The MoE layer on its own: tests/layers/test_moe.py.
 """
 
 from __future__ import annotations
@@ -25,20 +24,9 @@ from jax.sharding import AxisType, PartitionSpec
 from tests import reference
 from tests.reference import MAX_ABS, greedy, mesh_2x4, one_device_mesh
 from tunix_zoo.automodel import load_folder
-from tunix_zoo.checkpoint.keymap import Rule
 from tunix_zoo.checkpoint.reader import CheckpointFiles
 from tunix_zoo.errors import CheckpointError
-from tunix_zoo.layers.moe import (
-    GATHER_MAX_COPIES_PER_EXPERT,
-    MoE,
-    experts_dense,
-    experts_gathered,
-    experts_ragged,
-    grouped_matmul,
-    grouped_matmul_kernel,
-    load_balancing_loss,
-    route,
-)
+from tunix_zoo.layers.moe import GATHER_MAX_COPIES_PER_EXPERT, MoE, load_balancing_loss
 from tunix_zoo.models.qwen3.params import QWEN3_PARAMS
 
 NEW_TOKENS = 24
@@ -173,95 +161,6 @@ def test_one_row_decode_gathers_experts_and_matches_generate(checkpoints, models
   np.testing.assert_array_equal(greedy(model, tokens, mask, NEW_TOKENS), expected)
 
 
-def test_load_balancing_loss_equals_transformers_function():
-  import torch
-  from transformers.models.qwen3_moe.modeling_qwen3_moe import load_balancing_loss_func
-
-  rng = np.random.RandomState(0)
-  logits = [rng.randn(3 * 7, 10).astype(np.float32) for _ in range(3)]
-  mask = (rng.rand(3, 7) > 0.3).astype(np.int64)
-  for attention_mask in (None, mask):
-    expected = load_balancing_loss_func(
-        tuple(torch.tensor(x) for x in logits), 10, 4,
-        None if attention_mask is None else torch.tensor(attention_mask),
-    )
-    ours = load_balancing_loss(
-        [jnp.asarray(x).reshape(3, 7, 10) for x in logits], 10, 4,
-        None if attention_mask is None else jnp.asarray(attention_mask),
-    )
-    np.testing.assert_allclose(float(ours), float(expected), rtol=1e-6)
-
-
-@pytest.mark.parametrize("experts_fn", [experts_ragged, experts_gathered], ids=lambda f: f.__name__)
-@pytest.mark.parametrize("dtype", [jnp.float32, jnp.bfloat16], ids=["f32", "bf16"])
-def test_grouped_experts_equal_dense_reference(dtype, experts_fn):
-  """Outputs and gradients, with some experts chosen by no token."""
-  num_experts, top_k, hidden, ffn, tokens = 12, 3, 32, 16, 10
-  keys = jax.random.split(jax.random.key(0), 5)
-  x = jax.random.normal(keys[0], (tokens, hidden), dtype)
-  gate, up = (0.3 * jax.random.normal(k, (num_experts, ffn, hidden), dtype) for k in keys[1:3])
-  down = 0.3 * jax.random.normal(keys[3], (num_experts, hidden, ffn), dtype)
-  # Biased router: a few experts take most tokens, several take none.
-  bias = jnp.linspace(3.0, -3.0, num_experts)
-  weights, experts = route(jax.random.normal(keys[4], (tokens, num_experts)) + bias, top_k,
-                           norm_topk_prob=False)
-  assert len(np.unique(np.asarray(experts))) < num_experts
-
-  def loss(fn, x, weights, gate, up, down):
-    return jnp.sum(fn(x, weights, experts, gate, up, down, "silu").astype(jnp.float32) ** 2)
-
-  def assert_close(ours: jax.Array, reference: jax.Array) -> None:
-    ours, reference = np.asarray(ours, np.float32), np.asarray(reference, np.float32)
-    # bfloat16 keeps 8 bits: compare against the scale of the values.
-    tolerance = 1e-5 if dtype == jnp.float32 else 2e-2
-    np.testing.assert_allclose(ours, reference, atol=tolerance * np.abs(reference).max())
-
-  args = (x, weights, gate, up, down)
-  ours = jax.jit(experts_fn, static_argnums=6)(x, weights, experts, gate, up, down, "silu")
-  assert ours.dtype == dtype
-  assert_close(ours, experts_dense(x, weights, experts, gate, up, down, "silu"))
-  grads = jax.jit(jax.grad(lambda *a: loss(experts_fn, *a), argnums=range(5)))(*args)
-  grads_dense = jax.jit(jax.grad(lambda *a: loss(experts_dense, *a), argnums=range(5)))(*args)
-  for grad, grad_dense in zip(grads, grads_dense, strict=True):
-    assert_close(grad, grad_dense)
-
-
-@pytest.mark.skipif(
-    grouped_matmul_kernel(jnp.bfloat16, (8, 128, 256)) != "mosaic_gpu",
-    reason="the Mosaic GPU grouped matmul runs on one Hopper GPU only",
-)
-def test_mosaic_gpu_grouped_matmul_equals_ragged_dot():
-  """Forward and both gradients, with empty groups and a group spanning several tiles."""
-  rows, groups, out_features, in_features = 1000, 8, 128, 256
-  keys = jax.random.split(jax.random.key(0), 3)
-  lhs = jax.random.normal(keys[0], (rows, in_features), jnp.bfloat16)
-  rhs = (0.1 * jax.random.normal(keys[1], (groups, out_features, in_features))).astype(
-      jnp.bfloat16
-  )
-  sizes = jnp.array([0, 300, 1, 0, 129, 70, 200, 300], jnp.int32)
-  cotangent = jax.random.normal(keys[2], (rows, out_features), jnp.bfloat16)
-
-  def reference(lhs, rhs):
-    dims = jax.lax.RaggedDotDimensionNumbers((([1], [2]), ([], [])), [0], [0])
-    return jax.lax.ragged_dot_general(
-        lhs, rhs, sizes, dims, preferred_element_type=jnp.float32
-    ).astype(lhs.dtype)
-
-  ours, ours_vjp = jax.vjp(lambda a, b: grouped_matmul(a, b, sizes), lhs, rhs)
-  theirs, theirs_vjp = jax.vjp(reference, lhs, rhs)
-  for a, b in zip((ours, *ours_vjp(cotangent)), (theirs, *theirs_vjp(cotangent)), strict=True):
-    a, b = np.asarray(a, np.float32), np.asarray(b, np.float32)
-    np.testing.assert_allclose(a, b, atol=2e-2 * np.abs(b).max())
-
-
-def test_moe_module_routes_as_the_dense_path():
-  moe = MoE(32, 16, num_experts=8, top_k=3, act="silu", norm_topk_prob=True, rngs=nnx.Rngs(0))
-  x = jax.random.normal(jax.random.key(1), (2, 10, 32))
-  weights, experts = route(moe.gate(x).reshape(20, 8), top_k=3, norm_topk_prob=True)
-  dense = moe.experts.dense(x.reshape(20, 32), weights, experts).reshape(x.shape)
-  np.testing.assert_allclose(np.asarray(moe(x)), np.asarray(dense), atol=1e-6)
-
-
 def test_expert_stacks_hold_the_checkpoint_tensors_bit_exactly(checkpoints, models):
   """Each stack's slice ``e`` is the tensor that ``stacked_keys`` names, so export splits it."""
   folder, _ = checkpoints["e6_k2_mlp_only"]
@@ -366,23 +265,10 @@ def test_config_disagreeing_with_expert_tensors_is_refused(checkpoints, tmp_path
     load_folder(tmp_path, one_device_mesh())
 
 
-@pytest.mark.parametrize(
-    "checkpoint, module",
-    [
-        ("model.layers.{i}.mlp.experts.{e}.up_proj.weight", "layers.{j}.mlp.experts.up_proj"),
-        ("model.layers.{i}.mlp.experts.{e}.{p}.weight", "layers.{i}.mlp.up_proj"),
-    ],
-    ids=["module_only_placeholder", "two_stacked_axes"],
-)
-def test_malformed_stacked_rule_is_refused(checkpoint, module):
-  with pytest.raises(ValueError, match="stacked axis"):
-    Rule(checkpoint, module)
-
-
 def test_router_logits_forward_draws_a_fresh_dropout_mask_on_explicit_meshes():
   # forward_with_router_logits runs on a functional copy of the model on Explicit meshes;
   # it must write the advanced dropout RNG back, or every call reuses one mask.
-  from tests.test_training import tiny_moe_config
+  from tests.reference import tiny_moe_config
   from tunix_zoo.automodel import AutoModel
   from tunix_zoo.lora import apply_lora, lora_layers
 

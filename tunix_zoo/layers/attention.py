@@ -13,17 +13,17 @@ Example::
 
 from __future__ import annotations
 
-import functools
 from typing import Any
 
 import jax
 import jax.numpy as jnp
 from flax import nnx
-from jax.sharding import AbstractMesh, Mesh, PartitionSpec
+from jax.sharding import AbstractMesh, Mesh
 
 from tunix_zoo import sharding
 from tunix_zoo.config import DecoderConfig
-from tunix_zoo.layers import decode_attention
+from tunix_zoo.kernels import decode_attention, flash_attention
+from tunix_zoo.kernels.policy import KernelPolicy
 from tunix_zoo.layers.basic import Linear, RMSNorm
 from tunix_zoo.layers.rope import apply_rope, inverse_frequencies
 
@@ -64,13 +64,15 @@ def dot_product_attention(
   """Attention of ``q`` ``[B, T, N, H]`` over ``k, v`` ``[B, S, K, H]`` (``N % K == 0``).
 
   ``mask`` is a boolean ``[B, T, S]``; None means plain causal attention over a sequence
-  without padding or cache (limited to ``window`` keys when given), which lets
-  ``jax.nn.dot_product_attention`` use cuDNN flash attention on GPU. Soft-capping needs
-  the logits, so it takes a plain XLA path.
+  without padding or cache (limited to ``window`` keys when given). XLA's path: the
+  reference the kernels of :mod:`tunix_zoo.kernels` are checked against.
   """
   if softcap is None:
     if mask is None:
-      return _causal_attention(q, k, v, scale, window)
+      local = None if window is None else (window - 1, 0)
+      return jax.nn.dot_product_attention(
+          q, k, v, scale=scale, is_causal=True, local_window_size=local
+      )
     return jax.nn.dot_product_attention(q, k, v, mask=mask[:, None], scale=scale)
   if mask is None:
     distance = jnp.arange(q.shape[1])[:, None] - jnp.arange(k.shape[1])[None, :]
@@ -86,27 +88,6 @@ def dot_product_attention(
   return jnp.einsum("bkgts,bskh->btkgh", probs, v).reshape(b, t, n, h)
 
 
-def _causal_attention(q, k, v, scale: float, window: int | None) -> jax.Array:
-  """Causal attention, through cuDNN flash attention where the GPU supports the shapes.
-
-  ``jax.nn.dot_product_attention`` defaults to its XLA path (about 12x slower on an
-  H100), so cuDNN must be asked for; it refuses some dtypes and head sizes while
-  tracing, and then the XLA path serves.
-  """
-  local = None if window is None else (window - 1, 0)
-  if jax.default_backend() == "gpu" and q.dtype in (jnp.bfloat16, jnp.float16):
-    try:
-      return jax.nn.dot_product_attention(
-          q, k, v, scale=scale, is_causal=True, local_window_size=local,
-          implementation="cudnn",
-      )
-    except (ValueError, NotImplementedError, RuntimeError):
-      pass
-  return jax.nn.dot_product_attention(
-      q, k, v, scale=scale, is_causal=True, local_window_size=local
-  )
-
-
 class Attention(nnx.Module):
   """Self-attention of one decoder layer, configured by the shared DecoderConfig."""
 
@@ -119,6 +100,7 @@ class Attention(nnx.Module):
       dtype: Any = jnp.float32,
       param_dtype: Any = jnp.float32,
       sharding_rules: sharding.Rules | None = None,
+      kernel_policy: KernelPolicy | None = None,
   ):
     c = config
     self.num_heads, self.num_kv_heads, self.head_dim = c.num_heads, c.num_kv_heads, c.head_dim
@@ -127,6 +109,7 @@ class Attention(nnx.Module):
     self.window = c.layer_window(layer)
     self.rope = c.layer_rope(layer)
     self.sharding_rules = sharding_rules
+    self.kernel_policy = kernel_policy or KernelPolicy()
     kw = dict(rngs=rngs, dtype=dtype, param_dtype=param_dtype)
     q_dim, kv_dim = c.num_heads * c.head_dim, c.num_kv_heads * c.head_dim
     self.q_proj = Linear(c.hidden_size, q_dim, ("heads", "embed"), use_bias=c.attention_bias, **kw)
@@ -177,33 +160,20 @@ class Attention(nnx.Module):
       }
       k, v = layer_cache["k"].astype(q.dtype), layer_cache["v"].astype(q.dtype)
     mask = masks[self.window]
-    out = None
-    if mask is not None and decode_attention.applies(q, k):
-      out = self._decode_attention(q, k, v, mask, mesh)
+    out = self._kernel_attention(q, k, v, mask, mesh)
     if out is None:
       out = dot_product_attention(q, k, v, mask, self.scale, self.softcap, self.window)
     return self.o_proj(out.reshape(*out.shape[:2], -1)), layer_cache
 
-  def _decode_attention(self, q, k, v, mask, mesh) -> jax.Array | None:
-    """The one-kernel decode attention, per device on a mesh; None where heads and KV
-    heads are split differently over it (a query head would need another device's KV)."""
-    attend = functools.partial(
-        decode_attention.decode_attention, scale=self.scale, softcap=self.softcap
+  def _kernel_attention(self, q, k, v, mask, mesh) -> jax.Array | None:
+    """The attention as the ``kernel_policy``'s kernel computes it; None where XLA's
+    :func:`dot_product_attention` serves."""
+    policy = self.kernel_policy
+    if mask is None:
+      return flash_attention.attend(
+          q, k, v, self.scale, self.window, setting=policy.flash_attention, softcap=self.softcap
+      )
+    return decode_attention.attend(
+        q, k, v, mask, self.scale, self.softcap, setting=policy.decode_attention, mesh=mesh,
+        rules=self.sharding_rules,
     )
-    if mesh is None or mesh.size == 1:
-      return attend(q, k, v, mask)
-    spec = lambda logical, x: sharding.partition_spec(  # noqa: E731
-        logical, x.shape, mesh, self.sharding_rules
-    )
-    q_spec = spec(("batch", None, "heads", None), q)
-    kv_spec = spec(("batch", None, "kv_heads", None), k)
-    if q_spec[2] != kv_spec[2]:
-      return None
-    context = jax.sharding.get_abstract_mesh()
-    return jax.shard_map(
-        attend,
-        mesh=mesh if context.empty else context,
-        in_specs=(q_spec, kv_spec, kv_spec, PartitionSpec(q_spec[0], None, None)),
-        out_specs=q_spec,
-        check_vma=False,
-    )(q, k, v, mask)

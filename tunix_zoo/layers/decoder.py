@@ -41,7 +41,7 @@ from tunix_zoo.errors import RematError
 from tunix_zoo.layers.attention import Attention, LayerCache, attention_masks
 from tunix_zoo.layers.basic import Embedding, Linear, RMSNorm
 from tunix_zoo.layers.mlp import GatedMLP
-from tunix_zoo.layers.moe import collect_router_logits, record_router_logits
+from tunix_zoo.layers.moe import MoE
 
 Cache = dict[str, Any]
 REMAT_MODES = ("none", "layer", "attention")
@@ -61,24 +61,16 @@ def rematerialised(
     masks: dict[int | None, jax.Array],
     layer_cache: LayerCache | None,
     cache_index: jax.Array | int,
-) -> tuple[jax.Array, LayerCache | None]:
+) -> tuple[Any, ...]:
   """``block(x, positions, masks, layer_cache, cache_index)`` under ``nnx.remat``: only its
   inputs are saved for the backward pass, which recomputes the rest."""
   # The masks' keys mix None and ints, which pytrees cannot sort: pass the values only.
   windows = tuple(masks)
 
   def run(block, x, positions, mask_values, layer_cache, cache_index):
-    # Router logits must leave the inner trace as outputs, not through the collector.
-    with collect_router_logits() as router_logits:
-      out = block(x, positions, dict(zip(windows, mask_values)), layer_cache, cache_index)
-    return out, tuple(router_logits)
+    return block(x, positions, dict(zip(windows, mask_values)), layer_cache, cache_index)
 
-  out, router_logits = nnx.remat(run)(
-      block, x, positions, tuple(masks.values()), layer_cache, cache_index
-  )
-  for logits in router_logits:
-    record_router_logits(logits)
-  return out
+  return nnx.remat(run)(block, x, positions, tuple(masks.values()), layer_cache, cache_index)
 
 
 class DecoderLayer(nnx.Module):
@@ -119,9 +111,10 @@ class DecoderLayer(nnx.Module):
       layer_cache: LayerCache | None,
       cache_index: jax.Array | int,
       remat_attention: bool = False,
-  ) -> tuple[jax.Array, LayerCache | None]:
-    """The layer's output and updated cache; ``remat_attention`` recomputes the attention
-    block in the backward pass instead of saving its activations."""
+  ) -> tuple[jax.Array, LayerCache | None, jax.Array | None]:
+    """The layer's output, updated cache and router logits (None without a mixture of
+    experts); ``remat_attention`` recomputes the attention block in the backward pass
+    instead of saving its activations."""
     args = (self.pre_attn_norm(x), positions, masks, layer_cache, cache_index)
     if remat_attention:
       h, layer_cache = rematerialised(self.attn, *args)
@@ -131,9 +124,11 @@ class DecoderLayer(nnx.Module):
       h = self.post_attn_norm(h)
     x = x + h
     h = self.mlp(self.pre_mlp_norm(x))
+    # A mixture of experts returns its router logits too.
+    h, router_logits = h if isinstance(self.mlp, MoE) else (h, None)
     if self.post_mlp_norm is not None:
       h = self.post_mlp_norm(h)
-    return x + h, layer_cache
+    return x + h, layer_cache, router_logits
 
 
 class DecoderLM(nnx.Module):
@@ -343,6 +338,20 @@ class DecoderLM(nnx.Module):
       attention_mask: jax.Array | None = None,
   ) -> tuple[jax.Array, Cache | None]:
     """The final-norm hidden states ``[B, T, hidden]`` (what ``logits`` projects)."""
+    hidden, cache, _ = self.hidden_states_and_router_logits(
+        input_tokens, positions, cache, attention_mask
+    )
+    return hidden, cache
+
+  def hidden_states_and_router_logits(
+      self,
+      input_tokens: jax.Array,
+      positions: jax.Array | None = None,
+      cache: Cache | None = None,
+      attention_mask: jax.Array | None = None,
+  ) -> tuple[jax.Array, Cache | None, tuple[jax.Array, ...]]:
+    """:meth:`hidden_states`, and the router logits of each mixture-of-experts layer in
+    layer order (none for a dense model)."""
     batch, length = input_tokens.shape
     padding = None
     if attention_mask is not None and attention_mask.ndim == 2:
@@ -372,21 +381,23 @@ class DecoderLM(nnx.Module):
     # Checked per forward, not only at construction: ``model.remat`` may be changed later.
     remat = check_remat(self.remat)
     x = self.embed(input_tokens)
-    new_layers = []
+    new_layers, router_logits = [], []
     for i, layer in enumerate(self.layers):
       layer_cache = None if cache is None else cache["layers"][i]
       if remat == "layer":
-        x, layer_cache = rematerialised(layer, x, positions, masks, layer_cache, index)
+        x, layer_cache, logits = rematerialised(layer, x, positions, masks, layer_cache, index)
       else:
-        x, layer_cache = layer(
+        x, layer_cache, logits = layer(
             x, positions, masks, layer_cache, index, remat_attention=remat == "attention"
         )
       x = sharding.constrain(x, ("batch", None, None), mesh, self.sharding_rules)
       new_layers.append(layer_cache)
+      if logits is not None:
+        router_logits.append(logits)
     x = self.final_norm(x)
-    if cache is None:
-      return x, None
-    return x, {"layers": new_layers, "valid": key_valid, "index": cache["index"] + length}
+    if cache is not None:
+      cache = {"layers": new_layers, "valid": key_valid, "index": cache["index"] + length}
+    return x, cache, tuple(router_logits)
 
   def embed(self, tokens: jax.Array) -> jax.Array:
     x = self.embed_tokens(tokens)

@@ -24,7 +24,7 @@ from jax.sharding import PartitionSpec
 
 from tunix_zoo import sharding
 from tunix_zoo.layers.decoder import Cache, DecoderLayer, DecoderLM
-from tunix_zoo.layers.moe import MoE, collect_router_logits
+from tunix_zoo.layers.moe import MoE
 from tunix_zoo.models.qwen3.config import Qwen3Config
 
 
@@ -38,6 +38,9 @@ class Qwen3DecoderLayer(DecoderLayer):
         config.hidden_size, config.moe_intermediate_size, num_experts=config.num_experts,
         top_k=config.num_experts_per_tok, act=config.hidden_act,
         norm_topk_prob=config.norm_topk_prob, **kw,
+        # The attention block, built first, holds the layer's rules: the experts' kernel
+        # splits itself over the mesh by them.
+        sharding_rules=self.attn.sharding_rules,
     )
 
 
@@ -62,9 +65,8 @@ class Qwen3ForCausalLM(DecoderLM):
     """
 
     def forward(model: Qwen3ForCausalLM, *args: Any):
-      with collect_router_logits() as router_logits:
-        logits, new_cache = model._forward(*args)
-      return logits, new_cache, tuple(router_logits)
+      hidden, new_cache, router_logits = model.hidden_states_and_router_logits(*args)
+      return model.logits(hidden), new_cache, router_logits
 
     args = (input_tokens, positions, cache, attention_mask)
     if not sharding.has_explicit_axes(self.mesh):

@@ -11,13 +11,14 @@ The mask is any boolean ``[B, 1, S]`` (padding, causality, sliding windows), so 
 cache layout the model accepts works; only the cache length must be a multiple of
 :data:`BLOCK_KEYS` (``generate`` rounds its cache up to one).
 
-``MODE`` chooses where the kernel runs: ``"auto"`` on GPUs for bf16/f16 (the default),
-``"off"`` never, ``"interpret"`` anywhere in Pallas's interpreter, for tests.
+:func:`attend` is what ``Attention`` calls: the kernel as the policy's
+``decode_attention`` setting says (``tunix_zoo.kernels.KernelPolicy``), per device
+under ``shard_map`` on a mesh, or None where XLA's path serves.
 
 Example::
 
-    if decode_attention.applies(q, k):
-      out = decode_attention.decode_attention(q, k, v, mask, scale=0.125)
+    if decode_attention.supports(q, k, interpret=True):
+      out = decode_attention.decode_attention(q, k, v, mask, scale=0.125, interpret=True)
 """
 
 from __future__ import annotations
@@ -28,8 +29,11 @@ import jax
 import jax.numpy as jnp
 from jax.experimental import pallas as pl
 from jax.experimental.pallas import triton as plgpu
+from jax.sharding import AbstractMesh, Mesh, PartitionSpec
 
-MODE = "auto"
+from tunix_zoo import sharding
+from tunix_zoo.kernels.policy import runs_kernel
+
 BLOCK_KEYS = 64
 # Triton's dot needs at least 16 rows: the query heads sharing a KV head are padded to it.
 _MIN_ROWS = 16
@@ -38,17 +42,90 @@ _TARGET_PROGRAMS = 264
 _MASKED = -0.7 * float(jnp.finfo(jnp.float32).max)
 
 
-def applies(q: jax.Array, k: jax.Array) -> bool:
-  """Whether :func:`decode_attention` serves queries ``q`` ``[B, T, N, H]`` over the
-  cache keys ``k`` ``[B, S, K, H]`` under the current :data:`MODE`."""
-  if MODE == "off" or q.shape[1] != 1 or k.shape[1] % BLOCK_KEYS:
-    return False
+def why_unsupported(
+    q: jax.Array,
+    k: jax.Array,
+    mesh: Mesh | AbstractMesh | None = None,
+    rules: sharding.Rules | None = None,
+    *,
+    interpret: bool = False,
+) -> str | None:
+  """Why :func:`decode_attention` cannot serve queries ``q`` ``[B, T, N, H]`` over the
+  cache keys ``k`` ``[B, S, K, H]`` on ``mesh``; None when it can. ``interpret``: in
+  Pallas's interpreter, which runs anywhere; the compiled kernel needs a GPU."""
+  if q.shape[1] != 1:
+    return f"{q.shape[1]} query tokens per row (the kernel serves one, a decode step)"
+  if k.shape[1] % BLOCK_KEYS:
+    return f"a cache of {k.shape[1]} slots, not a multiple of {BLOCK_KEYS}"
   head_dim = q.shape[-1]
   if head_dim < 16 or head_dim & (head_dim - 1):  # Triton tiles are powers of two.
-    return False
-  if MODE == "interpret":
-    return True
-  return jax.default_backend() == "gpu" and q.dtype in (jnp.bfloat16, jnp.float16)
+    return f"head size {head_dim} (Triton needs a power of two of at least 16)"
+  if not interpret and jax.default_backend() != "gpu":
+    return f"the {jax.default_backend()} backend (the compiled kernel needs a GPU)"
+  if mesh is not None and mesh.size > 1:
+    q_spec, kv_spec = _specs(q, k, mesh, rules)
+    if q_spec[2] != kv_spec[2]:
+      # A query head would need another device's KV head.
+      return f"query heads split over {q_spec[2]} but KV heads over {kv_spec[2]}"
+  return None
+
+
+def supports(
+    q: jax.Array,
+    k: jax.Array,
+    mesh: Mesh | AbstractMesh | None = None,
+    rules: sharding.Rules | None = None,
+    *,
+    interpret: bool = False,
+) -> bool:
+  """Whether :func:`decode_attention` serves these shapes (see :func:`why_unsupported`)."""
+  return why_unsupported(q, k, mesh, rules, interpret=interpret) is None
+
+
+def _specs(q, k, mesh, rules) -> tuple[PartitionSpec, PartitionSpec]:
+  q_spec = sharding.partition_spec(("batch", None, "heads", None), q.shape, mesh, rules)
+  kv_spec = sharding.partition_spec(("batch", None, "kv_heads", None), k.shape, mesh, rules)
+  return q_spec, kv_spec
+
+
+def attend(
+    q: jax.Array,
+    k: jax.Array,
+    v: jax.Array,
+    mask: jax.Array,
+    scale: float,
+    softcap: float | None,
+    *,
+    setting: str,
+    mesh: Mesh | AbstractMesh | None,
+    rules: sharding.Rules | None = None,
+) -> jax.Array | None:
+  """:func:`decode_attention` where the policy's ``setting`` runs it (per device under
+  ``shard_map`` on a mesh of several devices); None where XLA's path should serve.
+
+  Only one-token calls are the kernel's; for them ``"auto"`` takes it on GPUs for 16-bit
+  floats, and a forced ``"pallas"`` / ``"interpret"`` that cannot serve raises
+  KernelError.
+  """
+  if q.shape[1] != 1:
+    return None
+  interpret = setting == "interpret"
+  why_not = why_unsupported(q, k, mesh, rules, interpret=interpret)
+  if not runs_kernel("decode_attention", setting, why_not,
+                     preferred=q.dtype in (jnp.bfloat16, jnp.float16)):
+    return None
+  kernel = functools.partial(decode_attention, scale=scale, softcap=softcap, interpret=interpret)
+  if mesh is None or mesh.size == 1:
+    return kernel(q, k, v, mask)
+  q_spec, kv_spec = _specs(q, k, mesh, rules)
+  context = jax.sharding.get_abstract_mesh()
+  return jax.shard_map(
+      kernel,
+      mesh=mesh if context.empty else context,
+      in_specs=(q_spec, kv_spec, kv_spec, PartitionSpec(q_spec[0], None, None)),
+      out_specs=q_spec,
+      check_vma=False,
+  )(q, k, v, mask)
 
 
 def _splits(programs: int, blocks: int) -> int:
@@ -106,13 +183,15 @@ def decode_attention(
     block_keys: int = BLOCK_KEYS,
     num_warps: int = 4,
     num_stages: int = 2,
+    interpret: bool = False,
 ) -> jax.Array:
   """Attention of ``q`` ``[B, 1, N, H]`` over ``k, v`` ``[B, S, K, H]`` where ``mask``
   ``[B, 1, S]`` allows; ``N % K == 0`` (grouped-query). Returns ``[B, 1, N, H]``.
 
   Scores and softmax are float32; ``softcap`` caps the scores as ``tanh(s/c) * c``.
   Rows whose keys are all masked give zeros. ``block_keys`` (dividing ``S``),
-  ``num_warps`` and ``num_stages`` tune the kernel.
+  ``num_warps`` and ``num_stages`` tune the kernel; ``interpret`` runs it in Pallas's
+  interpreter (any device, slowly).
   """
   batch, _, num_heads, head_dim = q.shape
   dtype = q.dtype
@@ -146,7 +225,7 @@ def decode_attention(
           jax.ShapeDtypeStruct((batch, num_kv_heads, splits, rows), jnp.float32),
       ],
       compiler_params=plgpu.CompilerParams(num_warps=num_warps, num_stages=num_stages),
-      interpret=MODE == "interpret",
+      interpret=interpret,
       name="decode_attention",
   )(q, k, v, mask)
   # Merge the splits' partial softmaxes.
