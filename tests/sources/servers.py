@@ -710,9 +710,27 @@ class _ProxyHandler(_Handler):
     finally:
       conn.close()
     skip = ("content-length", "transfer-encoding", "connection", "keep-alive", "date", "server")
-    self._send(response.status, data,
-               {k: v for k, v in response.getheaders() if k.lower() not in skip},
-               head=method == "HEAD")
+    headers = {k: v for k, v in response.getheaders() if k.lower() not in skip}
+    if response.status in (200, 206) and "alt=media" in self.path:
+      headers.update(self._generation_headers(headers))
+    self._send(response.status, data, headers, head=method == "HEAD")
+
+  def _generation_headers(self, headers: dict[str, str]) -> dict[str, str]:
+    """``x-goog-generation`` / ``-metageneration``, which GCS sends with every media
+    download and the emulator does not (tensorstore refuses a read without them)."""
+    if any(k.lower() == "x-goog-generation" for k in headers):
+      return {}
+    path, _, query = self.path.partition("?")
+    kept = "&".join(p for p in query.split("&") if p and not p.startswith("alt="))
+    conn = http.client.HTTPConnection(LOCALHOST, self.server.upstream_port, timeout=30)
+    try:
+      conn.request("GET", path + (f"?{kept}" if kept else ""))
+      response = conn.getresponse()
+      meta = json.loads(response.read() or b"{}") if response.status == 200 else {}
+    finally:
+      conn.close()
+    return {f"x-goog-{name}": str(meta[name]) for name in ("generation", "metageneration")
+            if name in meta}
 
 
 class GcsProxy(_Server):
