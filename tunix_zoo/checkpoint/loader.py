@@ -185,9 +185,10 @@ def load_checkpoint(
                                                  shardings[module_path(path)])
                for path, var in flat if module_path(path) not in stacked}
     staging = {path: layout for path, layout in staging.items() if layout is not None}
-    resharder = row_blocks.OrderedResharder([path for path, _ in flat if path in staging])
     transfers = TransferWindow(MAX_BYTES_IN_FLIGHT)
-    with concurrent.futures.ThreadPoolExecutor(READ_THREADS) as pool:
+    # With several processes, leaving it waits until every process has finished the load.
+    with row_blocks.OrderedResharder([path for path, _ in flat if path in staging]) as resharder, \
+        concurrent.futures.ThreadPoolExecutor(READ_THREADS) as pool:
       loaded = dict(pool.map(load_one, flat))
   for path, var in flat:
     var.set_value(loaded[path])
