@@ -116,6 +116,7 @@ def test_gcs_orbax_folder_streams_its_slices_in_place(streaming, gemma2, tmp_pat
   assert not (tmp_path / "zoo-cache").exists()
 
 
+@pytest.mark.slow
 def test_gcs_orbax_stream_retries_a_503_burst(streaming, gemma2):
   _, root, _ = gemma2
   preset, mesh = orbax_reference.preset_id("gemma2"), mesh_2x4(AxisType.Auto)
