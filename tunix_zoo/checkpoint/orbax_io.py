@@ -187,6 +187,11 @@ class OrbaxCheckpoint:
     self._stores: dict[str, Any] = {}
     self._lock = threading.Lock()
     self._resized_logged = False
+    # A leaf several HF keys select from (gating_einsum: gate and up) is read once per
+    # region for all of them, as any read decodes (and on gs:// fetches) its whole chunk.
+    self._sharers = collections.Counter(leaf for rule, leaf in self._views.values()
+                                        if rule.select is not None)
+    self._shared: dict[tuple[Any, ...], list[Any]] = {}
 
   def _uses_ocdbt(self) -> bool:
     return (self.folder / "manifest.ocdbt").is_file() or any(self.folder.glob("ocdbt.process_*"))
@@ -325,6 +330,26 @@ class OrbaxCheckpoint:
       return self._stores.setdefault(leaf, store)
 
   def _read_leaf(self, key: str, leaf: str, index: tuple[Any, ...]) -> np.ndarray:
+    if self._views[key][0].select is None or self._sharers[leaf] < 2:
+      return self._read_region(key, leaf, index)
+    select, region = index[0], index[1:]
+    region_key = (leaf,) + tuple((s.start, s.stop) for s in region)
+    with self._lock:
+      entry = self._shared.get(region_key)
+      first = entry is None
+      if first:  # [every selection's block, once read; the reads still to come]
+        entry = self._shared[region_key] = [concurrent.futures.Future(), self._sharers[leaf]]
+      entry[1] -= 1
+      if entry[1] == 0:
+        del self._shared[region_key]
+    if first:
+      try:
+        entry[0].set_result(self._read_region(key, leaf, (slice(None),) + region))
+      except BaseException as e:  # pylint: disable=broad-except  (the other keys raise it too)
+        entry[0].set_exception(e)
+    return entry[0].result()[select]
+
+  def _read_region(self, key: str, leaf: str, index: tuple[Any, ...]) -> np.ndarray:
     store = self._store(key, leaf)
     try:
       return np.asarray(store[index].read().result())
@@ -357,41 +382,11 @@ class RemoteOrbaxCheckpoint(OrbaxCheckpoint):
   per device slice would fetch each leaf once per device. Like the remote safetensors
   reader it offers ``read_rows``: the loader then reads each tensor once per process, in
   row blocks, and reshards on the devices (:mod:`~tunix_zoo.checkpoint.row_blocks`).
-
-  A leaf that several HF keys select from (``gating_einsum``: gate and up) is fetched
-  once for all of them: the first read of a region takes every selection, and the
-  region is dropped once each of those keys has read its part.
   """
-
-  def __init__(self, *args: Any, **kwargs: Any):
-    super().__init__(*args, **kwargs)
-    self._sharers = collections.Counter(leaf for rule, leaf in self._views.values()
-                                        if rule.select is not None)
-    self._shared: dict[tuple[Any, ...], list[Any]] = {}
 
   def read_rows(self, key: str, start: int, stop: int) -> np.ndarray:
     """Rows ``[start, stop)`` of the HF tensor ``key``."""
     return self.read(key, (slice(start, stop),))
-
-  def _read_leaf(self, key: str, leaf: str, index: tuple[Any, ...]) -> np.ndarray:
-    if self._views[key][0].select is None or self._sharers[leaf] < 2:
-      return super()._read_leaf(key, leaf, index)
-    select, region = index[0], index[1:]
-    region_key = (leaf,) + tuple((s.start, s.stop) for s in region)
-    with self._lock:
-      entry = self._shared.get(region_key)
-      first = entry is None
-      if first:  # [every selection's block, once read; the reads still to come]
-        entry = self._shared[region_key] = [concurrent.futures.Future(), self._sharers[leaf]]
-      entry[1] -= 1
-      if entry[1] == 0:
-        del self._shared[region_key]
-    if first:
-      try:
-        entry[0].set_result(super()._read_leaf(key, leaf, (slice(None),) + region))
-      except BaseException as e:  # pylint: disable=broad-except  (the other keys raise it too)
-        entry[0].set_exception(e)
-    return entry[0].result()[select]
 
 
 def open_checkpoint(folder: str | os.PathLike[str], table: OrbaxTable,
