@@ -97,6 +97,10 @@ def measure(loader: str, preset: str, folder: str) -> dict:
   if loader == "google_tunix":
     params = tunix_gemma3_params()
     config = getattr(sys.modules["tunix.models.gemma3.model"].ModelConfig, f"{preset}_it")()
+  else:
+    # Imported before the baseline, as Tunix's loader is above: the peaks are the loads'.
+    importlib.import_module("tunix_zoo.automodel")
+    importlib.import_module("tunix_zoo.checkpoint.orbax_io")
   jax.numpy.zeros(1).block_until_ready()  # Start the backend before the clock.
   # Auto axes, as Tunix passes them (its loader's sharding constraints need them).
   mesh = jax.make_mesh((1, len(jax.devices())), ("fsdp", "tp"), axis_types=(AxisType.Auto,) * 2)

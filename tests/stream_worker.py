@@ -5,7 +5,8 @@ It joins a ``jax.distributed`` cluster on 127.0.0.1 and, for each run named in
 the checkpoint onto the global ``(2, 4)`` ``("fsdp", "tp")`` mesh with
 :func:`tunix_zoo.sources.open_stream` (STORAGE_EMULATOR_HOST and HF_ENDPOINT point at this
 process's own counting servers), loads the local folder onto the same mesh, and writes
-both global logits and the reader's own byte and request counts into ``--out``.
+both global logits and the reader's own byte and request counts into ``--out``. A run
+with ``expect_error`` records the load's exception (type and message) instead.
 
 Run as ``python -m tests.stream_worker --process-id 0 --port 12345 ...`` with
 ``XLA_FLAGS=--xla_force_host_platform_device_count=4`` in the environment.
@@ -52,6 +53,14 @@ def main() -> None:
       reader = open_stream(None, source="gcs", model_path=run["ref"], token="anon")
     else:
       reader = open_stream(run["ref"], source="huggingface")
+    if run.get("expect_error"):
+      try:
+        load_stream(reader, mesh)
+      except Exception as e:  # pylint: disable=broad-except  (the test reads what it was)
+        result[run["name"]] = {"error": type(e).__name__, "message": str(e)}
+      else:
+        result[run["name"]] = {"error": None}
+      continue
     model = load_stream(reader, mesh)
     result[run["name"]] = {"bytes_fetched": reader.bytes_fetched, "requests": reader.requests,
                            "total_bytes": reader.total_bytes}

@@ -336,10 +336,19 @@ def load_stream(
 
   The progress bar counts the bytes this process fetches.
 
+  An orbax folder on ``gs://`` (``reader.orbax_folder``) carries no config.json: the
+  preset ``preset_id`` names decides, and tensorstore reads the slices from the bucket.
+
   Example::
 
       model = load_stream(open_stream(None, source="gcs", model_path="gs://b/m"), mesh)
   """
+  orbax_folder = getattr(reader, "orbax_folder", None)
+  if orbax_folder is not None:
+    return load_orbax_folder(orbax_folder, mesh, preset_id=preset_id, dtype=dtype,
+                             param_dtype=param_dtype, sharding_rules=sharding_rules,
+                             remat=remat, quantization=quantization,
+                             tensorstore_context=reader.tensorstore_context)
   try:
     hf_config = reader.read_json("config.json")
     check_not_prequantized(reader.location, hf_config, reader.keys())
@@ -372,10 +381,13 @@ def _load_with_progress(abstract, reader, key_map, mesh, sharding_rules) -> nnx.
 
 
 def orbax_checkpoint(folder: str | os.PathLike, preset_id: str | None,
-                     abstract: nnx.Module | None = None) -> tuple[Any, DecoderConfig, Any]:
+                     abstract: nnx.Module | None = None, *,
+                     tensorstore_context: dict[str, Any] | None = None
+                     ) -> tuple[Any, DecoderConfig, Any]:
   """``(family spec, preset config, OrbaxCheckpoint reader)`` of an orbax folder.
 
-  The reader is None when ``abstract`` (whose parameter shapes it needs) is None.
+  The reader is None when ``abstract`` (whose parameter shapes it needs) is None;
+  ``tensorstore_context`` adds tensorstore context resources to the reader's.
   Raises ConfigError when ``preset_id`` names no preset: orbax checkpoints carry no
   config, so the preset decides the architecture.
   """
@@ -399,7 +411,8 @@ def orbax_checkpoint(folder: str | os.PathLike, preset_id: str | None,
   for path, var in nnx.to_flat_state(nnx.state(abstract, nnx.Param)):
     if not quantized.is_quantization_scale(var):
       expected[spec.param_table.checkpoint_key(module_path(path))] = quantized.dense_shape(var)
-  return spec, config, orbax_io.OrbaxCheckpoint(folder, table, expected)
+  return spec, config, orbax_io.open_checkpoint(folder, table, expected,
+                                                 context=tensorstore_context)
 
 
 def load_orbax_folder(
@@ -412,8 +425,12 @@ def load_orbax_folder(
     sharding_rules: sharding.Rules | None = None,
     remat: str = "none",
     quantization: Quantization | str | None = None,
+    tensorstore_context: dict[str, Any] | None = None,
 ) -> nnx.Module:
   """Loads an orbax (Kaggle Flax Gemma) checkpoint folder with the preset's architecture.
+
+  A ``gs://`` folder is read in place, tensorstore fetching the slices from the bucket;
+  ``tensorstore_context`` adds context resources (e.g. ``gcs_request_concurrency``).
 
   Example::
 
@@ -433,5 +450,6 @@ def load_orbax_folder(
       config, param_dtype=param_dtype, dtype=dtype, mesh=mesh, sharding_rules=sharding_rules,
       remat=remat, quantization=quantization,
   )
-  spec, _, reader = orbax_checkpoint(folder, preset_id, abstract)
+  spec, _, reader = orbax_checkpoint(folder, preset_id, abstract,
+                                     tensorstore_context=tensorstore_context)
   return _load_with_progress(abstract, reader, spec.param_table, mesh, sharding_rules)

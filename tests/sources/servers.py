@@ -700,6 +700,14 @@ class _ProxyHandler(_Handler):
 
   def handle_request(self, method: str) -> None:
     body = self._body()
+    not_match = re.search(r"[?&]ifGenerationNotMatch=(\d+)", self.path)
+    if not_match and "alt=media" in self.path:
+      # GCS answers a conditional read of an unchanged object with 304 and no body (the
+      # emulator ignores the condition); tensorstore revalidates this way.
+      generation = self._generation_headers({}).get("x-goog-generation")
+      if generation == not_match.group(1):
+        self._send(304, b"", {"x-goog-generation": generation}, head=True)
+        return
     headers = {k: v for k, v in self.headers.items()
                if k.lower() not in ("host", "connection", "keep-alive", "accept-encoding")}
     conn = http.client.HTTPConnection(LOCALHOST, self.server.upstream_port, timeout=30)
@@ -710,9 +718,27 @@ class _ProxyHandler(_Handler):
     finally:
       conn.close()
     skip = ("content-length", "transfer-encoding", "connection", "keep-alive", "date", "server")
-    self._send(response.status, data,
-               {k: v for k, v in response.getheaders() if k.lower() not in skip},
-               head=method == "HEAD")
+    headers = {k: v for k, v in response.getheaders() if k.lower() not in skip}
+    if response.status in (200, 206) and "alt=media" in self.path:
+      headers.update(self._generation_headers(headers))
+    self._send(response.status, data, headers, head=method == "HEAD")
+
+  def _generation_headers(self, headers: dict[str, str]) -> dict[str, str]:
+    """``x-goog-generation`` / ``-metageneration``, which GCS sends with every media
+    download and the emulator does not (tensorstore refuses a read without them)."""
+    if any(k.lower() == "x-goog-generation" for k in headers):
+      return {}
+    path = self.path.partition("?")[0]
+    path = path[len("/download"):] if path.startswith("/download/") else path
+    conn = http.client.HTTPConnection(LOCALHOST, self.server.upstream_port, timeout=30)
+    try:
+      conn.request("GET", path)
+      response = conn.getresponse()
+      meta = json.loads(response.read() or b"{}") if response.status == 200 else {}
+    finally:
+      conn.close()
+    return {f"x-goog-{name}": str(meta[name]) for name in ("generation", "metageneration")
+            if name in meta}
 
 
 class GcsProxy(_Server):

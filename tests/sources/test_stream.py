@@ -171,7 +171,9 @@ def test_an_object_overwritten_during_the_load_is_a_source_error(gcs_stream, che
   reader = open_stream(None, source="gcs", model_path=url("overwritten"), token="anon")
   other = servers.make_checkpoint(tmp_path / "other", seed=1)
   upload_to_gcs(gcs_stream, other, "stream/overwritten")  # same shapes, new generation
-  with pytest.raises(SourceError, match=r"model.safetensors: the object changed while"):
+  # config.json is read first: its response already carries the new generation.
+  with pytest.raises(SourceError, match=r"overwritten/(config\.json|model\.safetensors): the "
+                     r"object changed while"):
     load_stream(reader, mesh_of("explicit"))
   assert not (tmp_path / "zoo-cache").exists()
 
@@ -259,40 +261,7 @@ def two_processes(gcs_emulator, tmp_path_factory):
              "local": str(local[layout]),
              "ref": f"gs://{GCS_BUCKET}/stream-mp/{layout}" if source == "gcs" else MP_HUB_REPO}
             for name, source, layout, axis_type in MP_RUNS]
-    port = servers.free_port()
-    logs = [root / f"worker_{i}.log" for i in range(NUM_PROCESSES)]
-    caches = [root / f"cache_{i}" for i in range(NUM_PROCESSES)]
-    workers = []
-    try:
-      for i, log in enumerate(logs):
-        env = {**os.environ,
-               "XLA_FLAGS": "--xla_force_host_platform_device_count=4", "JAX_PLATFORMS": "cpu",
-               "PYTHONPATH": os.pathsep.join([str(REPO_ROOT), os.environ.get("PYTHONPATH", "")]),
-               "STORAGE_EMULATOR_HOST": proxies[i].url, "HF_ENDPOINT": hubs[i].url,
-               "HF_HOME": str(caches[i] / "hf-home"), "HF_HUB_CACHE": str(caches[i] / "hf"),
-               "HF_HUB_DISABLE_XET": "1", "HF_HUB_DISABLE_TELEMETRY": "1",
-               "HF_HUB_OFFLINE": "0", "TUNIX_ZOO_CACHE": str(caches[i] / "zoo"),
-               "TUNIX_ZOO_QUIET": "1", "GCSFS_EXPERIMENTAL_ZB_HNS_SUPPORT": "false"}
-        env.pop("HF_TOKEN", None)
-        with open(log, "w") as log_file:
-          workers.append(subprocess.Popen(
-              [sys.executable, "-m", "tests.stream_worker", "--process-id", str(i),
-               "--port", str(port), "--runs", json.dumps(runs),
-               "--inputs", str(root / "inputs.npz"), "--out", str(root)],
-              cwd=REPO_ROOT, env=env, stdout=log_file, stderr=subprocess.STDOUT))
-      deadline = time.monotonic() + WORKER_TIMEOUT_S
-      while any(w.poll() is None for w in workers) and not any(w.poll() for w in workers):
-        if time.monotonic() > deadline:
-          pytest.fail(f"workers ran past {WORKER_TIMEOUT_S} s\n{log_tails(logs)}")
-        time.sleep(0.2)
-    finally:
-      for worker in workers:
-        if worker.poll() is None:
-          worker.kill()
-          worker.wait()
-    codes = [worker.returncode for worker in workers]
-    if any(codes):
-      pytest.fail(f"workers exited with {codes}\n{log_tails(logs)}")
+    caches = run_workers(root, runs, proxies, hubs, WORKER_TIMEOUT_S)
     yield {"root": root, "local": local, "runs": runs, "mask": mask, "caches": caches,
            "proxies": proxies, "hubs": hubs,
            "results": [json.loads((root / f"result_{i}.json").read_text())
@@ -300,6 +269,49 @@ def two_processes(gcs_emulator, tmp_path_factory):
   finally:
     for server in proxies + hubs:
       server.__exit__(None, None, None)
+
+
+def run_workers(root: pathlib.Path, runs: list[dict], proxies: list, hubs: list,
+                timeout_s: float, env: dict[str, str] | None = None) -> list[pathlib.Path]:
+  """Runs the two workers (root holds inputs.npz) to the end, each against its own
+  servers; fails the test if one exits non-zero or they run past ``timeout_s``. Returns
+  their cache folders."""
+  port = servers.free_port()
+  logs = [root / f"worker_{i}.log" for i in range(NUM_PROCESSES)]
+  caches = [root / f"cache_{i}" for i in range(NUM_PROCESSES)]
+  workers = []
+  try:
+    for i, log in enumerate(logs):
+      worker_env = {
+          **os.environ, **(env or {}),
+          "XLA_FLAGS": "--xla_force_host_platform_device_count=4", "JAX_PLATFORMS": "cpu",
+          "PYTHONPATH": os.pathsep.join([str(REPO_ROOT), os.environ.get("PYTHONPATH", "")]),
+          "STORAGE_EMULATOR_HOST": proxies[i].url, "HF_ENDPOINT": hubs[i].url,
+          "HF_HOME": str(caches[i] / "hf-home"), "HF_HUB_CACHE": str(caches[i] / "hf"),
+          "HF_HUB_DISABLE_XET": "1", "HF_HUB_DISABLE_TELEMETRY": "1",
+          "HF_HUB_OFFLINE": "0", "TUNIX_ZOO_CACHE": str(caches[i] / "zoo"),
+          "TUNIX_ZOO_QUIET": "1", "GCSFS_EXPERIMENTAL_ZB_HNS_SUPPORT": "false"}
+      worker_env.pop("HF_TOKEN", None)
+      with open(log, "w") as log_file:
+        workers.append(subprocess.Popen(
+            [sys.executable, "-m", "tests.stream_worker", "--process-id", str(i),
+             "--port", str(port), "--runs", json.dumps(runs),
+             "--inputs", str(root / "inputs.npz"), "--out", str(root)],
+            cwd=REPO_ROOT, env=worker_env, stdout=log_file, stderr=subprocess.STDOUT))
+    deadline = time.monotonic() + timeout_s
+    while any(w.poll() is None for w in workers) and not any(w.poll() for w in workers):
+      if time.monotonic() > deadline:
+        pytest.fail(f"workers ran past {timeout_s} s\n{log_tails(logs)}")
+      time.sleep(0.2)
+  finally:
+    for worker in workers:
+      if worker.poll() is None:
+        worker.kill()
+        worker.wait()
+  codes = [worker.returncode for worker in workers]
+  if any(codes):
+    pytest.fail(f"workers exited with {codes}\n{log_tails(logs)}")
+  return caches
 
 
 def log_tails(logs: list[pathlib.Path]) -> str:
@@ -359,6 +371,42 @@ def test_streamed_logits_equal_the_local_folder_load(two_processes, name):
 def test_streaming_processes_write_nothing_to_disk(two_processes):
   for cache in two_processes["caches"]:
     assert not cache.exists() or not any(p.is_file() for p in cache.rglob("*"))
+
+
+FAULT_TIMEOUT_S = 150  # the workers' start and one small load
+
+
+@pytest.mark.slow
+def test_a_read_failing_on_one_process_fails_the_load_on_both(gcs_emulator, tmp_path):
+  """Process 1's bucket denies a tensor's range mid-load; process 0 reads fine. Both must
+  raise, promptly: process 0 must not sit in the reshard collective waiting for 1."""
+  folder = tmp_path / "fault"
+  reference.make_checkpoint("qwen3", folder)
+  tokens, mask, _ = reference.left_padded_batch(seed=3, batch=2)
+  np.savez(tmp_path / "inputs.npz", tokens=tokens, mask=mask)
+  proxies = [CountingGcsProxy(gcs_emulator) for _ in range(NUM_PROCESSES)]
+  hubs = [CountingHubServer() for _ in range(NUM_PROCESSES)]
+  for server in proxies + hubs:
+    server.__enter__()
+  try:
+    upload_to_gcs(proxies[0], folder, "stream-fault/single")
+    # The file's first two requests are its header; then a few tensors load first.
+    proxies[1].faults.status(403, match="stream-fault%2Fsingle%2Fmodel.safetensors", skip=6,
+                             times=1000)
+    runs = [{"name": "fault", "source": "gcs", "layout": "single", "axis_type": "explicit",
+             "local": str(folder), "ref": f"gs://{GCS_BUCKET}/stream-fault/single",
+             "expect_error": True}]
+    # A peer that never reported would fail its wait after 60 s with another message.
+    run_workers(tmp_path, runs, proxies, hubs, FAULT_TIMEOUT_S,
+                env={"TUNIX_ZOO_PEER_TIMEOUT_S": "60"})
+  finally:
+    for server in proxies + hubs:
+      server.__exit__(None, None, None)
+  results = [json.loads((tmp_path / f"result_{i}.json").read_text())["fault"]
+             for i in range(NUM_PROCESSES)]
+  assert results[1]["error"] == "SourceError" and "denied access" in results[1]["message"]
+  assert results[0]["error"] == "CheckpointError", results[0]
+  assert "Process 1 failed" in results[0]["message"] and "denied" in results[0]["message"]
 
 
 def test_cli_stream_loads_and_trains(gcs_stream, tmp_path, capsys):

@@ -206,10 +206,11 @@ def load_checkpoint(
                for path, var in flat if module_path(path) not in stacked
                and path not in scales and not quantized.is_quantized_weight(var)}
     staging = {path: layout for path, layout in staging.items() if layout is not None}
-    resharder = row_blocks.OrderedResharder([path for path, _ in flat if path in staging])
     transfers = TransferWindow(MAX_BYTES_IN_FLIGHT)
     variables = dict(flat)
-    with concurrent.futures.ThreadPoolExecutor(READ_THREADS) as pool:
+    # With several processes, leaving it waits until every process has finished the load.
+    with row_blocks.OrderedResharder([path for path, _ in flat if path in staging]) as resharder, \
+        concurrent.futures.ThreadPoolExecutor(READ_THREADS) as pool:
       loaded = dict(pair for pairs in pool.map(load_one, [(p, v) for p, v in flat
                                                           if p not in scales])
                     for pair in pairs)

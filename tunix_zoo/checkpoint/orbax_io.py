@@ -9,7 +9,8 @@ presents it under the HF keys of the family's safetensors layout, each HF tensor
 :class:`~tunix_zoo.checkpoint.reader.CheckpointFiles`, so the one loader serves
 both: each device slice of an HF tensor becomes one tensorstore read of the region of
 the leaf that covers it; no leaf is restored whole on the host unless a device holds it
-whole::
+whole. A folder on ``gs://`` is read in place (:class:`RemoteOrbaxCheckpoint`):
+tensorstore fetches the slices from the bucket itself::
 
     shapes = {"model.norm.weight": (1152,), ...}  # what the model expects
     with OrbaxCheckpoint("/ckpt/gemma3-1b", GEMMA3_ORBAX, shapes) as ckpt:
@@ -18,10 +19,15 @@ whole::
 
 from __future__ import annotations
 
+import collections
+import concurrent.futures
+import ctypes
+import functools
 import logging
 import math
 import os
 import pathlib
+import platform
 import re
 import threading
 from typing import Any, Mapping
@@ -37,6 +43,33 @@ log = logging.getLogger(__name__)
 # Files orbax writes at the root of every checkpoint it saves.
 MARKERS = ("_METADATA", "_CHECKPOINT_METADATA", "manifest.ocdbt")
 _LAYOUTS_NOT_READ = re.compile(r"(^|/)stacked_layers(/|$)")
+# glibc's malloc raises its mmap threshold to the size of each large block freed (up to
+# 32 MB); past that, tensorstore's chunk buffers (a whole leaf each, 32 MB for Gemma 3 1B's
+# MLP) come from malloc's arenas, which keep them resident once freed: 0.10-0.15x the
+# weights above them for the rest of a load. A fixed threshold returns every block of at
+# least 1 MB to the system when freed (peak 1.15x -> 1.03x; benchmarks/README.md).
+_MMAP_THRESHOLD = 1 << 20
+_M_MMAP_THRESHOLD = -3  # glibc's malloc.h
+
+
+@functools.cache
+def _return_large_blocks_on_free() -> None:
+  """Has glibc's malloc unmap freed blocks of 1 MB or more (process-wide, once).
+
+  Other C libraries are left as they are.
+  """
+  if platform.libc_ver()[0] != "glibc":
+    return
+  ctypes.CDLL(None).mallopt(_M_MMAP_THRESHOLD, _MMAP_THRESHOLD)
+
+
+def _path(folder: Any) -> Any:
+  """A pathlib.Path, or for ``gs://`` an etils ``epath.Path`` (gcsfs underneath)."""
+  if str(folder).startswith("gs://"):
+    from etils import epath  # pylint: disable=import-outside-toplevel  (orbax's own path type)
+
+    return epath.Path(str(folder))
+  return pathlib.Path(folder)
 
 
 def is_orbax_folder(folder: str | os.PathLike[str]) -> bool:
@@ -48,13 +81,14 @@ def is_orbax_folder(folder: str | os.PathLike[str]) -> bool:
   return True
 
 
-def find_checkpoint(folder: str | os.PathLike[str]) -> pathlib.Path:
-  """The orbax checkpoint folder: ``folder`` itself, or its one sub-folder holding one.
+def find_checkpoint(folder: str | os.PathLike[str]) -> Any:
+  """The orbax checkpoint folder: ``folder`` itself, or its one sub-folder holding one (a
+  ``pathlib.Path``, or an ``epath.Path`` for ``gs://``).
 
   Kaggle's Flax variations unpack as ``<download>/tokenizer.model`` beside
   ``<download>/<variation>/`` (the checkpoint).
   """
-  root = pathlib.Path(folder)
+  root = _path(folder)
   if any((root / name).is_file() for name in MARKERS):
     return root
   found = sorted(p for p in root.iterdir() if p.is_dir()
@@ -79,7 +113,7 @@ def _leaf_paths(tree: Any, prefix: tuple[str, ...] = ()) -> dict[str, Any]:
   return out
 
 
-def read_metadata(checkpoint: pathlib.Path) -> dict[str, Any]:
+def read_metadata(checkpoint: Any) -> dict[str, Any]:
   """'/'-joined leaf path -> orbax ArrayMetadata (shape, dtype, storage name)."""
   import orbax.checkpoint as ocp
 
@@ -105,14 +139,19 @@ class OrbaxCheckpoint:
   rules (``qkv_einsum`` or ``q_einsum``, the gating orientation) and sizes the
   embedding, whose extra rows are dropped and missing ones read as zeros (logged once).
 
+  ``context`` adds tensorstore context resources (e.g. ``gcs_request_concurrency``) to
+  orbax's own.
+
   Raises CheckpointError on opening for a missing or unreadable metadata file, a leaf no
   rule reads (a layout this reader does not know, e.g. ``stacked_layers``), or an HF
   key no leaf gives in the expected shape.
   """
 
   def __init__(self, folder: str | os.PathLike[str], table: OrbaxTable,
-               expected: Mapping[str, tuple[int, ...]]):
+               expected: Mapping[str, tuple[int, ...]], *,
+               context: Mapping[str, Any] | None = None):
     import orbax.checkpoint as ocp
+    import tensorstore as ts
 
     self.folder = find_checkpoint(folder)
     leaves = read_metadata(self.folder)
@@ -139,10 +178,20 @@ class OrbaxCheckpoint:
       log.warning("%s is a multimodal checkpoint: loading its language model only; the "
                   "vision weights are skipped.", self.folder)
     self._expected = dict(expected)
-    self._context = ocp.type_handlers.get_ts_context(use_ocdbt=self._uses_ocdbt())
+    _return_large_blocks_on_free()
+    # Asked once: on gs:// each question is a request.
+    self._ocdbt = self._uses_ocdbt()
+    self._context = ocp.type_handlers.get_ts_context(use_ocdbt=self._ocdbt)
+    if context:
+      self._context = ts.Context(ts.Context.Spec(dict(context)), self._context)
     self._stores: dict[str, Any] = {}
     self._lock = threading.Lock()
     self._resized_logged = False
+    # A leaf several HF keys select from (gating_einsum: gate and up) is read once per
+    # region for all of them, as any read decodes (and on gs:// fetches) its whole chunk.
+    self._sharers = collections.Counter(leaf for rule, leaf in self._views.values()
+                                        if rule.select is not None)
+    self._shared: dict[tuple[Any, ...], list[Any]] = {}
 
   def _uses_ocdbt(self) -> bool:
     return (self.folder / "manifest.ocdbt").is_file() or any(self.folder.glob("ocdbt.process_*"))
@@ -267,7 +316,7 @@ class OrbaxCheckpoint:
         name=self._leaves[leaf].name, parent_dir=epath.Path(self.folder),
         use_zarr3=bool(getattr(self._leaves[leaf], "use_zarr3", False)),
         ts_context=self._context)
-    spec = ocp.type_handlers.get_json_tspec_read(info, use_ocdbt=self._uses_ocdbt())
+    spec = ocp.type_handlers.get_json_tspec_read(info, use_ocdbt=self._ocdbt)
     try:
       store = ts.open(spec, read=True, context=self._context).result()
     except Exception as e:  # tensorstore raises ValueError for every storage failure.
@@ -281,6 +330,26 @@ class OrbaxCheckpoint:
       return self._stores.setdefault(leaf, store)
 
   def _read_leaf(self, key: str, leaf: str, index: tuple[Any, ...]) -> np.ndarray:
+    if self._views[key][0].select is None or self._sharers[leaf] < 2:
+      return self._read_region(key, leaf, index)
+    select, region = index[0], index[1:]
+    region_key = (leaf,) + tuple((s.start, s.stop) for s in region)
+    with self._lock:
+      entry = self._shared.get(region_key)
+      first = entry is None
+      if first:  # [every selection's block, once read; the reads still to come]
+        entry = self._shared[region_key] = [concurrent.futures.Future(), self._sharers[leaf]]
+      entry[1] -= 1
+      if entry[1] == 0:
+        del self._shared[region_key]
+    if first:
+      try:
+        entry[0].set_result(self._read_region(key, leaf, (slice(None),) + region))
+      except BaseException as e:  # pylint: disable=broad-except  (the other keys raise it too)
+        entry[0].set_exception(e)
+    return entry[0].result()[select]
+
+  def _read_region(self, key: str, leaf: str, index: tuple[Any, ...]) -> np.ndarray:
     store = self._store(key, leaf)
     try:
       return np.asarray(store[index].read().result())
@@ -302,5 +371,32 @@ class OrbaxCheckpoint:
 
   def __exit__(self, *exc_info: object) -> None:
     self.close()
+
+
+class RemoteOrbaxCheckpoint(OrbaxCheckpoint):
+  """An orbax checkpoint on ``gs://``, read in place: tensorstore fetches each read's
+  chunks from the bucket (endpoint ``TENSORSTORE_GCS_HTTP_URL``, Application Default
+  Credentials).
+
+  A leaf is usually one chunk, which a read of any part of it fetches whole, so reading
+  per device slice would fetch each leaf once per device. Like the remote safetensors
+  reader it offers ``read_rows``: the loader then reads each tensor once per process, in
+  row blocks, and reshards on the devices (:mod:`~tunix_zoo.checkpoint.row_blocks`).
+  """
+
+  def read_rows(self, key: str, start: int, stop: int) -> np.ndarray:
+    """Rows ``[start, stop)`` of the HF tensor ``key``."""
+    return self.read(key, (slice(start, stop),))
+
+
+def open_checkpoint(folder: str | os.PathLike[str], table: OrbaxTable,
+                    expected: Mapping[str, tuple[int, ...]], *,
+                    context: Mapping[str, Any] | None = None
+                    ) -> OrbaxCheckpoint:
+  """The reader for ``folder``: :class:`RemoteOrbaxCheckpoint` for ``gs://``, else
+  :class:`OrbaxCheckpoint`."""
+  remote = str(folder).startswith("gs://")
+  return (RemoteOrbaxCheckpoint if remote else OrbaxCheckpoint)(folder, table, expected,
+                                                               context=context)
 
 

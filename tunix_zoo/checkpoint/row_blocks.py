@@ -13,17 +13,23 @@ directly.
 
 Multi-controller JAX needs every process to launch collectives in the same order, while
 the loader's threads finish their reads in any order: :class:`OrderedResharder` issues
-the reshards in one fixed order::
+the reshards in one fixed order. A reshard is a collective that waits for every process,
+so with several processes they first agree, through jax.distributed's key-value store,
+that each read its blocks: a read that fails on one process fails the load on all of
+them, with every wait bounded, instead of leaving the others in a collective::
 
-    staging = staging_sharding(reader, shape, target)
-    if staging is not None:
-      array = resharder.load(path, shape, staging, target, read)
+    with OrderedResharder(order) as resharder:
+      staging = staging_sharding(reader, shape, target)
+      if staging is not None:
+        array = resharder.load(path, shape, staging, target, read)
 """
 
 from __future__ import annotations
 
 import collections
 import functools
+import itertools
+import os
 import threading
 from typing import Any, Callable, Hashable
 
@@ -82,13 +88,70 @@ def _reshard(target: NamedSharding, rows: int, padded: int, ndim: int) -> Callab
   return jax.jit(reshard, out_shardings=target)
 
 
+# Seconds a process waits for the others to report a tensor read (or the whole load) before
+# it gives up: one tensor's read under the sources' retry policy takes far less.
+PEER_TIMEOUT_ENV = "TUNIX_ZOO_PEER_TIMEOUT_S"
+DEFAULT_PEER_TIMEOUT_S = 600.0
+_loads = itertools.count()  # every process opens its loads in the same order
+
+
+def peer_timeout_s() -> float:
+  """``TUNIX_ZOO_PEER_TIMEOUT_S``, or 600."""
+  text = os.environ.get(PEER_TIMEOUT_ENV, "")
+  try:
+    value = float(text) if text else DEFAULT_PEER_TIMEOUT_S
+  except ValueError:
+    value = -1.0
+  if value <= 0:
+    raise CheckpointError(f"{PEER_TIMEOUT_ENV}={text!r} is not a positive number of "
+                          f"seconds. Set it to e.g. {DEFAULT_PEER_TIMEOUT_S:g}, or unset it.")
+  return value
+
+
+class _Peers:
+  """What the other processes of a multi-process load report, through jax.distributed's
+  key-value store (the coordinator every process already talks to)."""
+
+  def __init__(self, load: int):
+    from jax._src import distributed  # pylint: disable=import-outside-toplevel  (as orbax does)
+
+    self._client = distributed.global_state.client
+    self._prefix = f"tunix_zoo/load/{load}"
+    self._me = jax.process_index()
+    self._others = [p for p in range(jax.process_count()) if p != self._me]
+    self._timeout_ms = int(peer_timeout_s() * 1000)
+
+  def agree(self, step: str, what: str, error: BaseException | None) -> None:
+    """Posts this process's outcome of ``step``, then waits for every other's; raises
+    CheckpointError if one failed or did not report within the timeout."""
+    self._client.key_value_set(f"{self._prefix}/{step}/{self._me}",
+                               "ok" if error is None else f"{type(error).__name__}: {error}")
+    for process in self._others:
+      try:
+        outcome = self._client.blocking_key_value_get(f"{self._prefix}/{step}/{process}",
+                                                      self._timeout_ms)
+      except Exception as e:  # pylint: disable=broad-except  (jax raises its runtime error)
+        raise CheckpointError(
+            f"Process {process} did not report {what} within {self._timeout_ms / 1000:g} s "
+            f"({str(e).splitlines()[0][:200]}); the load was abandoned on process "
+            f"{self._me}. See process {process}'s log; {PEER_TIMEOUT_ENV} sets the "
+            "wait.") from e
+      if outcome != "ok" and error is None:
+        raise CheckpointError(f"Process {process} failed {what} ({outcome[:500]}); the load "
+                              f"was abandoned on every process.")
+
+
 class OrderedResharder:
   """Reads staged tensors in parallel; issues their reshards in ``order`` on every process.
 
+  With several processes, each reshard waits until every process has read its blocks of
+  that tensor, and leaving the ``with`` block waits until every process has finished the
+  load: a failure anywhere is raised everywhere (CheckpointError on the others).
+
   Example::
 
-      resharder = OrderedResharder([path for path, _ in flat if path in staged])
-      array = resharder.load(path, shape, staging, target, read)  # from any thread
+      with OrderedResharder([path for path, _ in flat if path in staged]) as resharder:
+        array = resharder.load(path, shape, staging, target, read)  # from any thread
   """
 
   def __init__(self, order: list[Hashable]):
@@ -96,6 +159,14 @@ class OrderedResharder:
     self._next = 0
     self._failed = False
     self._cond = threading.Condition()
+    self._peers = _Peers(next(_loads)) if jax.process_count() > 1 else None
+
+  def __enter__(self) -> OrderedResharder:
+    return self
+
+  def __exit__(self, exc_type: object, error: BaseException | None, *_: object) -> None:
+    if self._peers is not None:
+      self._peers.agree("done", "the load", error)
 
   def load(self, key: Hashable, shape: tuple[int, ...], staging: NamedSharding,
            target: NamedSharding, read: Callable[[tuple[slice, ...]], np.ndarray]
@@ -131,12 +202,20 @@ class OrderedResharder:
 
     staged, error = None, None
     try:
+      if self._failed:
+        raise CheckpointError("Not read: reading an earlier tensor failed.")
       staged = jax.make_array_from_callback(padded_shape, staging, read_block)
     except Exception as e:  # pylint: disable=broad-except
       error = e  # raised in this key's turn, which must still pass to the next key
     with self._cond:
       self._cond.wait_for(lambda: self._next == self._turn[key])
       try:
+        if self._peers is not None and not self._failed:
+          try:
+            self._peers.agree(f"tensor/{self._turn[key]}", f"reading {key}", error)
+          except CheckpointError:
+            self._failed = True
+            raise
         if error is not None:
           self._failed = True
           raise error

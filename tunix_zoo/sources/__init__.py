@@ -177,7 +177,9 @@ def open_stream(model_id: str | None, *, source: ModelSource | str = ModelSource
                 concurrency: int | None = None) -> Any:
   """A :class:`~tunix_zoo.checkpoint.remote_safetensors.RemoteCheckpoint` reading the
   checkpoint straight from GCS (``model_path="gs://..."``) or the Hub (``model_id``), with
-  no local copy; ``concurrency`` ranges are fetched at a time (default 16).
+  no local copy; ``concurrency`` ranges are fetched at a time (default 16). A ``gs://``
+  prefix holding an orbax checkpoint gives an :class:`~tunix_zoo.sources.stream.
+  OrbaxFolder` instead, which tensorstore reads in place.
 
   Raises:
     SourceError: a source that cannot stream, arguments that do not fit it, or any

@@ -13,7 +13,11 @@ RemoteCheckpoint` over one of them:
   huggingface_hub's own HTTP session and headers.
 
 Both retry transient failures (5xx, dropped connections, short bodies) under the sources'
-shared :func:`~tunix_zoo.sources._download.retry` policy::
+shared :func:`~tunix_zoo.sources._download.retry` policy.
+
+An orbax (Kaggle Flax Gemma) folder on ``gs://`` is not read through a fetcher:
+:func:`open_remote` returns an :class:`OrbaxFolder`, whose slices tensorstore reads from
+the bucket itself, under the same retry policy and concurrency::
 
     ckpt = open_remote(ModelSource.GCS, None, model_path="gs://b/qwen3", token="anon")
 """
@@ -26,6 +30,7 @@ from typing import Any
 
 import aiohttp
 
+from tunix_zoo.checkpoint import orbax_io
 from tunix_zoo.checkpoint.remote_safetensors import DEFAULT_CONCURRENCY, RemoteCheckpoint
 from tunix_zoo.errors import SourceError, http_status
 from tunix_zoo.sources import _download
@@ -224,16 +229,71 @@ class HubFetcher:
       raise error from e
 
 
+class OrbaxFolder:
+  """An orbax checkpoint folder on ``gs://``, for :func:`~tunix_zoo.automodel.load_stream`:
+  tensorstore reads its slices from the bucket itself (``orbax_folder``), with the
+  context resources ``tensorstore_context`` (request concurrency, retries).
+
+  tensorstore takes its endpoint from ``TENSORSTORE_GCS_HTTP_URL``; when only
+  ``STORAGE_EMULATOR_HOST`` is set (the emulator convention gcsfs follows), it is set from
+  that, so both read the same server. It authenticates with Application Default
+  Credentials, not ``token``.
+
+  Example::
+
+      with OrbaxFolder("gs://my-bucket/gemma3-1b", concurrency=16) as folder:
+        model = load_stream(folder, mesh, preset_id="gemma3_1b")
+  """
+
+  def __init__(self, location: str, *, concurrency: int = DEFAULT_CONCURRENCY):
+    self.location = self.orbax_folder = location.rstrip("/")
+    policy = _download.retry_policy()
+    self.tensorstore_context = {
+        "gcs_request_concurrency": {"limit": concurrency},
+        "gcs_request_retries": {"max_retries": policy.attempts,
+                                "initial_delay": f"{policy.base_delay_s}s",
+                                "max_delay": f"{policy.max_delay_s}s"}}
+    _point_tensorstore_at_the_emulator()
+
+  def close(self) -> None:
+    """Nothing to release: tensorstore's readers close with the load."""
+
+  def __enter__(self) -> OrbaxFolder:
+    return self
+
+  def __exit__(self, *exc_info: object) -> None:
+    self.close()
+
+
+_TENSORSTORE_URL = "TENSORSTORE_GCS_HTTP_URL"
+_url_set_here: list[str] = []
+
+
+def _point_tensorstore_at_the_emulator() -> None:
+  """``TENSORSTORE_GCS_HTTP_URL`` from ``STORAGE_EMULATOR_HOST``, unless set otherwise."""
+  emulator = os.environ.get("STORAGE_EMULATOR_HOST")
+  current = os.environ.get(_TENSORSTORE_URL)
+  if not emulator or (current is not None and current not in _url_set_here):
+    return
+  url = emulator if "://" in emulator else f"http://{emulator}"
+  os.environ[_TENSORSTORE_URL] = url
+  _url_set_here.append(url)
+
+
 def open_remote(source: Any, model_id: str | None, *, model_path: str | os.PathLike | None,
                 revision: str | None = None, token: Any = None,
-                concurrency: int | None = None) -> RemoteCheckpoint:
-  """A :class:`RemoteCheckpoint` over the GCS prefix or Hub repo the arguments name.
+                concurrency: int | None = None) -> RemoteCheckpoint | OrbaxFolder:
+  """A :class:`RemoteCheckpoint` over the GCS prefix or Hub repo the arguments name, or
+  an :class:`OrbaxFolder` for a ``gs://`` prefix holding an orbax checkpoint.
 
   ``source`` is ``"gcs"`` or ``"huggingface"`` (a :class:`~tunix_zoo.sources.ModelSource`).
   """
   source = getattr(source, "value", source)
   if source == "gcs":
     fetcher: Any = GcsFetcher(os.fspath(model_path), token=token)
+    if fetcher.size("config.json") is None and any(
+        fetcher.size(name) is not None for name in orbax_io.MARKERS):
+      return OrbaxFolder(fetcher.location, concurrency=concurrency or DEFAULT_CONCURRENCY)
   else:
     fetcher = HubFetcher(model_id, revision=revision, token=token)
   return RemoteCheckpoint(fetcher, concurrency=concurrency or DEFAULT_CONCURRENCY)
