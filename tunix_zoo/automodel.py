@@ -75,6 +75,7 @@ class AutoModel:
       token: str | None = None,
       local_files_only: bool = False,
       remat: str = "none",
+      scan_layers: bool = False,
       subfolder: str | None = None,
       variant: str | None = None,
       force_download: bool = False,
@@ -92,7 +93,9 @@ class AutoModel:
     load); when ``model_id`` also names a registered preset, the two must agree.
     ``param_dtype`` defaults to the checkpoint's dtype and ``dtype`` (compute) to
     ``param_dtype``. ``remat`` (``"none"``, ``"layer"``, ``"attention"``) chooses what
-    the backward pass recomputes instead of saving. As in transformers: ``subfolder``
+    the backward pass recomputes instead of saving; ``scan_layers=True`` holds the layers
+    stacked and scanned (:class:`tunix_zoo.layers.decoder.LayerStack`: the same numbers,
+    a compile time flat in depth). As in transformers: ``subfolder``
     is the repo (or folder) directory holding the checkpoint, ``variant`` loads
     ``model.<variant>.safetensors`` (or ``model.safetensors.index.<variant>.json``),
     ``force_download`` re-downloads cached files, and ``cache_dir`` is the Hugging Face
@@ -119,7 +122,8 @@ class AutoModel:
       reader = open_stream(model_id, source=source, model_path=model_path, revision=revision,
                            token=token, concurrency=stream_concurrency)
       model = load_stream(reader, mesh, preset_id=model_id, dtype=dtype,
-                          param_dtype=param_dtype, sharding_rules=sharding_rules, remat=remat)
+                          param_dtype=param_dtype, sharding_rules=sharding_rules, remat=remat,
+                          scan_layers=scan_layers)
       return model, reader.location
     folder = fetch(
         model_id, source=source, model_path=model_path, model_download_path=model_download_path,
@@ -129,7 +133,7 @@ class AutoModel:
     )
     model = load_folder(
         folder, mesh, preset_id=model_id, dtype=dtype, param_dtype=param_dtype,
-        sharding_rules=sharding_rules, remat=remat, variant=variant,
+        sharding_rules=sharding_rules, remat=remat, scan_layers=scan_layers, variant=variant,
     )
     return model, str(folder)
 
@@ -143,11 +147,13 @@ class AutoModel:
       param_dtype: Any = np.float32,
       sharding_rules: sharding.Rules | None = None,
       remat: str = "none",
+      scan_layers: bool = False,
   ) -> nnx.Module:
     """A randomly initialised model, created directly in its sharding on ``mesh``.
 
     ``config_or_id`` is a config dataclass or a preset id (``"qwen3_0p6b"``, or an HF
-    id such as ``"Qwen/Qwen3-0.6B"`` that names one). ``remat`` as in ``from_pretrained``.
+    id such as ``"Qwen/Qwen3-0.6B"`` that names one). ``remat`` and ``scan_layers`` as in
+    ``from_pretrained``.
     """
     _check_arguments(mesh, dtype=dtype, param_dtype=param_dtype, sharding_rules=sharding_rules)
     if isinstance(config_or_id, str):
@@ -158,7 +164,7 @@ class AutoModel:
     key = rngs.params() if isinstance(rngs, nnx.Rngs) else jax.random.key(rngs)
     abstract = abstract_model(
         config, param_dtype=param_dtype, dtype=dtype, mesh=mesh, sharding_rules=sharding_rules,
-        remat=remat,
+        remat=remat, scan_layers=scan_layers,
     )
     return initialise(abstract, key, parameter_shardings(abstract, mesh, sharding_rules))
 
@@ -251,6 +257,7 @@ def load_folder(
     param_dtype: Any = None,
     sharding_rules: sharding.Rules | None = None,
     remat: str = "none",
+    scan_layers: bool = False,
     variant: str | None = None,
 ) -> nnx.Module:
   """Loads a local HF checkpoint folder (config.json + safetensors) onto ``mesh``;
@@ -262,7 +269,7 @@ def load_folder(
   if not (pathlib.Path(folder) / "config.json").is_file() and orbax_io.is_orbax_folder(folder):
     return load_orbax_folder(folder, mesh, preset_id=preset_id, dtype=dtype,
                              param_dtype=param_dtype, sharding_rules=sharding_rules,
-                             remat=remat)
+                             remat=remat, scan_layers=scan_layers)
   hf_config = read_hf_config(folder)
   spec, config = family_and_config(hf_config, preset_id)
   check_layer_count(folder, spec.param_table, config.num_layers, variant)
@@ -276,7 +283,7 @@ def load_folder(
   dtype = dtype or param_dtype
   abstract = abstract_model(
       config, param_dtype=param_dtype, dtype=dtype, mesh=mesh, sharding_rules=sharding_rules,
-      remat=remat,
+      remat=remat, scan_layers=scan_layers,
   )
   return _load_with_progress(abstract, CheckpointFiles(folder, variant), spec.param_table, mesh,
                              sharding_rules)
@@ -291,6 +298,7 @@ def load_stream(
     param_dtype: Any = None,
     sharding_rules: sharding.Rules | None = None,
     remat: str = "none",
+    scan_layers: bool = False,
 ) -> nnx.Module:
   """Loads a :class:`~tunix_zoo.checkpoint.remote_safetensors.RemoteCheckpoint` (from
   :func:`tunix_zoo.sources.open_stream`) onto ``mesh``, reading its config.json too.
@@ -307,7 +315,7 @@ def load_stream(
     param_dtype = param_dtype or checkpoint_dtype(reader)
     abstract = abstract_model(
         config, param_dtype=param_dtype, dtype=dtype or param_dtype, mesh=mesh,
-        sharding_rules=sharding_rules, remat=remat,
+        sharding_rules=sharding_rules, remat=remat, scan_layers=scan_layers,
     )
     share = reader.total_bytes // jax.process_count()
     with progress_class()(total=share, unit="B", unit_scale=True, disable=None,
@@ -369,6 +377,7 @@ def load_orbax_folder(
     param_dtype: Any = None,
     sharding_rules: sharding.Rules | None = None,
     remat: str = "none",
+    scan_layers: bool = False,
 ) -> nnx.Module:
   """Loads an orbax (Kaggle Flax Gemma) checkpoint folder with the preset's architecture.
 
@@ -388,7 +397,7 @@ def load_orbax_folder(
   dtype = dtype or param_dtype
   abstract = abstract_model(
       config, param_dtype=param_dtype, dtype=dtype, mesh=mesh, sharding_rules=sharding_rules,
-      remat=remat,
+      remat=remat, scan_layers=scan_layers,
   )
   spec, _, reader = orbax_checkpoint(folder, preset_id, abstract)
   return _load_with_progress(abstract, reader, spec.param_table, mesh, sharding_rules)

@@ -44,6 +44,7 @@ from flax import nnx
 from jax.sharding import AbstractMesh, Mesh, NamedSharding, PartitionSpec
 
 from tunix_zoo import sharding
+from tunix_zoo.build import LAYER_NUMBER, STACKED_LAYERS
 from tunix_zoo.config import DecoderConfig
 from tunix_zoo.errors import RematError
 from tunix_zoo.layers.attention import Attention, LayerCache, attention_masks
@@ -53,8 +54,6 @@ from tunix_zoo.layers.moe import collect_router_logits, record_router_logits
 
 Cache = dict[str, Any]
 REMAT_MODES = ("none", "layer", "attention")
-# Metadata of a stacked layer parameter: the layer numbers of its leading axis's slices.
-STACKED_LAYERS = "stacked_layers"
 
 
 def check_remat(mode: str) -> str:
@@ -205,6 +204,9 @@ class LayerStack(nnx.Module):
         for p in range(period)
     ])
     self.rest = nnx.List(layers[repeats * period:])
+    for j, layer in enumerate(self.rest):
+      for _, var in nnx.to_flat_state(nnx.state(layer)):
+        var.set_metadata(**{LAYER_NUMBER: repeats * period + j})
 
   def __call__(
       self,
