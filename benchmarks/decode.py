@@ -25,7 +25,8 @@ def copy_bandwidth_bytes_per_s() -> float:
   import jax
   import jax.numpy as jnp
 
-  x = jnp.ones((1 << 30,), jnp.float32)  # 4 GiB
+  # 4 GiB; 64 MiB on a CPU host, whose memory holds the model too.
+  x = jnp.ones((1 << 30 if jax.default_backend() != "cpu" else 1 << 24,), jnp.float32)
   copy = jax.jit(lambda a: a + 1)
   copy(x).block_until_ready()
   start = time.perf_counter()
@@ -36,7 +37,9 @@ def copy_bandwidth_bytes_per_s() -> float:
 
 
 def run_tunix_zoo(config_id: str, batch: int, prompt: int, new_tokens: int,
-                  decode_kernel: str = "auto", layers: int | None = None) -> dict:
+                  decode_kernel: str = "auto", layers: int | None = None,
+                  scan_layers: bool = False, overrides: tuple[str, ...] = (),
+                  dtype: str = "bfloat16") -> dict:
   import jax
   import jax.numpy as jnp
   import numpy as np
@@ -46,26 +49,32 @@ def run_tunix_zoo(config_id: str, batch: int, prompt: int, new_tokens: int,
   from tunix_zoo.generate import generate
   from tunix_zoo.layers import decode_attention
   from tunix_zoo.config import count_parameters
+  from tunix_zoo.config_overrides import config_with_overrides, parse_overrides
 
   decode_attention.MODE = decode_kernel
 
-  config = registry.get_config(config_id)
+  config = config_with_overrides(registry.get_config(config_id), parse_overrides(overrides))
   if layers is not None:  # For compile time against depth.
     config = config.replace(num_layers=layers, layer_types=config.layer_types[:layers])
   mesh = jax.make_mesh((1, len(jax.devices())), ("fsdp", "tp"),
                        axis_types=(jax.sharding.AxisType.Auto,) * 2)
-  model = AutoModel.from_config(config, mesh, dtype=jnp.bfloat16, param_dtype=jnp.bfloat16)
+  model = AutoModel.from_config(config, mesh, dtype=dtype, param_dtype=dtype,
+                                scan_layers=scan_layers)
   tokens = np.random.default_rng(0).integers(3, config.vocab_size, (batch, prompt))
-  compile_seconds = generate(model, tokens, new_tokens).compile_seconds  # Prefill + decode.
+  start = time.perf_counter()
+  first = generate(model, tokens, new_tokens)
+  first_call_seconds = time.perf_counter() - start
+  compile_seconds = first.compile_seconds  # Prefill + decode.
   out = generate(model, tokens, new_tokens)
   step_seconds = out.decode_seconds / (new_tokens - 1)
-  weight_bytes = 2 * count_parameters(config)
+  itemsize = jnp.dtype(dtype).itemsize
+  weight_bytes = itemsize * count_parameters(config)
   if not config.tie_word_embeddings:
     # A step reads only its tokens' rows of an untied input embedding.
-    weight_bytes -= 2 * config.vocab_size * config.hidden_size
+    weight_bytes -= itemsize * config.vocab_size * config.hidden_size
   cache_len = prompt + new_tokens  # What must be read; generate's buffer may be longer.
-  # k and v, bf16, every layer, the whole cache buffer.
-  cache_bytes = (2 * 2 * config.num_layers * batch * cache_len * config.num_kv_heads
+  # k and v, every layer, the whole cache buffer.
+  cache_bytes = (2 * itemsize * config.num_layers * batch * cache_len * config.num_kv_heads
                  * config.head_dim)
   bandwidth = copy_bandwidth_bytes_per_s()
   floor = (weight_bytes + cache_bytes) / bandwidth
@@ -73,6 +82,7 @@ def run_tunix_zoo(config_id: str, batch: int, prompt: int, new_tokens: int,
       decode_tokens_per_s=out.decode_tokens_per_second, step_ms=1e3 * step_seconds,
       roofline_step_ms=1e3 * floor, roofline_fraction=floor / step_seconds,
       copy_bandwidth_tb_s=bandwidth / 1e12, compile_seconds=compile_seconds,
+      first_call_seconds=first_call_seconds,
       prefill_tokens_per_s=out.prefill_tokens_per_second,
       device=jax.devices()[0].device_kind, jax=jax.__version__,
   )
@@ -131,15 +141,22 @@ def main() -> None:
   parser.add_argument("--new-tokens", type=int, default=256)
   parser.add_argument("--libraries", default="tunix_zoo,transformers")
   parser.add_argument("--layers", type=int, help="override the depth (tunix_zoo only)")
+  parser.add_argument("--scan-layers", action="store_true",
+                      help="tunix_zoo's scanned layer stack (compile time flat in depth)")
+  parser.add_argument("--set", action="append", default=[], metavar="KEY=VALUE",
+                      help="override a config field (tunix_zoo only), e.g. --set hidden_size=256")
+  parser.add_argument("--dtype", default="bfloat16", help="tunix_zoo's parameter and compute dtype")
   parser.add_argument("--decode-kernel", default="auto", choices=("auto", "off"),
                       help="tunix_zoo's one-kernel decode attention (off: XLA's kernels)")
   args = parser.parse_args()
   report = dict(model=args.model, batch=args.batch, prompt=args.prompt,
-                new_tokens=args.new_tokens)
+                new_tokens=args.new_tokens, layers=args.layers, scan_layers=args.scan_layers,
+                overrides=args.set)
   for library in args.libraries.split(","):
     if library == "tunix_zoo":
       report[library] = run_tunix_zoo(args.model, args.batch, args.prompt, args.new_tokens,
-                                      args.decode_kernel, args.layers)
+                                      args.decode_kernel, args.layers, args.scan_layers,
+                                      tuple(args.set), args.dtype)
     elif library == "google_tunix":
       report[library] = run_google_tunix(args.model, args.batch, args.prompt, args.new_tokens)
     else:

@@ -199,3 +199,56 @@ def test_stacked_parameters_shard_as_the_per_layer_ones(folders, axis_type):
   real = mask.astype(bool)
   np.testing.assert_allclose(np.asarray(theirs)[real], np.asarray(ours)[real], atol=MAX_ABS,
                              rtol=0)
+
+
+@pytest.mark.slow
+def test_tunix_sampler_greedy_and_beam_search_on_scanned_layers(tmp_path):
+  from tunix.generate import sampler as sampler_lib
+
+  from tunix_zoo import Tokenizer
+  from tunix_zoo.demo import DEMO_PROMPT, build_demo_checkpoint
+
+  folder = build_demo_checkpoint(tmp_path / "tiny-demo")
+  tokenizer = Tokenizer.from_pretrained(folder)
+  mesh = jax.make_mesh((1, 1), ("fsdp", "tp"), axis_types=(jax.sharding.AxisType.Auto,) * 2,
+                       devices=jax.devices()[:1])
+  prompts = [DEMO_PROMPT, "Flax NNX is"]
+  outputs = []
+  for scan in (False, True):
+    model, _ = AutoModel.from_pretrained(str(folder), mesh, scan_layers=scan)
+    c = model.config
+    sampler = sampler_lib.Sampler(model, tokenizer, sampler_lib.CacheConfig(
+        cache_size=64, num_layers=c.num_layers, num_kv_heads=c.num_kv_heads,
+        head_dim=c.head_dim))
+    greedy = sampler(prompts, max_generation_steps=8, max_prompt_length=8, eos_tokens=[-1])
+    # Beam search repeats and gathers every cache leaf along its leading (batch) axis.
+    beam = sampler(prompts, max_generation_steps=6, max_prompt_length=8, beam_size=2)
+    outputs.append((greedy.text, beam.text))
+  assert outputs[1] == outputs[0] and all(outputs[0][1])
+
+
+@pytest.mark.slow
+def test_cli_runs_trains_and_exports_scanned_layers(tmp_path):
+  import os
+  import shutil
+  import subprocess
+
+  executable = shutil.which("tunix-zoo")
+  assert executable, "the console script is installed by `pip install -e .`"
+  env = {**os.environ, "TUNIX_ZOO_CACHE": str(tmp_path / "cache"), "TUNIX_ZOO_QUIET": "1"}
+
+  def cli(*args):
+    result = subprocess.run([executable, *args], env=env, capture_output=True, text=True,
+                            timeout=600)
+    assert result.returncode == 0, result.stderr
+    return result.stdout
+
+  text = cli("run", "tiny-demo", "--max-new-tokens", "12")
+  assert cli("run", "tiny-demo", "--max-new-tokens", "12", "--scan-layers") == text
+  trained = cli("test", "tiny-demo", "--scan-layers", "--steps", "2", "--seq-len", "16",
+                "--lora-rank", "4", "--remat", "layer")
+  assert "loss fell" in trained and "LoRA rank 4" in trained
+  for scan in ((), ("--scan-layers",)):
+    cli("export", "tiny-demo", str(tmp_path / f"out{len(scan)}"), *scan)
+  assert filecmp.cmp(tmp_path / "out0" / "model.safetensors",
+                     tmp_path / "out1" / "model.safetensors", shallow=False)
