@@ -16,9 +16,9 @@ from flax import nnx
 from tests import reference
 from tests.models import test_qwen3_moe
 from tunix_zoo import AutoModel
-from tunix_zoo.build import LAYER_NUMBER, STACKED_LAYERS
 from tunix_zoo.checkpoint.export import save_pretrained
 from tunix_zoo.errors import LoraError
+from tunix_zoo.layers.stacked import LAYER_NUMBER, STACKED_LAYERS
 from tunix_zoo.lora import apply_lora, lora_layers, merge_lora, save_lora_adapter
 
 # Scanned against unrolled, float32: the same operations in another order of compilation.

@@ -15,8 +15,7 @@ Example::
 from __future__ import annotations
 
 import functools
-import re
-from typing import Any, Mapping
+from typing import Any
 
 import jax
 import jax.numpy as jnp
@@ -42,36 +41,6 @@ def abstract_model(config: DecoderConfig, param_dtype: Any = jnp.float32, **kwar
 def module_path(path: tuple[Any, ...]) -> str:
   """``('layers', 3, 'attn', 'q_proj', 'weight')`` -> ``'layers.3.attn.q_proj.weight'``."""
   return ".".join(str(p) for p in path)
-
-
-# A scanned model's layer parameters (tunix_zoo.layers.decoder.LayerStack): stacked block
-# positions and left-over layers, and the metadata naming their layer numbers.
-_SCANNED_LAYER = re.compile(r"layers\.(?:blocks|rest)\.\d+\.")
-STACKED_LAYERS = "stacked_layers"
-LAYER_NUMBER = "layer_number"
-
-
-def unrolled_paths(name: str, metadata: Mapping[str, Any]) -> list[str] | None:
-  """The unrolled model's path of each slice of a stacked layer parameter's leading axis
-  (``layers.blocks.0.attn.q_proj.weight`` -> ``['layers.0.attn...', 'layers.1.attn...']``);
-  None for any other parameter.
-
-  Example::
-
-      unrolled_paths(module_path(path), var.get_metadata())
-  """
-  numbers = metadata.get(STACKED_LAYERS)
-  if numbers is None:
-    return None
-  return [_SCANNED_LAYER.sub(f"layers.{n}.", name, count=1) for n in numbers]
-
-
-def unrolled_path(name: str, metadata: Mapping[str, Any]) -> str:
-  """The unrolled model's path of a parameter that is not stacked: a scanned model's
-  left-over layer ``layers.rest.0.mlp.up_proj.weight`` -> ``layers.30.mlp.up_proj.weight``;
-  any other path is returned as it is."""
-  number = metadata.get(LAYER_NUMBER)
-  return name if number is None else _SCANNED_LAYER.sub(f"layers.{number}.", name, count=1)
 
 
 def axis_counts(config: Any) -> dict[str, int]:

@@ -34,7 +34,7 @@ from jax.experimental import multihost_utils
 from jax.sharding import NamedSharding
 
 from tunix_zoo import arguments, registry, sharding
-from tunix_zoo.build import axis_counts, module_path as dotted, unrolled_path, unrolled_paths
+from tunix_zoo.build import axis_counts, module_path as dotted
 from tunix_zoo.checkpoint.export import (discard_staging, host_copy, layer_slice,
                                          move_into_place, new_staging_folder, unrolled_order)
 from tunix_zoo.checkpoint.push import check_push_arguments, push_folder
@@ -42,6 +42,7 @@ from tunix_zoo.checkpoint.writer import write_safetensors
 from tunix_zoo.errors import LoraError
 from tunix_zoo.layers.basic import Linear
 from tunix_zoo.layers.lora import LoRALinear
+from tunix_zoo.layers.stacked import unrolled_path, unrolled_paths
 
 log = logging.getLogger(__name__)
 

@@ -58,11 +58,12 @@ from flax import nnx
 from jax.experimental import multihost_utils
 
 from tunix_zoo import registry
-from tunix_zoo.build import module_path, unrolled_path, unrolled_paths
+from tunix_zoo.build import module_path
 from tunix_zoo.checkpoint.push import check_push_arguments, push_folder
 from tunix_zoo.checkpoint.reader import SAFETENSORS_DTYPES
 from tunix_zoo.checkpoint.writer import ShardedWriter, parse_size
 from tunix_zoo.errors import ExportError
+from tunix_zoo.layers.stacked import unrolled_path, unrolled_paths
 
 log = logging.getLogger(__name__)
 

@@ -33,11 +33,12 @@ from flax import nnx
 from jax.sharding import Mesh
 
 from tunix_zoo import sharding
-from tunix_zoo.build import module_path, parameter_shardings, unrolled_path, unrolled_paths
+from tunix_zoo.build import module_path, parameter_shardings
 from tunix_zoo.checkpoint import row_blocks
 from tunix_zoo.checkpoint.keymap import KeyMap
 from tunix_zoo.checkpoint.reader import CheckpointFiles
 from tunix_zoo.errors import CheckpointError
+from tunix_zoo.layers.stacked import unrolled_path, unrolled_paths
 
 log = logging.getLogger(__name__)
 

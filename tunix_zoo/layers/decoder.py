@@ -44,13 +44,13 @@ from flax import nnx
 from jax.sharding import AbstractMesh, Mesh, NamedSharding, PartitionSpec
 
 from tunix_zoo import sharding
-from tunix_zoo.build import LAYER_NUMBER, STACKED_LAYERS
 from tunix_zoo.config import DecoderConfig
 from tunix_zoo.errors import RematError
 from tunix_zoo.layers.attention import Attention, LayerCache, attention_masks
 from tunix_zoo.layers.basic import Embedding, Linear, RMSNorm
 from tunix_zoo.layers.mlp import GatedMLP
 from tunix_zoo.layers.moe import collect_router_logits, record_router_logits
+from tunix_zoo.layers.stacked import LAYER_NUMBER, STACKED_LAYERS
 
 Cache = dict[str, Any]
 REMAT_MODES = ("none", "layer", "attention")

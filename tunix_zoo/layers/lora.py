@@ -30,8 +30,8 @@ import jax
 import jax.numpy as jnp
 from flax import nnx
 
-from tunix_zoo.build import LAYER_NUMBER, STACKED_LAYERS
 from tunix_zoo.layers.basic import Linear
+from tunix_zoo.layers.stacked import LAYER_NUMBER, STACKED_LAYERS
 
 
 @functools.lru_cache(maxsize=64)
