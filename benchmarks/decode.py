@@ -7,8 +7,11 @@ jitted while_loop); transformers with ``model.generate`` (sdpa; eager with its d
 Roofline: per step every weight (but an untied input embedding, of which a step reads
 only its tokens' rows) and the whole KV cache buffer are read once; the
 step's floor is those bytes over the measured device copy bandwidth. Prints JSON.
+``--quantization none,int8,int4`` runs tunix_zoo once per weight format (``from_config(...,
+quantization=...)``; the weights' bytes are the quantized values plus scales).
 
     python benchmarks/decode.py --model qwen3_0p6b --batch 1 --new-tokens 256
+    python benchmarks/decode.py --model qwen3_8b --libraries tunix_zoo --quantization none,int8,int4
 """
 
 from __future__ import annotations
@@ -25,7 +28,7 @@ def copy_bandwidth_bytes_per_s() -> float:
   import jax
   import jax.numpy as jnp
 
-  # 4 GiB; 64 MiB on a CPU host, whose memory holds the model too.
+  # 4 GiB on an accelerator; 64 MiB on CPU, where this runs only as a smoke test.
   x = jnp.ones((1 << 30 if jax.default_backend() != "cpu" else 1 << 24,), jnp.float32)
   copy = jax.jit(lambda a: a + 1)
   copy(x).block_until_ready()
@@ -38,8 +41,8 @@ def copy_bandwidth_bytes_per_s() -> float:
 
 def run_tunix_zoo(config_id: str, batch: int, prompt: int, new_tokens: int,
                   decode_kernel: str = "auto", layers: int | None = None,
-                  scan_layers: bool = False, overrides: tuple[str, ...] = (),
-                  dtype: str = "bfloat16") -> dict:
+                  quantization: str | None = None, scan_layers: bool = False,
+                  overrides: tuple[str, ...] = (), dtype: str = "bfloat16") -> dict:
   import jax
   import jax.numpy as jnp
   import numpy as np
@@ -48,8 +51,8 @@ def run_tunix_zoo(config_id: str, batch: int, prompt: int, new_tokens: int,
   from tunix_zoo.automodel import AutoModel
   from tunix_zoo.generate import generate
   from tunix_zoo.layers import decode_attention
-  from tunix_zoo.config import count_parameters
   from tunix_zoo.config_overrides import config_with_overrides, parse_overrides
+  from tunix_zoo.planning import plan_model
 
   decode_attention.MODE = decode_kernel
 
@@ -59,7 +62,7 @@ def run_tunix_zoo(config_id: str, batch: int, prompt: int, new_tokens: int,
   mesh = jax.make_mesh((1, len(jax.devices())), ("fsdp", "tp"),
                        axis_types=(jax.sharding.AxisType.Auto,) * 2)
   model = AutoModel.from_config(config, mesh, dtype=dtype, param_dtype=dtype,
-                                scan_layers=scan_layers)
+                                quantization=quantization, scan_layers=scan_layers)
   tokens = np.random.default_rng(0).integers(3, config.vocab_size, (batch, prompt))
   start = time.perf_counter()
   first = generate(model, tokens, new_tokens)
@@ -68,7 +71,8 @@ def run_tunix_zoo(config_id: str, batch: int, prompt: int, new_tokens: int,
   out = generate(model, tokens, new_tokens)
   step_seconds = out.decode_seconds / (new_tokens - 1)
   itemsize = jnp.dtype(dtype).itemsize
-  weight_bytes = itemsize * count_parameters(config)
+  weight_bytes = plan_model(config, (1, 1), jnp.dtype(dtype).name,
+                            quantization=quantization).bytes_total
   if not config.tie_word_embeddings:
     # A step reads only its tokens' rows of an untied input embedding.
     weight_bytes -= itemsize * config.vocab_size * config.hidden_size
@@ -84,8 +88,17 @@ def run_tunix_zoo(config_id: str, batch: int, prompt: int, new_tokens: int,
       copy_bandwidth_tb_s=bandwidth / 1e12, compile_seconds=compile_seconds,
       first_call_seconds=first_call_seconds,
       prefill_tokens_per_s=out.prefill_tokens_per_second,
+      weight_bytes=weight_bytes, device_bytes_in_use=device_bytes_in_use(),
       device=jax.devices()[0].device_kind, jax=jax.__version__,
   )
+
+
+def device_bytes_in_use() -> int | None:
+  """The first device's allocated bytes (None where the backend keeps no statistics)."""
+  import jax
+
+  stats = jax.devices()[0].memory_stats()
+  return stats.get("bytes_in_use") if stats else None
 
 
 def run_transformers(config_id: str, batch: int, prompt: int, new_tokens: int,
@@ -148,15 +161,28 @@ def main() -> None:
   parser.add_argument("--dtype", default="bfloat16", help="tunix_zoo's parameter and compute dtype")
   parser.add_argument("--decode-kernel", default="auto", choices=("auto", "off"),
                       help="tunix_zoo's one-kernel decode attention (off: XLA's kernels)")
+  parser.add_argument("--quantization", default="none",
+                      help="comma-separated weight formats for tunix_zoo: none, int8, int4, "
+                      "nf4, fp8 (each a separate run; reported as tunix_zoo_<format>)")
   args = parser.parse_args()
   report = dict(model=args.model, batch=args.batch, prompt=args.prompt,
                 new_tokens=args.new_tokens, layers=args.layers, scan_layers=args.scan_layers,
                 overrides=args.set)
   for library in args.libraries.split(","):
     if library == "tunix_zoo":
-      report[library] = run_tunix_zoo(args.model, args.batch, args.prompt, args.new_tokens,
-                                      args.decode_kernel, args.layers, args.scan_layers,
-                                      tuple(args.set), args.dtype)
+      for quantization in args.quantization.split(","):
+        name = library if quantization == "none" else f"{library}_{quantization}"
+        report[name] = run_tunix_zoo(
+            args.model, args.batch, args.prompt, args.new_tokens, args.decode_kernel,
+            args.layers, None if quantization == "none" else quantization, args.scan_layers,
+            tuple(args.set), args.dtype)
+      formats = args.quantization.split(",")
+      if "none" in formats:
+        base = report[library]["decode_tokens_per_s"]
+        for quantization in formats:
+          if quantization != "none":
+            report[f"{library}_{quantization}"]["speedup_vs_bf16"] = (
+                report[f"{library}_{quantization}"]["decode_tokens_per_s"] / base)
     elif library == "google_tunix":
       report[library] = run_google_tunix(args.model, args.batch, args.prompt, args.new_tokens)
     else:

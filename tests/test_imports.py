@@ -1,7 +1,8 @@
 """Imports follow the data path: naming -> registry -> config -> build -> checkpoint -> API.
 
-A module may import (at module level) only modules of its own layer or a lower one, so
-naming a model, listing families or reading a config.json never pays for jax.
+A module may import only modules of its own layer or a lower one, at module level or
+inside a function alike, so naming a model, listing families or reading a config.json
+never pays for jax, and no layer reaches up.
 """
 
 from __future__ import annotations
@@ -62,9 +63,25 @@ def module_name(path: pathlib.Path) -> str:
 
 def module_level_imports(path: pathlib.Path) -> list[str]:
   """The tunix_zoo modules ``path`` imports outside functions (and outside TYPE_CHECKING)."""
+  return _imports(ast.parse(path.read_text()).body)
+
+
+def all_imports(path: pathlib.Path) -> list[str]:
+  """The tunix_zoo modules ``path`` imports anywhere, functions included (TYPE_CHECKING
+  blocks aside: annotations may name any layer)."""
   tree = ast.parse(path.read_text())
+  return _imports([node for node in ast.walk(tree) if isinstance(node, (ast.Import, ast.ImportFrom))
+                   and not _under_type_checking(tree, node)])
+
+
+def _under_type_checking(tree: ast.AST, target: ast.AST) -> bool:
+  return any(target in ast.walk(node) for node in ast.walk(tree)
+             if isinstance(node, ast.If) and "TYPE_CHECKING" in ast.unparse(node.test))
+
+
+def _imports(nodes: list[ast.stmt]) -> list[str]:
   out = []
-  for node in tree.body:
+  for node in nodes:
     if isinstance(node, ast.If) and "TYPE_CHECKING" in ast.unparse(node.test):
       continue
     if isinstance(node, ast.Import):
@@ -97,6 +114,10 @@ def test_the_layer_check_sees_an_upward_import(tmp_path: pathlib.Path):
   bad.write_text("from tunix_zoo.build import abstract_model\nimport tunix_zoo.config\n")
   assert module_level_imports(bad) == ["tunix_zoo.build", "tunix_zoo.config"]
   assert layer_of("tunix_zoo.build") > layer_of("tunix_zoo.naming")
+  lazy = tmp_path / "push.py"
+  lazy.write_text("def f():\n  from tunix_zoo.sources.huggingface import validate_repo_id\n")
+  assert module_level_imports(lazy) == []
+  assert all_imports(lazy) == ["tunix_zoo.sources.huggingface"]
 
 
 def test_naming_registry_and_family_tables_import_no_jax():

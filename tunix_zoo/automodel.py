@@ -31,10 +31,13 @@ from tunix_zoo import arguments, registry, sharding
 from tunix_zoo.build import abstract_model, initialise, module_path, parameter_shardings
 from tunix_zoo.checkpoint import orbax_io
 from tunix_zoo.checkpoint.loader import check_layer_count, load_checkpoint
+from tunix_zoo.checkpoint.quantize import check_not_prequantized
 from tunix_zoo.checkpoint.reader import CheckpointFiles
 from tunix_zoo.config import DecoderConfig
 from tunix_zoo.errors import (CheckpointError, ConfigError, ConfigMismatchError, SourceError,
                               ZooError)
+from tunix_zoo.layers import quantized
+from tunix_zoo.layers.quantized import Quantization
 from tunix_zoo.naming import ModelNaming
 from tunix_zoo.progress import progress_class
 from tunix_zoo.sources import ModelSource, fetch, open_stream
@@ -82,6 +85,7 @@ class AutoModel:
       cache_dir: str | os.PathLike[str] | None = None,
       stream: bool = False,
       stream_concurrency: int | None = None,
+      quantization: Quantization | str | None = None,
   ) -> tuple[nnx.Module, str]:
     """Fetches a checkpoint and loads it onto ``mesh``; returns ``(model, local_path)``.
 
@@ -100,9 +104,20 @@ class AutoModel:
     ``model.<variant>.safetensors`` (or ``model.safetensors.index.<variant>.json``),
     ``force_download`` re-downloads cached files, and ``cache_dir`` is the Hugging Face
     cache root to use (``model_download_path`` is a plain folder instead).
+
+    ``quantization`` (``"int8"``, ``"int4"``, ``"nf4"``, ``"fp8"`` or a
+    :class:`~tunix_zoo.layers.quantized.Quantization`) stores the Linear weights quantized,
+    each device's slice quantized as it is read; embeddings, norms and the LM head stay
+    in ``param_dtype``, as do the scales. ``apply_lora`` then trains adapters over them
+    (QLoRA). Checkpoints quantized by other tools are refused (CheckpointError).
+
+    Example::
+
+        model, path = AutoModel.from_pretrained("Qwen/Qwen3-8B", mesh, quantization="int4")
     """
     _check_arguments(mesh, dtype=dtype, param_dtype=param_dtype, sharding_rules=sharding_rules,
                      model_source=model_source)
+    quantization = _check_quantization(quantization, mesh)
     source = ModelSource(model_source)
     if (
         source is ModelSource.HUGGINGFACE and model_path is None and model_id
@@ -123,6 +138,7 @@ class AutoModel:
                            token=token, concurrency=stream_concurrency)
       model = load_stream(reader, mesh, preset_id=model_id, dtype=dtype,
                           param_dtype=param_dtype, sharding_rules=sharding_rules, remat=remat,
+                          quantization=quantization,
                           scan_layers=scan_layers)
       return model, reader.location
     folder = fetch(
@@ -133,7 +149,8 @@ class AutoModel:
     )
     model = load_folder(
         folder, mesh, preset_id=model_id, dtype=dtype, param_dtype=param_dtype,
-        sharding_rules=sharding_rules, remat=remat, scan_layers=scan_layers, variant=variant,
+        sharding_rules=sharding_rules, remat=remat, variant=variant, quantization=quantization,
+        scan_layers=scan_layers,
     )
     return model, str(folder)
 
@@ -148,14 +165,22 @@ class AutoModel:
       sharding_rules: sharding.Rules | None = None,
       remat: str = "none",
       scan_layers: bool = False,
+      quantization: Quantization | str | None = None,
   ) -> nnx.Module:
     """A randomly initialised model, created directly in its sharding on ``mesh``.
 
     ``config_or_id`` is a config dataclass or a preset id (``"qwen3_0p6b"``, or an HF
-    id such as ``"Qwen/Qwen3-0.6B"`` that names one). ``remat`` and ``scan_layers`` as in
-    ``from_pretrained``.
+    id such as ``"Qwen/Qwen3-0.6B"`` that names one). ``remat``, ``quantization`` and
+    ``scan_layers`` as in ``from_pretrained``: each quantized weight is drawn and quantized
+    on its devices one at a time, so a model that fits only quantized is built without a float copy.
+
+    Example::
+
+        model = AutoModel.from_config("llama3p1_70b", mesh, param_dtype=jnp.bfloat16,
+                                      dtype=jnp.bfloat16, quantization="int4")
     """
     _check_arguments(mesh, dtype=dtype, param_dtype=param_dtype, sharding_rules=sharding_rules)
+    quantization = _check_quantization(quantization, mesh)
     if isinstance(config_or_id, str):
       config = registry.get_config(ModelNaming(model_id=config_or_id).model_config_id)
     else:
@@ -164,9 +189,18 @@ class AutoModel:
     key = rngs.params() if isinstance(rngs, nnx.Rngs) else jax.random.key(rngs)
     abstract = abstract_model(
         config, param_dtype=param_dtype, dtype=dtype, mesh=mesh, sharding_rules=sharding_rules,
-        remat=remat, scan_layers=scan_layers,
+        remat=remat, quantization=quantization, scan_layers=scan_layers,
     )
     return initialise(abstract, key, parameter_shardings(abstract, mesh, sharding_rules))
+
+
+def _check_quantization(quantization: Any, mesh: Mesh | None) -> Quantization | None:
+  """The Quantization asked for, checked against the devices it will run on."""
+  quantization = Quantization.of(quantization)
+  if quantization is not None:
+    quantization.check_platform(list(mesh.devices.flat) if mesh is not None
+                                else jax.local_devices()[:1])
+  return quantization
 
 
 def _check_arguments(mesh: Any, *, dtype: Any, param_dtype: Any,
@@ -259,18 +293,23 @@ def load_folder(
     remat: str = "none",
     scan_layers: bool = False,
     variant: str | None = None,
+    quantization: Quantization | str | None = None,
 ) -> nnx.Module:
   """Loads a local HF checkpoint folder (config.json + safetensors) onto ``mesh``;
   ``variant`` reads ``model.<variant>.safetensors`` (or its index) instead.
 
   A folder without config.json that holds an orbax (Kaggle Flax) checkpoint is read by
   :func:`load_orbax_folder`, with the architecture of the preset ``preset_id`` names.
+  ``quantization`` as in :meth:`AutoModel.from_pretrained`.
   """
   if not (pathlib.Path(folder) / "config.json").is_file() and orbax_io.is_orbax_folder(folder):
     return load_orbax_folder(folder, mesh, preset_id=preset_id, dtype=dtype,
                              param_dtype=param_dtype, sharding_rules=sharding_rules,
-                             remat=remat, scan_layers=scan_layers)
+                             remat=remat, quantization=quantization,
+                             scan_layers=scan_layers)
   hf_config = read_hf_config(folder)
+  with CheckpointFiles(folder, variant) as files:
+    check_not_prequantized(folder, hf_config, files.keys())
   spec, config = family_and_config(hf_config, preset_id)
   check_layer_count(folder, spec.param_table, config.num_layers, variant)
   if "ConditionalGeneration" in " ".join(hf_config.get("architectures") or ()):
@@ -283,7 +322,7 @@ def load_folder(
   dtype = dtype or param_dtype
   abstract = abstract_model(
       config, param_dtype=param_dtype, dtype=dtype, mesh=mesh, sharding_rules=sharding_rules,
-      remat=remat, scan_layers=scan_layers,
+      remat=remat, quantization=quantization, scan_layers=scan_layers,
   )
   return _load_with_progress(abstract, CheckpointFiles(folder, variant), spec.param_table, mesh,
                              sharding_rules)
@@ -299,6 +338,7 @@ def load_stream(
     sharding_rules: sharding.Rules | None = None,
     remat: str = "none",
     scan_layers: bool = False,
+    quantization: Quantization | str | None = None,
 ) -> nnx.Module:
   """Loads a :class:`~tunix_zoo.checkpoint.remote_safetensors.RemoteCheckpoint` (from
   :func:`tunix_zoo.sources.open_stream`) onto ``mesh``, reading its config.json too.
@@ -310,12 +350,15 @@ def load_stream(
       model = load_stream(open_stream(None, source="gcs", model_path="gs://b/m"), mesh)
   """
   try:
-    spec, config = family_and_config(reader.read_json("config.json"), preset_id)
+    hf_config = reader.read_json("config.json")
+    check_not_prequantized(reader.location, hf_config, reader.keys())
+    spec, config = family_and_config(hf_config, preset_id)
     mesh = mesh or default_mesh()
     param_dtype = param_dtype or checkpoint_dtype(reader)
     abstract = abstract_model(
         config, param_dtype=param_dtype, dtype=dtype or param_dtype, mesh=mesh,
-        sharding_rules=sharding_rules, remat=remat, scan_layers=scan_layers,
+        sharding_rules=sharding_rules, remat=remat, quantization=quantization,
+        scan_layers=scan_layers,
     )
     share = reader.total_bytes // jax.process_count()
     with progress_class()(total=share, unit="B", unit_scale=True, disable=None,
@@ -364,7 +407,8 @@ def orbax_checkpoint(folder: str | os.PathLike, preset_id: str | None,
     return spec, config, None
   expected = {}
   for path, var in nnx.to_flat_state(nnx.state(abstract, nnx.Param)):
-    expected[spec.param_table.checkpoint_key(module_path(path))] = tuple(var.shape)
+    if not quantized.is_quantization_scale(var):
+      expected[spec.param_table.checkpoint_key(module_path(path))] = quantized.dense_shape(var)
   return spec, config, orbax_io.OrbaxCheckpoint(folder, table, expected)
 
 
@@ -378,6 +422,7 @@ def load_orbax_folder(
     sharding_rules: sharding.Rules | None = None,
     remat: str = "none",
     scan_layers: bool = False,
+    quantization: Quantization | str | None = None,
 ) -> nnx.Module:
   """Loads an orbax (Kaggle Flax Gemma) checkpoint folder with the preset's architecture.
 
@@ -397,7 +442,7 @@ def load_orbax_folder(
   dtype = dtype or param_dtype
   abstract = abstract_model(
       config, param_dtype=param_dtype, dtype=dtype, mesh=mesh, sharding_rules=sharding_rules,
-      remat=remat, scan_layers=scan_layers,
+      remat=remat, quantization=quantization, scan_layers=scan_layers,
   )
   spec, _, reader = orbax_checkpoint(folder, preset_id, abstract)
   return _load_with_progress(abstract, reader, spec.param_table, mesh, sharding_rules)

@@ -24,18 +24,34 @@ from jax.sharding import Mesh
 
 from tunix_zoo import registry, sharding
 from tunix_zoo.config import DecoderConfig
+from tunix_zoo.errors import ConfigError
+from tunix_zoo.layers import quantized
 from tunix_zoo.layers.basic import INIT_STDDEV
 
 
-def abstract_model(config: DecoderConfig, param_dtype: Any = jnp.float32, **kwargs: Any):
-  """The family's model for ``config`` with shape-only parameters (nothing allocated).
+def abstract_model(config: DecoderConfig, param_dtype: Any = jnp.float32, *,
+                   quantization: quantized.Quantization | str | None = None, **kwargs: Any):
+  """The family's model for ``config`` with shape-only parameters (nothing allocated);
+  with ``quantization`` its Linear layers hold quantized weights and their scales (in
+  ``param_dtype``), see :mod:`tunix_zoo.layers.quantized`.
 
   Example::
 
       abstract = abstract_model(registry.get_config("qwen3_8b"), param_dtype=jnp.bfloat16)
+      int4 = abstract_model(registry.get_config("qwen3_8b"), jnp.bfloat16, quantization="int4")
   """
+  quantization = quantized.Quantization.of(quantization)
+  if quantization is not None and kwargs.get("scan_layers"):
+    raise ConfigError("Quantized loading of scanned layers (quantization with "
+                      "scan_layers=True) is not supported yet; drop one of the two.")
   spec = registry.family_for_config_class(type(config))
-  return spec.model_class(config, rngs=None, param_dtype=param_dtype, **kwargs)
+  model = spec.model_class(config, rngs=None, param_dtype=param_dtype, **kwargs)
+  if quantization is not None:
+    quantized.quantize_linears(model, quantization, scale_dtype=param_dtype)
+    if kwargs.get("mesh") is not None:
+      # The new variables' mesh axes, as the model recorded its others' at construction.
+      model._annotate_mesh_axes(kwargs["mesh"])
+  return model
 
 
 def module_path(path: tuple[Any, ...]) -> str:
@@ -95,10 +111,37 @@ def initialise(
   """
   graphdef, params, rest = nnx.split(abstract, nnx.Param, ...)
   flat = nnx.to_flat_state(params)
+  variables = dict(flat)
   for n, (path, var) in enumerate(flat):
+    if quantized.is_quantization_scale(var):
+      continue  # made with its weight
+    if quantized.is_quantized_weight(var):
+      scale_path = path[:-1] + ("weight_scale",)
+      init = _quantized_initialiser(
+          quantized.dense_shape(var), var.get_metadata()["quantization"],
+          jnp.dtype(variables[scale_path].dtype),
+          (shardings[module_path(path)], shardings[module_path(scale_path)]),
+      )
+      values, scales = init(jax.random.fold_in(key, n))
+      var.set_value(values)
+      variables[scale_path].set_value(scales)
+      continue
     init = _initialiser(
         tuple(var.shape), jnp.dtype(var.dtype), var.get_metadata().get("init_fill"),
         shardings[module_path(path)],
     )
     var.set_value(init(jax.random.fold_in(key, n)))
   return nnx.merge(graphdef, nnx.from_flat_state(flat), rest)
+
+
+@functools.lru_cache(maxsize=256)
+def _quantized_initialiser(shape: tuple[int, ...], quantization: quantized.Quantization,
+                           scale_dtype: Any, out_shardings: tuple[Any, Any]):
+  """``key -> (values, scales)`` of a random ``shape`` weight: one weight's float values
+  exist on the devices only inside this program, never the whole model's."""
+
+  def init(key: jax.Array) -> tuple[jax.Array, jax.Array]:
+    weight = INIT_STDDEV * jax.random.normal(key, shape, jnp.float32)
+    return quantization.quantize(weight, jnp, scale_dtype)
+
+  return jax.jit(init, out_shardings=out_shardings)

@@ -130,13 +130,18 @@ def describe(label: str, config: DecoderConfig, args: argparse.Namespace) -> int
   """Prints (or, with ``--json``, dumps) the config, parameter count and bytes per device."""
   from tunix_zoo.planning import parse_mesh, plan_model, plan_training
 
-  plan = plan_model(config, parse_mesh(args.mesh), args.dtype)
+  quantization = getattr(args, "quantization", None)
+  if quantization is not None:
+    from tunix_zoo.layers.quantized import Quantization
+
+    quantization = Quantization(quantization, group_size=args.quantization_group_size)
+  plan = plan_model(config, parse_mesh(args.mesh), args.dtype, quantization=quantization)
   training = None
   if args.batch_size or args.seq_len or args.lora_rank or args.remat != "none":
     training = plan_training(
         config, parse_mesh(args.mesh), args.dtype, batch_size=args.batch_size or 8,
         seq_len=args.seq_len or 2048, remat=args.remat, lora_rank=args.lora_rank,
-        lora_module_path=args.lora_module_path,
+        lora_module_path=args.lora_module_path, quantization=quantization,
     )
   info = {
       "model": label,
@@ -144,6 +149,7 @@ def describe(label: str, config: DecoderConfig, args: argparse.Namespace) -> int
       "parameters": plan.parameters,
       "active_parameters": plan.active_parameters,
       "dtype": plan.dtype,
+      "quantization": plan.quantization,
       "bytes_total": plan.bytes_total,
       "mesh": args.mesh,
       "bytes_per_device": plan.bytes_per_device,
@@ -163,7 +169,9 @@ def describe(label: str, config: DecoderConfig, args: argparse.Namespace) -> int
   if plan.active_parameters != plan.parameters:
     print(f"active       {plan.active_parameters:,} ({human_count(plan.active_parameters)}) "
           "per token")
-  print(f"weights      {human_bytes(plan.bytes_total)} in {plan.dtype}")
+  quantized = (f" ({plan.quantization} Linear weights + {plan.dtype} scales)"
+               if plan.quantization else "")
+  print(f"weights      {human_bytes(plan.bytes_total)} in {plan.dtype}{quantized}")
   print(f"mesh         {args.mesh} (fsdp x tp): {human_bytes(plan.bytes_per_device)} per device")
   if plan.replicated:
     print(f"replicated   {len(plan.replicated)} small tensors (norms) on every device")
@@ -468,6 +476,11 @@ def build_parser(command: str | None = None) -> argparse.ArgumentParser:
                  help="estimate a training step's memory for this batch (default 8)")
   p.add_argument("--seq-len", type=positive_int,
                  help="... of rows of this many tokens (default 2048)")
+  p.add_argument("--quantization", choices=("int8", "int4", "nf4", "fp8"),
+                 help="count the Linear weights quantized (values + scales; int4/nf4 in "
+                 "groups of 128 inputs), as from_pretrained(quantization=...) loads them")
+  p.add_argument("--quantization-group-size", type=positive_int,
+                 help="inputs per scale (default: 128 for int4/nf4, a row for int8/fp8)")
   if command in (None, "info"):
     add_training_arguments(p)
   add_set_argument(p)

@@ -8,6 +8,10 @@ All of them derive from :class:`ZooError`, so callers can catch one type::
         print(e)
 """
 
+from __future__ import annotations
+
+from typing import Iterator
+
 
 class ZooError(Exception):
     """Base class of every error tunix_zoo raises on purpose."""
@@ -74,3 +78,27 @@ class ConfigError(ZooError, ValueError):
 class CacheError(ZooError):
     """A cached model named for verify or remove is not in the cache, or its records are
     unreadable."""
+
+
+# Third-party clients (requests, httpx, gcsfs, kagglesdk) wrap their HTTP failures
+# differently; sources and uploads read the status the same way through these two.
+def exception_chain(exc: BaseException) -> Iterator[BaseException]:
+  """Yields ``exc`` and every exception it was raised from or while handling."""
+  seen: set[int] = set()
+  current: BaseException | None = exc
+  while current is not None and id(current) not in seen:
+    seen.add(id(current))
+    yield current
+    current = current.__cause__ or current.__context__
+
+
+def http_status(exc: BaseException) -> int | None:
+  """The first HTTP status code found along ``exc``'s chain, if any."""
+  for e in exception_chain(exc):
+    response = getattr(e, "response", None)
+    code = getattr(response, "status_code", None)
+    if code is None:
+      code = getattr(e, "status", None) or getattr(e, "code", None)
+    if isinstance(code, int) and 100 <= code < 600:
+      return code
+  return None

@@ -162,14 +162,18 @@ def lora_layers(model: nnx.Module) -> dict[str, LoRALinear]:
   }
 
 
-def merge_lora(model: nnx.Module) -> nnx.Module:
+def merge_lora(model: nnx.Module, *, dequantize: bool = False) -> nnx.Module:
   """Folds every adapter into its base weight (``W + B @ A * alpha / rank``, computed in
   float32 and stored in W's dtype and sharding) and removes the adapters, in place.
 
-  The result is the plain model again: ``save_pretrained`` exports it as usual.
+  The result is the plain model again: ``save_pretrained`` exports it as usual. Over
+  quantized weights (QLoRA) the sum is not quantized again: ``dequantize=True`` merges into
+  the dequantized weights, which then take the scales' dtype (the model's bfloat16, say)
+  and its memory.
 
   Raises:
-    LoraError: the model has no adapters.
+    LoraError: the model has no adapters, or adapts quantized weights without
+      ``dequantize=True``.
 
   Example::
 
@@ -179,6 +183,13 @@ def merge_lora(model: nnx.Module) -> nnx.Module:
   layers = lora_layers(model)
   if not layers:
     raise LoraError("merge_lora: the model has no LoRA adapters; apply_lora adds them.")
+  quantized = [path for path, layer in layers.items() if layer.quantization is not None]
+  if quantized and not dequantize:
+    raise LoraError(
+        f"merge_lora: {quantized[0]} (and {len(quantized) - 1} more adapted layers) adapt "
+        f"{layers[quantized[0]].quantization.kind}-quantized weights, into which a merge "
+        "cannot be stored. Save the adapters with save_lora_adapter, or pass "
+        "merge_lora(model, dequantize=True) for unquantized merged weights.")
   for path, layer in layers.items():
     _replace(model, path, layer.merged())
   return model
@@ -337,8 +348,8 @@ def _adapter_shardings(
   weight = linear.weight.get_value()
   if not isinstance(weight.sharding, NamedSharding):
     return weight.sharding, weight.sharding
-  *lead, out_features, in_features = weight.shape
-  logical = linear.weight.get_metadata().get("logical_axes") or (None,) * weight.ndim
+  *lead, out_features, in_features = linear.dense_shape
+  logical = linear.weight.get_metadata().get("logical_axes") or (None,) * (len(lead) + 2)
   *lead_axes, out_axis, in_axis = logical
   mesh = weight.sharding.mesh
   return (

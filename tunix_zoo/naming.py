@@ -21,7 +21,7 @@ import difflib
 import re
 
 from tunix_zoo import registry
-from tunix_zoo.errors import ModelNameError, UnknownModelError
+from tunix_zoo.errors import ModelNameError, SourceError, UnknownModelError
 
 # Hugging Face's rule for an organisation or repository name.
 _SEGMENT = re.compile(r"[A-Za-z0-9](?:[A-Za-z0-9._-]*[A-Za-z0-9])?")
@@ -240,3 +240,34 @@ def _unknown_family_message(name: str, source: str, families: dict[str, str]) ->
       f"Known families: {', '.join(known) or '(none)'}. Another architecture needs its "
       "family registered with tunix_zoo.registry.register_family(names=...)."
   )
+
+
+# Stricter than the Hub's own check: every repo id we accept is also a safe cache path.
+_REPO_PART = r"[A-Za-z0-9][A-Za-z0-9._-]{0,95}"
+_REPO_ID = re.compile(rf"{_REPO_PART}(/{_REPO_PART})?")
+_REPO_ID_FIX = ("Pass a Hub repo id such as 'Qwen/Qwen3-0.6B'; for a folder on disk use "
+                "source=ModelSource.LOCAL with model_path=<folder>.")
+
+
+def validate_repo_id(repo_id: str) -> str:
+  """Returns ``repo_id`` if it is a plain ``name`` or ``owner/name``, else raises.
+
+  Rejects what could address anything but one Hub repo: URLs, absolute or relative
+  paths, ``..``, ``--``, spaces and other characters the Hub does not allow. Downloads,
+  streams and uploads all check ids here.
+
+  Raises:
+    SourceError: ``repo_id`` is not a valid Hub repo id.
+
+  Example::
+
+      validate_repo_id("Qwen/Qwen3-0.6B")  # returns it; "../etc" raises SourceError
+  """
+  if not isinstance(repo_id, str) or not repo_id:
+    raise SourceError(f"[huggingface] {repo_id!r}: the repo id is empty. {_REPO_ID_FIX}")
+  if (not _REPO_ID.fullmatch(repo_id) or ".." in repo_id or "--" in repo_id
+      or repo_id.endswith((".", "-"))):
+    raise SourceError(
+        f"[huggingface] {repo_id!r}: this is not a valid Hub repo id (letters, digits, '-', "
+        f"'_' and '.' in 'owner/name'; no '..', '--', spaces, URLs or paths). {_REPO_ID_FIX}")
+  return repo_id

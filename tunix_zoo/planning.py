@@ -29,7 +29,8 @@ from jax.sharding import AbstractMesh, AxisType, PartitionSpec
 from tunix_zoo import sharding
 from tunix_zoo.build import abstract_model, axis_counts, module_path
 from tunix_zoo.config import DecoderConfig, count_parameters
-from tunix_zoo.errors import LoraError, ShardingError
+from tunix_zoo.errors import ConfigError, LoraError, ShardingError
+from tunix_zoo.layers import quantized
 
 MESH_AXES = ("fsdp", "tp")
 
@@ -41,11 +42,12 @@ class ModelPlan:
   config: DecoderConfig
   parameters: int
   active_parameters: int  # per token; below ``parameters`` for mixtures of experts
-  dtype: str
+  dtype: str  # of the unquantized parameters (and of the quantization scales)
   bytes_total: int
   mesh_shape: tuple[int, ...]
   bytes_per_device: int
   replicated: tuple[str, ...]  # parameters that no mesh axis shards
+  quantization: str | None = None  # the Linear weights' kind (values + scales counted)
 
 
 def parse_mesh(text: str) -> tuple[int, int]:
@@ -72,26 +74,38 @@ def plan_model(
     mesh_shape: tuple[int, int] = (1, 1),
     dtype: Any = "bfloat16",
     rules: sharding.Rules | None = None,
+    quantization: quantized.Quantization | str | None = None,
 ) -> ModelPlan:
-  """Parameter count and per-device bytes of ``config`` on an ``fsdp x tp`` mesh."""
+  """Parameter count and per-device bytes of ``config`` on an ``fsdp x tp`` mesh; with
+  ``quantization`` the Linear weights count their quantized values plus their scales.
+
+  Example::
+
+      plan_model(registry.get_config("llama3p1_70b"), (1, 1), quantization="int4")
+  """
   np_dtype = np.dtype(jnp.dtype(dtype))
+  quantization = quantized.Quantization.of(quantization)
   mesh = AbstractMesh(mesh_shape, MESH_AXES, axis_types=(AxisType.Auto,) * 2)
-  abstract = abstract_model(config, param_dtype=np_dtype)
+  abstract = abstract_model(config, param_dtype=np_dtype, quantization=quantization)
   counts = axis_counts(config)
-  parameters = per_device = 0
+  parameters = per_device = total = 0
   replicated = []
   for path, var in nnx.to_flat_state(nnx.state(abstract, nnx.Param)):
     axes = var.get_metadata().get("logical_axes") or (None,) * len(var.shape)
     spec = sharding.partition_spec(axes, var.shape, mesh, rules, counts, what=module_path(path))
-    parameters += math.prod(var.shape)
-    per_device += math.prod(shard_shape(tuple(var.shape), spec, mesh)) * np_dtype.itemsize
+    itemsize = np.dtype(var.dtype).itemsize
+    if not quantized.is_quantization_scale(var):
+      parameters += math.prod(quantized.dense_shape(var))
+    total += math.prod(var.shape) * itemsize
+    per_device += math.prod(shard_shape(tuple(var.shape), spec, mesh)) * itemsize
     if all(a is None for a in spec) and math.prod(mesh_shape) > 1:
       replicated.append(module_path(path))
   return ModelPlan(
       config=config, parameters=parameters, active_parameters=count_parameters(config, active=True),
       dtype=np_dtype.name,
-      bytes_total=parameters * np_dtype.itemsize, mesh_shape=tuple(mesh_shape),
+      bytes_total=total, mesh_shape=tuple(mesh_shape),
       bytes_per_device=per_device, replicated=tuple(replicated),
+      quantization=quantization.kind if quantization is not None else None,
   )
 
 
@@ -144,6 +158,7 @@ def plan_training(
     lora_module_path: str | None = None,
     compute_dtype: Any = None,
     rules: sharding.Rules | None = None,
+    quantization: quantized.Quantization | str | None = None,
 ) -> TrainingPlan:
   """Per-device memory of a training step of ``config`` on an ``fsdp x tp`` mesh.
 
@@ -168,6 +183,8 @@ def plan_training(
     lora_rank: train LoRA adapters of this rank on ``lora_module_path`` (default: every
       attention and MLP projection) instead of every weight.
     rules: sharding rules (default :data:`tunix_zoo.sharding.DEFAULT_RULES`).
+    quantization: frozen quantized Linear weights (QLoRA; needs ``lora_rank``), counted
+      as :func:`plan_model` counts them.
 
   Example::
 
@@ -182,8 +199,13 @@ def plan_training(
   np_dtype = np.dtype(jnp.dtype(dtype))
   compute = np.dtype(jnp.dtype(compute_dtype or dtype))
   module_path = lora_module_path or DEFAULT_MODULE_PATH
+  quantization = quantized.Quantization.of(quantization)
+  if quantization is not None and not lora_rank:
+    raise ConfigError(
+        f"{quantization.kind}-quantized weights are frozen: only LoRA adapters train over "
+        "them (QLoRA). Pass lora_rank (CLI: --lora-rank), or drop the quantization.")
   mesh = AbstractMesh(mesh_shape, MESH_AXES, axis_types=(AxisType.Auto,) * 2)
-  model_plan = plan_model(config, mesh_shape, np_dtype, rules)
+  model_plan = plan_model(config, mesh_shape, np_dtype, rules, quantization)
 
   def lora(model: nnx.Module, whole_model: bool = True) -> nnx.Module:
     if lora_rank:
@@ -195,7 +217,7 @@ def plan_training(
           raise
     return model
 
-  abstract = lora(abstract_model(config, param_dtype=np_dtype))
+  abstract = lora(abstract_model(config, param_dtype=np_dtype, quantization=quantization))
   trained_filter = nnx.LoRAParam if lora_rank else nnx.Param
   counts = axis_counts(config)
   adapter_bytes = _bytes_per_device(nnx.state(abstract, nnx.LoRAParam), mesh, rules, counts)
@@ -209,7 +231,8 @@ def plan_training(
         num_layers=num_layers, layer_types=local.layer_types[:num_layers],
         mlp_only_layers=tuple(i for i in local.mlp_only_layers if i < num_layers),
     )
-    model = abstract_model(layers, param_dtype=np_dtype, dtype=compute, remat=mode)
+    model = abstract_model(layers, param_dtype=np_dtype, dtype=compute, remat=mode,
+                           quantization=quantization)
     lora(model, whole_model=False)
     return _saved_residual_bytes(model, local_batch, seq_len)
 

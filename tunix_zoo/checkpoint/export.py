@@ -145,6 +145,13 @@ def save_pretrained(
         "tunix_zoo.lora.merge_lora(model) folds them into the weights first, or "
         "tunix_zoo.lora.save_lora_adapter writes them alone in PEFT's format."
     )
+  quantized = [module_path(path[:-1]) for path, var in nnx.to_flat_state(nnx.state(model))
+               if var.get_metadata().get("quantization") is not None]
+  if quantized:
+    raise ExportError(
+        f"{quantized[0]} (and {len(quantized) - 1} more Linear layers) hold quantized "
+        "weights, which an HF checkpoint of this family has no place for. Export the "
+        "model loaded without quantization (save_lora_adapter saves QLoRA adapters).")
   tensors = _export_tensors(model, target_dtype)
   hf_config = {**config.to_hf_config(), **_dtype_fields(tensors)}
   source = pathlib.Path(source_dir).absolute() if source_dir is not None else None

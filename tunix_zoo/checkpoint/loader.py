@@ -34,10 +34,11 @@ from jax.sharding import Mesh
 
 from tunix_zoo import sharding
 from tunix_zoo.build import module_path, parameter_shardings
-from tunix_zoo.checkpoint import row_blocks
+from tunix_zoo.checkpoint import quantize, row_blocks
 from tunix_zoo.checkpoint.keymap import KeyMap
 from tunix_zoo.checkpoint.reader import CheckpointFiles
 from tunix_zoo.errors import CheckpointError
+from tunix_zoo.layers import quantized
 from tunix_zoo.layers.stacked import unrolled_path, unrolled_paths
 
 log = logging.getLogger(__name__)
@@ -105,7 +106,9 @@ def load_checkpoint(
   """Fills ``abstract``'s parameters from the checkpoint in ``folder`` (or a reader).
 
   Raises CheckpointError for missing, unexpected or misshaped tensors. Each parameter
-  is cast to the abstract model's dtype. ``progress`` is called with bytes loaded.
+  is cast to the abstract model's dtype; quantized Linear weights (an abstract model with
+  ``quantization``) are quantized slice by slice (:mod:`tunix_zoo.checkpoint.quantize`).
+  ``progress`` is called with bytes loaded.
   ``variant`` reads ``model.<variant>.safetensors`` (or its index) instead.
   """
   graphdef, params, rest = nnx.split(abstract, nnx.Param, ...)
@@ -119,10 +122,13 @@ def load_checkpoint(
     # of keys or lists: a scanned model's layers stack over layers, then over experts.
     wanted: dict[str, KeyTree] = {}
     stacked: set[str] = set()
+    scales = {path for path, var in flat if quantized.is_quantization_scale(var)}
     for path, var in flat:
+      if path in scales:
+        continue  # quantized with its weight
       name = module_path(path)
       wanted[name] = _checkpoint_keys(
-          key_map, name, var.get_metadata(), tuple(var.shape), ckpt, available, folder
+          key_map, name, var.get_metadata(), quantized.dense_shape(var), ckpt, available, folder
       )
       if not isinstance(wanted[name], str):
         stacked.add(name)
@@ -143,6 +149,8 @@ def load_checkpoint(
       path, var = item
       name = module_path(path)
       keys, dtype, shape = wanted[name], var.dtype, tuple(var.shape)
+      if quantized.is_quantized_weight(var):
+        return load_quantized(path, var)
 
       def read(index):
         if name not in stacked:
@@ -168,18 +176,34 @@ def load_checkpoint(
       transfers.add(array, read_once.nbytes)
       if progress is not None:
         progress(int(np.prod(var.shape)) * np.dtype(dtype).itemsize)
-      return path, array
+      return [(path, array)]
+
+    def load_quantized(path, var):
+      scale_path = path[:-1] + ("weight_scale",)
+      values, scales, nbytes = quantize.load_quantized(
+          ckpt, wanted[module_path(path)], var.get_metadata()["quantization"],
+          np.dtype(variables[scale_path].dtype), shardings[module_path(path)],
+          shardings[module_path(scale_path)])
+      transfers.add(values, nbytes)
+      transfers.add(scales, 0)
+      if progress is not None:
+        progress(values.nbytes + scales.nbytes)
+      return [(path, values), (scale_path, scales)]
 
     # A reader with ``read_rows`` (a remote one) reads in row blocks and reshards on the
     # devices; see row_blocks.
     staging = {path: row_blocks.staging_sharding(ckpt, tuple(var.shape),
                                                  shardings[module_path(path)])
-               for path, var in flat if module_path(path) not in stacked}
+               for path, var in flat if module_path(path) not in stacked
+               and path not in scales and not quantized.is_quantized_weight(var)}
     staging = {path: layout for path, layout in staging.items() if layout is not None}
     resharder = row_blocks.OrderedResharder([path for path, _ in flat if path in staging])
     transfers = TransferWindow(MAX_BYTES_IN_FLIGHT)
+    variables = dict(flat)
     with concurrent.futures.ThreadPoolExecutor(READ_THREADS) as pool:
-      loaded = dict(pool.map(load_one, flat))
+      loaded = dict(pair for pairs in pool.map(load_one, [(p, v) for p, v in flat
+                                                          if p not in scales])
+                    for pair in pairs)
   for path, var in flat:
     var.set_value(loaded[path])
   return nnx.merge(graphdef, nnx.from_flat_state(flat), rest)

@@ -16,7 +16,8 @@ from __future__ import annotations
 import os
 import pathlib
 
-from tunix_zoo.errors import ExportError
+from tunix_zoo.errors import ExportError, http_status
+from tunix_zoo.naming import validate_repo_id
 from tunix_zoo.progress import quiet
 
 __all__ = ["check_push_arguments", "push_folder"]
@@ -36,9 +37,6 @@ def check_push_arguments(push_to_hub: bool, repo_id: str | None, token: str | No
     raise ExportError(f"{', '.join(given)} apply to an upload; pass push_to_hub=True too, "
                       "or leave them out.")
   if push_to_hub and repo_id is not None:
-    # pylint: disable-next=import-outside-toplevel
-    from tunix_zoo.sources.huggingface import validate_repo_id
-
     validate_repo_id(repo_id)
 
 
@@ -75,9 +73,6 @@ def push_folder(
   from huggingface_hub import constants  # pylint: disable=import-outside-toplevel
   from huggingface_hub import utils as hf_utils  # pylint: disable=import-outside-toplevel
 
-  # pylint: disable-next=import-outside-toplevel
-  from tunix_zoo.sources.huggingface import validate_repo_id
-
   validate_repo_id(repo_id)
   folder = pathlib.Path(folder)
   endpoint = (os.environ.get("HF_ENDPOINT") or constants.ENDPOINT).rstrip("/")
@@ -100,8 +95,6 @@ def push_folder(
 
 def _push_error(exc: BaseException, folder: pathlib.Path, repo_id: str,
                 endpoint: str) -> ExportError:
-  from tunix_zoo.sources._download import http_status  # pylint: disable=import-outside-toplevel
-
   status = http_status(exc)  # huggingface_hub wraps a failed LFS upload in a RuntimeError
   first_line = str(exc).splitlines()[0] if str(exc) else type(exc).__name__
   kept = (f"The Hub makes a commit only once every file has arrived, so the repo has no "

@@ -70,14 +70,18 @@ _ALIGNMENT = 64
 
 
 @dataclasses.dataclass(frozen=True)
-class _TensorInfo:
+class TensorInfo:
+  """One tensor's entry in a safetensors header (local and remote readers share it)."""
+
   dtype: np.dtype
   shape: tuple[int, ...]
   start: int  # Absolute offset in the file.
   nbytes: int
 
 
-def _json_object_without_duplicates(pairs: list[tuple[str, Any]]) -> dict[str, Any]:
+def json_object_without_duplicates(pairs: list[tuple[str, Any]]) -> dict[str, Any]:
+  """``json.loads`` hook refusing a key given twice (a header could otherwise say two
+  things about one tensor)."""
   result = {}
   for key, value in pairs:
     if key in result:
@@ -90,17 +94,18 @@ def _is_int(value: Any) -> bool:
   return isinstance(value, int) and not isinstance(value, bool)
 
 
-def _suggest(key: str, known: Iterable[str]) -> str:
+def suggest_key(key: str, known: Iterable[str]) -> str:
+  """A ' Did you mean ...?' hint naming the closest keys in ``known`` (empty if none)."""
   close = difflib.get_close_matches(key, list(known), n=3)
   return f" Did you mean {', '.join(map(repr, close))}?" if close else ""
 
 
-def _parse_header(path: str, file_size: int, raw: bytes) -> tuple[dict[str, _TensorInfo],
+def parse_header(path: str, file_size: int, raw: bytes) -> tuple[dict[str, TensorInfo],
                                                                    dict[str, str]]:
   """Validates a raw JSON header against the file size; returns tensors and metadata."""
   redownload = "The file is corrupt or truncated: download or export it again."
   try:
-    header = json.loads(raw.decode("utf-8"), object_pairs_hook=_json_object_without_duplicates)
+    header = json.loads(raw.decode("utf-8"), object_pairs_hook=json_object_without_duplicates)
   except RecursionError:
     raise CheckpointError(f"{path}: the safetensors header nests JSON too deeply to be a "
                           f"header. {redownload}") from None
@@ -149,7 +154,7 @@ def _parse_header(path: str, file_size: int, raw: bytes) -> tuple[dict[str, _Ten
       raise CheckpointError(
           f"{where} ends at byte {data_start + end}, but the file has only {file_size} "
           f"bytes. {redownload}")
-    tensors[key] = _TensorInfo(dtype, tuple(shape), data_start + begin, expected)
+    tensors[key] = TensorInfo(dtype, tuple(shape), data_start + begin, expected)
   _check_tiling(path, header, data_size, redownload)
   return tensors, metadata
 
@@ -173,8 +178,9 @@ def _check_tiling(path: str, header: dict[str, Any], data_size: int, redownload:
                           f"{redownload}")
 
 
-def _normalize_index(index: tuple[slice, ...] | None, shape: tuple[int, ...],
+def normalize_index(index: tuple[slice, ...] | None, shape: tuple[int, ...],
                      where: str) -> tuple[slice, ...]:
+  """``index`` as one step-1 slice per axis of ``shape``, or a CheckpointError."""
   if index is None:
     index = ()
   elif not isinstance(index, tuple):
@@ -209,7 +215,7 @@ def aligned_empty(shape: tuple[int, ...], dtype: np.dtype) -> np.ndarray:
   return raw[offset:offset + nbytes].view(dtype).reshape(shape)
 
 
-def _copy_slice(mapped: mmap.mmap, info: _TensorInfo, index: tuple[slice, ...]) -> np.ndarray:
+def _copy_slice(mapped: mmap.mmap, info: TensorInfo, index: tuple[slice, ...]) -> np.ndarray:
   source = np.ndarray(info.shape, info.dtype, buffer=mapped, offset=info.start)
   selected = source[index]
   out = aligned_empty(selected.shape, np.dtype(info.dtype))
@@ -264,7 +270,7 @@ class SafetensorsFile:
         raw_header = f.read(header_length)
     except OSError as e:
       raise CheckpointError(f"Cannot read safetensors file {self.path}: {e}") from e
-    self._tensors, self.metadata = _parse_header(self.path, file_size, raw_header)
+    self._tensors, self.metadata = parse_header(self.path, file_size, raw_header)
     self._file_size = file_size
     self._mapped: mmap.mmap | None = None
     self._condition = threading.Condition()
@@ -307,7 +313,7 @@ class SafetensorsFile:
     trailing dimensions are taken whole.
     """
     info = self._info(key)
-    index = _normalize_index(index, info.shape, f"{self.path}: tensor {key!r}")
+    index = normalize_index(index, info.shape, f"{self.path}: tensor {key!r}")
     mapped = self._begin_read()
     nbytes = 0
     try:
@@ -335,12 +341,12 @@ class SafetensorsFile:
   def __exit__(self, *exc_info: object) -> None:
     self.close()
 
-  def _info(self, key: str) -> _TensorInfo:
+  def _info(self, key: str) -> TensorInfo:
     try:
       return self._tensors[key]
     except KeyError:
       raise CheckpointError(f"{self.path} has no tensor {key!r}."
-                            f"{_suggest(key, self._tensors)}") from None
+                            f"{suggest_key(key, self._tensors)}") from None
 
   def _begin_read(self) -> mmap.mmap:
     with self._condition:
@@ -500,7 +506,7 @@ class CheckpointFiles:
       raise CheckpointError(f"Cannot read {index_path}: {e}. Check the file's permissions.") from e
     try:
       index = json.loads(raw_index.decode("utf-8"),
-                         object_pairs_hook=_json_object_without_duplicates)
+                         object_pairs_hook=json_object_without_duplicates)
     except RecursionError:
       raise CheckpointError(f"{index_path} nests JSON too deeply to be an index; download it "
                             f"again.") from None
@@ -542,7 +548,7 @@ class CheckpointFiles:
       return self._file_of_key[key]
     except KeyError:
       raise CheckpointError(f"{self.folder} has no tensor {key!r}."
-                            f"{_suggest(key, self._file_of_key)}") from None
+                            f"{suggest_key(key, self._file_of_key)}") from None
 
   def _open(self, name: str) -> SafetensorsFile:
     with self._lock:

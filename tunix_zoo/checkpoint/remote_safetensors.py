@@ -28,8 +28,8 @@ import jax
 import numpy as np
 
 from tunix_zoo.checkpoint.reader import (INDEX_FILE_NAME, MAX_HEADER_BYTES, SINGLE_FILE_NAME,
-                                         _json_object_without_duplicates, _normalize_index,
-                                         _parse_header, _suggest, _TensorInfo, aligned_empty)
+                                         json_object_without_duplicates, normalize_index,
+                                         parse_header, suggest_key, TensorInfo, aligned_empty)
 from tunix_zoo.errors import CheckpointError
 
 log = logging.getLogger(__name__)
@@ -94,7 +94,7 @@ class RemoteCheckpoint:
     except BaseException:
       self._pool.shutdown(cancel_futures=True)
       raise
-    self._tensors: dict[str, tuple[str, _TensorInfo]] = {}
+    self._tensors: dict[str, tuple[str, TensorInfo]] = {}
     for name, tensors in zip(names, headers):
       for key, info in tensors.items():
         if file_of_key is None or file_of_key.get(key) == name:
@@ -134,7 +134,7 @@ class RemoteCheckpoint:
   def read(self, key: str, index: tuple[slice, ...] | None = None) -> np.ndarray:
     """A new host array holding ``tensor[index]``, fetched as the rows covering it."""
     _, info = self._info(key)
-    index = _normalize_index(index, info.shape, f"{self.location}: {key}")
+    index = normalize_index(index, info.shape, f"{self.location}: {key}")
     if not info.shape:
       return self.read_rows(key, 0, 1)
     rows = range(*index[0].indices(info.shape[0]))
@@ -213,12 +213,12 @@ class RemoteCheckpoint:
       self.progress(len(data))
     return data
 
-  def _info(self, key: str) -> tuple[str, _TensorInfo]:
+  def _info(self, key: str) -> tuple[str, TensorInfo]:
     try:
       return self._tensors[key]
     except KeyError:
       raise CheckpointError(f"{self.location} has no tensor {key!r}."
-                            f"{_suggest(key, self._tensors)}") from None
+                            f"{suggest_key(key, self._tensors)}") from None
 
   def _files(self) -> tuple[list[str], dict[str, str] | None]:
     """The safetensors files to read, and the index's key -> file map (None: no index)."""
@@ -233,7 +233,7 @@ class RemoteCheckpoint:
     where = f"{self.location}/{INDEX_FILE_NAME}"
     try:
       index = json.loads(self._fetch(INDEX_FILE_NAME, 0, index_size).decode("utf-8"),
-                         object_pairs_hook=_json_object_without_duplicates)
+                         object_pairs_hook=json_object_without_duplicates)
     except ValueError as e:
       raise CheckpointError(f"{where} is not valid JSON ({e}); upload it again.") from e
     weight_map = index.get("weight_map") if isinstance(index, dict) else None
@@ -252,7 +252,7 @@ class RemoteCheckpoint:
                             f"{self.location}: {', '.join(missing)}. Upload them again.")
     return names, dict(weight_map)
 
-  def _header(self, name: str) -> dict[str, _TensorInfo]:
+  def _header(self, name: str) -> dict[str, TensorInfo]:
     size = self.fetcher.size(name) or 0
     where = f"{self.location}/{name}"
     if size < 8:
@@ -262,5 +262,5 @@ class RemoteCheckpoint:
     if length > min(MAX_HEADER_BYTES, size - 8):
       raise CheckpointError(f"{where}: its header claims {length} bytes, more than the file "
                             f"({size}) or the safetensors limit allows. Upload it again.")
-    tensors, _ = _parse_header(where, size, self._fetch(name, 8, 8 + length))
+    tensors, _ = parse_header(where, size, self._fetch(name, 8, 8 + length))
     return tensors

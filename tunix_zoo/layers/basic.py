@@ -52,7 +52,11 @@ def param(
 
 
 class Linear(nnx.Module):
-  """``y = x @ weight.T (+ bias)`` with ``weight`` laid out ``[out, in]`` as in HF."""
+  """``y = x @ weight.T (+ bias)`` with ``weight`` laid out ``[out, in]`` as in HF.
+
+  :func:`tunix_zoo.layers.quantized.quantize_linears` may quantize it: ``quantization``
+  then says how, ``weight`` holds the quantized values and ``weight_scale`` their scales.
+  """
 
   def __init__(
       self,
@@ -70,9 +74,19 @@ class Linear(nnx.Module):
     self.bias = (
         param(rngs, (out_features,), param_dtype, logical_axes[:1], fill=0.0) if use_bias else None
     )
+    self.quantization = None
+    self.weight_scale = nnx.data(None)  # a Param once quantized
+
+  @property
+  def dense_shape(self) -> tuple[int, int]:
+    """``(out, in)``: the weight's shape, quantized or not."""
+    return tuple(self.weight.get_metadata().get("dense_shape") or self.weight.shape)
 
   def __call__(self, x: jax.Array) -> jax.Array:
-    y = jnp.einsum("...i,oi->...o", x.astype(self.dtype), self.weight[...].astype(self.dtype))
+    if self.quantization is None:
+      y = jnp.einsum("...i,oi->...o", x.astype(self.dtype), self.weight[...].astype(self.dtype))
+    else:
+      y = self.quantization.matmul(x, self.weight[...], self.weight_scale[...], self.dtype)
     if self.bias is not None:
       y = y + self.bias[...].astype(self.dtype)
     return y

@@ -62,6 +62,18 @@ def _merger(out_sharding: Any):
   return jax.jit(merge, static_argnames="scale", out_shardings=out_sharding)
 
 
+def _float_dtype(linear: Linear) -> Any:
+  """The weight's dtype, or for a quantized weight its scales' (the model's param dtype)."""
+  return (linear.weight if linear.weight_scale is None else linear.weight_scale).dtype
+
+
+@functools.lru_cache(maxsize=64)
+def _dequantizer(quantization: Any, dtype: Any, out_sharding: Any):
+  """A jitted ``(values, scales) -> W`` in ``dtype``, landing in ``out_sharding``."""
+  return jax.jit(lambda values, scales: quantization.dequantize(values, scales, dtype),
+                 out_shardings=out_sharding)
+
+
 class LoRALinear(Linear):
   """A :class:`Linear` plus LoRA adapters, called exactly like the Linear it adapts.
 
@@ -92,12 +104,14 @@ class LoRALinear(Linear):
     self.dtype = base.dtype
     self.weight = base.weight
     self.bias = base.bias
+    self.quantization = base.quantization
+    self.weight_scale = nnx.data(base.weight_scale)  # frozen quantized weights: QLoRA
     self.rank = rank
     self.alpha = alpha
-    *lead, out_features, in_features = base.weight.shape
+    *lead, out_features, in_features = base.dense_shape
     metadata = base.weight.get_metadata()
     *lead_axes, out_axis, in_axis = metadata.get("logical_axes") or (None,) * (len(lead) + 2)
-    dtype = jnp.dtype(param_dtype or base.weight.dtype)
+    dtype = jnp.dtype(param_dtype or _float_dtype(base))
     a_shape, b_shape = (*lead, rank, in_features), (*lead, out_features, rank)
     if rngs is None:
       a_value = jax.ShapeDtypeStruct(a_shape, dtype)
@@ -133,17 +147,23 @@ class LoRALinear(Linear):
 
   def merged(self) -> Linear:
     """A plain Linear computing what this layer computes (without dropout): its weight is
-    ``W + B @ A * alpha / rank``, in W's dtype and sharding; the bias is shared."""
-    out_features, in_features = self.weight.shape[-2:]
+    ``W + B @ A * alpha / rank``, in W's dtype and sharding; the bias is shared. A
+    quantized W is dequantized first: the result is in the scales' dtype, unquantized."""
+    out_features, in_features = self.dense_shape[-2:]
     plain = Linear(
         in_features, out_features, self.weight.get_metadata().get("logical_axes") or (None, None),
         use_bias=self.bias is not None, rngs=None, dtype=self.dtype,
-        param_dtype=self.weight.dtype,
+        param_dtype=_float_dtype(self),
     )
-    weight = self.weight.get_value()
+    weight, variable = self.weight.get_value(), self.weight
+    if self.quantization is not None:
+      weight = _dequantizer(self.quantization, jnp.dtype(plain.weight.dtype), weight.sharding)(
+          weight, self.weight_scale.get_value())
+      variable = nnx.Param(weight, **{k: v for k, v in self.weight.get_metadata().items()
+                                      if k not in ("quantization", "dense_shape")})
     value = _merger(weight.sharding)(
         weight, self.lora_a.get_value(), self.lora_b.get_value(), scale=self.scale
     )
-    plain.weight = self.weight.replace(value)
+    plain.weight = variable.replace(value)
     plain.bias = self.bias
     return plain

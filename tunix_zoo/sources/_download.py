@@ -228,28 +228,6 @@ def check_folder(folder: pathlib.Path, *, source: str, ref: str) -> pathlib.Path
   return folder
 
 
-def exception_chain(exc: BaseException) -> Iterator[BaseException]:
-  """Yields ``exc`` and every exception it was raised from or while handling."""
-  seen: set[int] = set()
-  current: BaseException | None = exc
-  while current is not None and id(current) not in seen:
-    seen.add(id(current))
-    yield current
-    current = current.__cause__ or current.__context__
-
-
-def http_status(exc: BaseException) -> int | None:
-  """The first HTTP status code found along ``exc``'s chain, if any."""
-  for e in exception_chain(exc):
-    response = getattr(e, "response", None)
-    code = getattr(response, "status_code", None)
-    if code is None:
-      code = getattr(e, "status", None) or getattr(e, "code", None)
-    if isinstance(code, int) and 100 <= code < 600:
-      return code
-  return None
-
-
 @dataclasses.dataclass(frozen=True)
 class RetryPolicy:
   """The one retry policy of the Hub, Kaggle and GCS sources.

@@ -39,7 +39,7 @@ import google.auth.exceptions
 import requests
 
 from tunix_zoo import progress
-from tunix_zoo.errors import SourceError
+from tunix_zoo.errors import SourceError, exception_chain, http_status
 from tunix_zoo.sources import _download
 
 SOURCE = "gcs"
@@ -150,12 +150,12 @@ def _is_transient(exc: BaseException) -> bool:
   if isinstance(exc, FileNotFoundError) or _download.disk_error(
       exc, source=SOURCE, ref="", folder=None):
     return False
-  status = _download.http_status(exc)
+  status = http_status(exc)
   if status is not None:
     return status in _download.TRANSIENT_STATUS
   return any(isinstance(e, (_ChecksumMismatch, aiohttp.ClientError, asyncio.TimeoutError,
                             requests.RequestException, ConnectionError, TimeoutError))
-             for e in _download.exception_chain(exc))
+             for e in exception_chain(exc))
 
 
 def _filesystem(token: Any) -> gcsfs.GCSFileSystem:
@@ -177,8 +177,8 @@ def _to_source_error(exc: BaseException, url: str,
   disk = _download.disk_error(exc, source=SOURCE, ref=url, folder=folder)
   if disk is not None:
     return disk
-  chain = list(_download.exception_chain(exc))
-  status = _download.http_status(exc)
+  chain = list(exception_chain(exc))
+  status = http_status(exc)
   creds_fix = ("Run `gcloud auth application-default login`, set "
                "GOOGLE_APPLICATION_CREDENTIALS, or pass token=<service-account JSON path>; "
                "for a public bucket pass token='anon'.")

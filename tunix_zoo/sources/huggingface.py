@@ -32,16 +32,12 @@ from huggingface_hub import constants as hf_constants
 from huggingface_hub import errors as hf_errors
 
 from tunix_zoo import progress
-from tunix_zoo.errors import SourceError
+from tunix_zoo.errors import SourceError, exception_chain, http_status
+from tunix_zoo.naming import validate_repo_id
 from tunix_zoo.sources import _download
 
 SOURCE = "huggingface"
-# Stricter than the Hub's own check: every repo id we accept is also a safe cache path.
-_REPO_PART = r"[A-Za-z0-9][A-Za-z0-9._-]{0,95}"
-_REPO_ID = re.compile(rf"{_REPO_PART}(/{_REPO_PART})?")
 _REVISION = re.compile(r"[A-Za-z0-9][A-Za-z0-9._-]*(/[A-Za-z0-9][A-Za-z0-9._-]*)*")
-_REPO_ID_FIX = ("Pass a Hub repo id such as 'Qwen/Qwen3-0.6B'; for a folder on disk use "
-                "source=ModelSource.LOCAL with model_path=<folder>.")
 
 
 def _transport_errors() -> tuple[type[BaseException], ...]:
@@ -73,22 +69,6 @@ def _truthy(value: str | None) -> bool:
   return (value or "").strip().lower() in ("1", "true", "yes", "on")
 
 
-def validate_repo_id(repo_id: str) -> str:
-  """Returns ``repo_id`` if it is a plain ``name`` or ``owner/name``, else raises.
-
-  Rejects what could address anything but one Hub repo: URLs, absolute or relative
-  paths, ``..``, ``--``, spaces and other characters the Hub does not allow.
-  """
-  if not isinstance(repo_id, str) or not repo_id:
-    raise _download.source_error(SOURCE, repr(repo_id), "the repo id is empty.", _REPO_ID_FIX)
-  if (not _REPO_ID.fullmatch(repo_id) or ".." in repo_id or "--" in repo_id
-      or repo_id.endswith((".", "-"))):
-    raise _download.source_error(
-        SOURCE, repr(repo_id), "this is not a valid Hub repo id (letters, digits, '-', '_' "
-        "and '.' in 'owner/name'; no '..', '--', spaces, URLs or paths).", _REPO_ID_FIX)
-  return repo_id
-
-
 def _validate_revision(repo_id: str, revision: str) -> str:
   if len(revision) > 255 or not _REVISION.fullmatch(revision) or ".." in revision:
     raise _download.source_error(
@@ -100,13 +80,13 @@ def _validate_revision(repo_id: str, revision: str) -> str:
 def _is_transient(exc: BaseException) -> bool:
   if _download.disk_error(exc, source=SOURCE, ref="", folder=None):
     return False
-  chain = list(_download.exception_chain(exc))
+  chain = list(exception_chain(exc))
   if any(isinstance(e, (hf_errors.OfflineModeIsEnabled, hf_errors.RepositoryNotFoundError,
                         hf_errors.RevisionNotFoundError)) for e in chain):
     return False
   if any(isinstance(e, _ChecksumMismatch) for e in chain):
     return True
-  status = _download.http_status(exc)
+  status = http_status(exc)
   if status is not None:
     # huggingface_hub retries a HEAD (file metadata) answered so five times itself; a
     # second layer of tries around it would multiply the wait.
@@ -118,7 +98,7 @@ def _is_transient(exc: BaseException) -> bool:
 
 
 def _request_method(exc: BaseException) -> str | None:
-  for e in _download.exception_chain(exc):
+  for e in exception_chain(exc):
     request = getattr(getattr(e, "response", None), "request", None)
     if request is not None:
       return getattr(request, "method", None)
@@ -211,8 +191,8 @@ def _to_source_error(exc: BaseException, repo_id: str, revision: str | None,
   page = f"{endpoint}/{repo_id}"
   token_fix = ("Set HF_TOKEN (or run `hf auth login`) or pass token=..., with a token that "
                f"can read the repo; for gated models accept the license at {page} first.")
-  chain = list(_download.exception_chain(exc))
-  status = _download.http_status(exc)
+  chain = list(exception_chain(exc))
+  status = http_status(exc)
   for e in chain:
     if isinstance(e, hf_errors.GatedRepoError):
       return _download.source_error(SOURCE, ref, "the repo is gated.", token_fix)

@@ -46,7 +46,7 @@ from kagglesdk import kaggle_http_client
 from kagglesdk.kaggle_env import get_endpoint, get_env
 from kagglesdk.models.types import model_api_service
 
-from tunix_zoo.errors import SourceError
+from tunix_zoo.errors import SourceError, exception_chain, http_status
 from tunix_zoo.sources import _download
 
 SOURCE = "kaggle"
@@ -153,7 +153,7 @@ def parse_handle(handle: str) -> KaggleRef:
 def _is_transient(exc: BaseException) -> bool:
   if _download.disk_error(exc, source=SOURCE, ref="", folder=None):
     return False
-  status = _download.http_status(exc)
+  status = http_status(exc)
   if status is not None:
     return status in _download.TRANSIENT_STATUS
   return any(isinstance(e, (requests.ConnectionError, requests.Timeout,
@@ -161,7 +161,7 @@ def _is_transient(exc: BaseException) -> bool:
                             urllib3.exceptions.ProtocolError,
                             kagglehub.exceptions.DataCorruptionError,
                             ConnectionError, TimeoutError))
-             for e in _download.exception_chain(exc))
+             for e in exception_chain(exc))
 
 
 def _to_source_error(exc: BaseException, ref: KaggleRef,
@@ -169,7 +169,7 @@ def _to_source_error(exc: BaseException, ref: KaggleRef,
   disk = _download.disk_error(exc, source=SOURCE, ref=str(ref), folder=folder)
   if disk is not None:
     return disk
-  status = _download.http_status(exc)
+  status = http_status(exc)
   if status in (401, 403):
     return _download.source_error(
         SOURCE, str(ref), f"Kaggle refused access (HTTP {status}).",

@@ -27,7 +27,7 @@ from typing import Any
 import aiohttp
 
 from tunix_zoo.checkpoint.remote_safetensors import DEFAULT_CONCURRENCY, RemoteCheckpoint
-from tunix_zoo.errors import SourceError
+from tunix_zoo.errors import SourceError, http_status
 from tunix_zoo.sources import _download
 
 
@@ -137,7 +137,7 @@ class GcsFetcher:
 def _is_transient_gcs(exc: BaseException) -> bool:
   if isinstance(exc, (SourceError, FileNotFoundError, PermissionError)):
     return False
-  status = _download.http_status(exc)
+  status = http_status(exc)
   if status is not None:
     return status in _download.TRANSIENT_STATUS
   return isinstance(exc, (_ShortRead, aiohttp.ClientError, asyncio.TimeoutError,
