@@ -41,7 +41,8 @@ def copy_bandwidth_bytes_per_s() -> float:
 
 def run_tunix_zoo(config_id: str, batch: int, prompt: int, new_tokens: int,
                   decode_kernel: str = "auto", layers: int | None = None,
-                  quantization: str | None = None) -> dict:
+                  quantization: str | None = None, scan_layers: bool = False,
+                  overrides: tuple[str, ...] = (), dtype: str = "bfloat16") -> dict:
   import jax
   import jax.numpy as jnp
   import numpy as np
@@ -49,28 +50,34 @@ def run_tunix_zoo(config_id: str, batch: int, prompt: int, new_tokens: int,
   from tunix_zoo import registry
   from tunix_zoo.automodel import AutoModel
   from tunix_zoo.generate import generate
+  from tunix_zoo.config_overrides import config_with_overrides, parse_overrides
   from tunix_zoo.kernels import KernelPolicy, set_kernel_policy
   from tunix_zoo.planning import plan_model
 
-  config = registry.get_config(config_id)
+  config = config_with_overrides(registry.get_config(config_id), parse_overrides(overrides))
   if layers is not None:  # For compile time against depth.
     config = config.replace(num_layers=layers, layer_types=config.layer_types[:layers])
   mesh = jax.make_mesh((1, len(jax.devices())), ("fsdp", "tp"),
                        axis_types=(jax.sharding.AxisType.Auto,) * 2)
-  model = AutoModel.from_config(config, mesh, dtype=jnp.bfloat16, param_dtype=jnp.bfloat16,
-                                quantization=quantization)
+  model = AutoModel.from_config(config, mesh, dtype=dtype, param_dtype=dtype,
+                                quantization=quantization, scan_layers=scan_layers)
   set_kernel_policy(model, KernelPolicy(decode_attention=decode_kernel))
   tokens = np.random.default_rng(0).integers(3, config.vocab_size, (batch, prompt))
-  compile_seconds = generate(model, tokens, new_tokens).compile_seconds  # Prefill + decode.
+  start = time.perf_counter()
+  first = generate(model, tokens, new_tokens)
+  first_call_seconds = time.perf_counter() - start
+  compile_seconds = first.compile_seconds  # Prefill + decode.
   out = generate(model, tokens, new_tokens)
   step_seconds = out.decode_seconds / (new_tokens - 1)
-  weight_bytes = plan_model(config, (1, 1), "bfloat16", quantization=quantization).bytes_total
+  itemsize = jnp.dtype(dtype).itemsize
+  weight_bytes = plan_model(config, (1, 1), jnp.dtype(dtype).name,
+                            quantization=quantization).bytes_total
   if not config.tie_word_embeddings:
     # A step reads only its tokens' rows of an untied input embedding.
-    weight_bytes -= 2 * config.vocab_size * config.hidden_size
+    weight_bytes -= itemsize * config.vocab_size * config.hidden_size
   cache_len = prompt + new_tokens  # What must be read; generate's buffer may be longer.
-  # k and v, bf16, every layer, the whole cache buffer.
-  cache_bytes = (2 * 2 * config.num_layers * batch * cache_len * config.num_kv_heads
+  # k and v, every layer, the whole cache buffer.
+  cache_bytes = (2 * itemsize * config.num_layers * batch * cache_len * config.num_kv_heads
                  * config.head_dim)
   bandwidth = copy_bandwidth_bytes_per_s()
   floor = (weight_bytes + cache_bytes) / bandwidth
@@ -78,6 +85,7 @@ def run_tunix_zoo(config_id: str, batch: int, prompt: int, new_tokens: int,
       decode_tokens_per_s=out.decode_tokens_per_second, step_ms=1e3 * step_seconds,
       roofline_step_ms=1e3 * floor, roofline_fraction=floor / step_seconds,
       copy_bandwidth_tb_s=bandwidth / 1e12, compile_seconds=compile_seconds,
+      first_call_seconds=first_call_seconds,
       prefill_tokens_per_s=out.prefill_tokens_per_second,
       weight_bytes=weight_bytes, device_bytes_in_use=device_bytes_in_use(),
       device=jax.devices()[0].device_kind, jax=jax.__version__,
@@ -145,6 +153,11 @@ def main() -> None:
   parser.add_argument("--new-tokens", type=int, default=256)
   parser.add_argument("--libraries", default="tunix_zoo,transformers")
   parser.add_argument("--layers", type=int, help="override the depth (tunix_zoo only)")
+  parser.add_argument("--scan-layers", action="store_true",
+                      help="tunix_zoo's scanned layer stack (compile time flat in depth)")
+  parser.add_argument("--set", action="append", default=[], metavar="KEY=VALUE",
+                      help="override a config field (tunix_zoo only), e.g. --set hidden_size=256")
+  parser.add_argument("--dtype", default="bfloat16", help="tunix_zoo's parameter and compute dtype")
   parser.add_argument("--decode-kernel", default="auto", choices=("auto", "pallas", "xla"),
                       help="tunix_zoo's one-kernel decode attention (xla: XLA's kernels)")
   parser.add_argument("--quantization", default="none",
@@ -152,14 +165,16 @@ def main() -> None:
                       "nf4, fp8 (each a separate run; reported as tunix_zoo_<format>)")
   args = parser.parse_args()
   report = dict(model=args.model, batch=args.batch, prompt=args.prompt,
-                new_tokens=args.new_tokens)
+                new_tokens=args.new_tokens, layers=args.layers, scan_layers=args.scan_layers,
+                overrides=args.set)
   for library in args.libraries.split(","):
     if library == "tunix_zoo":
       for quantization in args.quantization.split(","):
         name = library if quantization == "none" else f"{library}_{quantization}"
         report[name] = run_tunix_zoo(
             args.model, args.batch, args.prompt, args.new_tokens, args.decode_kernel,
-            args.layers, None if quantization == "none" else quantization)
+            args.layers, None if quantization == "none" else quantization, args.scan_layers,
+            tuple(args.set), args.dtype)
       formats = args.quantization.split(",")
       if "none" in formats:
         base = report[library]["decode_tokens_per_s"]

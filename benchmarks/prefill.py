@@ -40,7 +40,9 @@ def bench(fn, warmup: int = 2, iters: int = 5) -> tuple[float, float]:
   return (time.perf_counter() - start) / iters, compile_s
 
 
-def run_tunix_zoo(config_id: str, batch: int, length: int, layers: int | None = None) -> dict:
+def run_tunix_zoo(config_id: str, batch: int, length: int, layers: int | None = None,
+                  scan_layers: bool = False, overrides: tuple[str, ...] = (),
+                  dtype: str = "bfloat16") -> dict:
   import jax
   import jax.numpy as jnp
   from flax import nnx
@@ -48,13 +50,15 @@ def run_tunix_zoo(config_id: str, batch: int, length: int, layers: int | None = 
   from tunix_zoo.automodel import AutoModel
   from tunix_zoo import registry
   from tunix_zoo.config import count_parameters
+  from tunix_zoo.config_overrides import config_with_overrides, parse_overrides
 
-  config = registry.get_config(config_id)
+  config = config_with_overrides(registry.get_config(config_id), parse_overrides(overrides))
   if layers is not None:  # For compile time against depth.
     config = config.replace(num_layers=layers, layer_types=config.layer_types[:layers])
   mesh = jax.make_mesh((1, len(jax.devices())), ("fsdp", "tp"),
                        axis_types=(jax.sharding.AxisType.Auto,) * 2)
-  model = AutoModel.from_config(config, mesh, dtype=jnp.bfloat16, param_dtype=jnp.bfloat16)
+  model = AutoModel.from_config(config, mesh, dtype=dtype, param_dtype=dtype,
+                                scan_layers=scan_layers)
   tokens = jax.random.randint(jax.random.key(0), (batch, length), 0, config.vocab_size)
 
   # jax.jit over the split state: nnx.jit walks the model's graph on every call, which
@@ -114,11 +118,18 @@ def main() -> None:
   parser.add_argument("--length", type=int, default=2048)
   parser.add_argument("--libraries", default="tunix_zoo,transformers")
   parser.add_argument("--layers", type=int, help="override the depth (tunix_zoo only)")
+  parser.add_argument("--scan-layers", action="store_true",
+                      help="tunix_zoo's scanned layer stack (compile time flat in depth)")
+  parser.add_argument("--set", action="append", default=[], metavar="KEY=VALUE",
+                      help="override a config field (tunix_zoo only), e.g. --set hidden_size=256")
+  parser.add_argument("--dtype", default="bfloat16", help="tunix_zoo's parameter and compute dtype")
   args = parser.parse_args()
-  report = dict(model=args.model, batch=args.batch, length=args.length)
+  report = dict(model=args.model, batch=args.batch, length=args.length, layers=args.layers,
+                scan_layers=args.scan_layers, overrides=args.set)
   for library in args.libraries.split(","):
     if library == "tunix_zoo":
-      report[library] = run_tunix_zoo(args.model, args.batch, args.length, args.layers)
+      report[library] = run_tunix_zoo(args.model, args.batch, args.length, args.layers,
+                                      args.scan_layers, tuple(args.set), args.dtype)
     elif library == "google_tunix":
       report[library] = run_google_tunix(args.model, args.batch, args.length)
     else:

@@ -78,6 +78,7 @@ class AutoModel:
       token: str | None = None,
       local_files_only: bool = False,
       remat: str = "none",
+      scan_layers: bool = False,
       subfolder: str | None = None,
       variant: str | None = None,
       force_download: bool = False,
@@ -96,7 +97,9 @@ class AutoModel:
     load); when ``model_id`` also names a registered preset, the two must agree.
     ``param_dtype`` defaults to the checkpoint's dtype and ``dtype`` (compute) to
     ``param_dtype``. ``remat`` (``"none"``, ``"layer"``, ``"attention"``) chooses what
-    the backward pass recomputes instead of saving. As in transformers: ``subfolder``
+    the backward pass recomputes instead of saving; ``scan_layers=True`` holds the layers
+    stacked and scanned (:class:`tunix_zoo.layers.decoder.LayerStack`: the same numbers,
+    a compile time flat in depth). As in transformers: ``subfolder``
     is the repo (or folder) directory holding the checkpoint, ``variant`` loads
     ``model.<variant>.safetensors`` (or ``model.safetensors.index.<variant>.json``),
     ``force_download`` re-downloads cached files, and ``cache_dir`` is the Hugging Face
@@ -135,7 +138,8 @@ class AutoModel:
                            token=token, concurrency=stream_concurrency)
       model = load_stream(reader, mesh, preset_id=model_id, dtype=dtype,
                           param_dtype=param_dtype, sharding_rules=sharding_rules, remat=remat,
-                          quantization=quantization)
+                          quantization=quantization,
+                          scan_layers=scan_layers)
       return model, reader.location
     folder = fetch(
         model_id, source=source, model_path=model_path, model_download_path=model_download_path,
@@ -146,6 +150,7 @@ class AutoModel:
     model = load_folder(
         folder, mesh, preset_id=model_id, dtype=dtype, param_dtype=param_dtype,
         sharding_rules=sharding_rules, remat=remat, variant=variant, quantization=quantization,
+        scan_layers=scan_layers,
     )
     return model, str(folder)
 
@@ -159,14 +164,15 @@ class AutoModel:
       param_dtype: Any = np.float32,
       sharding_rules: sharding.Rules | None = None,
       remat: str = "none",
+      scan_layers: bool = False,
       quantization: Quantization | str | None = None,
   ) -> nnx.Module:
     """A randomly initialised model, created directly in its sharding on ``mesh``.
 
     ``config_or_id`` is a config dataclass or a preset id (``"qwen3_0p6b"``, or an HF
-    id such as ``"Qwen/Qwen3-0.6B"`` that names one). ``remat`` and ``quantization`` as
-    in ``from_pretrained``: each quantized weight is drawn and quantized on its devices
-    one at a time, so a model that fits only quantized is built without a float copy.
+    id such as ``"Qwen/Qwen3-0.6B"`` that names one). ``remat``, ``quantization`` and
+    ``scan_layers`` as in ``from_pretrained``: each quantized weight is drawn and quantized
+    on its devices one at a time, so a model that fits only quantized is built without a float copy.
 
     Example::
 
@@ -183,7 +189,7 @@ class AutoModel:
     key = rngs.params() if isinstance(rngs, nnx.Rngs) else jax.random.key(rngs)
     abstract = abstract_model(
         config, param_dtype=param_dtype, dtype=dtype, mesh=mesh, sharding_rules=sharding_rules,
-        remat=remat, quantization=quantization,
+        remat=remat, quantization=quantization, scan_layers=scan_layers,
     )
     return initialise(abstract, key, parameter_shardings(abstract, mesh, sharding_rules))
 
@@ -285,6 +291,7 @@ def load_folder(
     param_dtype: Any = None,
     sharding_rules: sharding.Rules | None = None,
     remat: str = "none",
+    scan_layers: bool = False,
     variant: str | None = None,
     quantization: Quantization | str | None = None,
 ) -> nnx.Module:
@@ -298,7 +305,8 @@ def load_folder(
   if not (pathlib.Path(folder) / "config.json").is_file() and orbax_io.is_orbax_folder(folder):
     return load_orbax_folder(folder, mesh, preset_id=preset_id, dtype=dtype,
                              param_dtype=param_dtype, sharding_rules=sharding_rules,
-                             remat=remat, quantization=quantization)
+                             remat=remat, quantization=quantization,
+                             scan_layers=scan_layers)
   hf_config = read_hf_config(folder)
   with CheckpointFiles(folder, variant) as files:
     check_not_prequantized(folder, hf_config, files.keys())
@@ -314,7 +322,7 @@ def load_folder(
   dtype = dtype or param_dtype
   abstract = abstract_model(
       config, param_dtype=param_dtype, dtype=dtype, mesh=mesh, sharding_rules=sharding_rules,
-      remat=remat, quantization=quantization,
+      remat=remat, quantization=quantization, scan_layers=scan_layers,
   )
   return _load_with_progress(abstract, CheckpointFiles(folder, variant), spec.param_table, mesh,
                              sharding_rules)
@@ -329,6 +337,7 @@ def load_stream(
     param_dtype: Any = None,
     sharding_rules: sharding.Rules | None = None,
     remat: str = "none",
+    scan_layers: bool = False,
     quantization: Quantization | str | None = None,
 ) -> nnx.Module:
   """Loads a :class:`~tunix_zoo.checkpoint.remote_safetensors.RemoteCheckpoint` (from
@@ -358,6 +367,7 @@ def load_stream(
     abstract = abstract_model(
         config, param_dtype=param_dtype, dtype=dtype or param_dtype, mesh=mesh,
         sharding_rules=sharding_rules, remat=remat, quantization=quantization,
+        scan_layers=scan_layers,
     )
     share = reader.total_bytes // jax.process_count()
     with progress_class()(total=share, unit="B", unit_scale=True, disable=None,
@@ -424,6 +434,7 @@ def load_orbax_folder(
     param_dtype: Any = None,
     sharding_rules: sharding.Rules | None = None,
     remat: str = "none",
+    scan_layers: bool = False,
     quantization: Quantization | str | None = None,
     tensorstore_context: dict[str, Any] | None = None,
 ) -> nnx.Module:
@@ -448,7 +459,7 @@ def load_orbax_folder(
   dtype = dtype or param_dtype
   abstract = abstract_model(
       config, param_dtype=param_dtype, dtype=dtype, mesh=mesh, sharding_rules=sharding_rules,
-      remat=remat, quantization=quantization,
+      remat=remat, quantization=quantization, scan_layers=scan_layers,
   )
   spec, _, reader = orbax_checkpoint(folder, preset_id, abstract,
                                      tensorstore_context=tensorstore_context)

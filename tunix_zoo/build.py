@@ -24,6 +24,7 @@ from jax.sharding import Mesh
 
 from tunix_zoo import registry, sharding
 from tunix_zoo.config import DecoderConfig
+from tunix_zoo.errors import ConfigError
 from tunix_zoo.layers import quantized
 from tunix_zoo.layers.basic import INIT_STDDEV
 
@@ -39,9 +40,12 @@ def abstract_model(config: DecoderConfig, param_dtype: Any = jnp.float32, *,
       abstract = abstract_model(registry.get_config("qwen3_8b"), param_dtype=jnp.bfloat16)
       int4 = abstract_model(registry.get_config("qwen3_8b"), jnp.bfloat16, quantization="int4")
   """
+  quantization = quantized.Quantization.of(quantization)
+  if quantization is not None and kwargs.get("scan_layers"):
+    raise ConfigError("Quantized loading of scanned layers (quantization with "
+                      "scan_layers=True) is not supported yet; drop one of the two.")
   spec = registry.family_for_config_class(type(config))
   model = spec.model_class(config, rngs=None, param_dtype=param_dtype, **kwargs)
-  quantization = quantized.Quantization.of(quantization)
   if quantization is not None:
     quantized.quantize_linears(model, quantization, scale_dtype=param_dtype)
     if kwargs.get("mesh") is not None:

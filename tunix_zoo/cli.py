@@ -221,7 +221,8 @@ def load(args: argparse.Namespace):
   mesh = make_mesh(args.mesh)
   dtype = args.dtype
   if args.model == DEMO_ID:
-    return AutoModel.from_pretrained(str(demo_checkpoint()), mesh, param_dtype=dtype)
+    return AutoModel.from_pretrained(str(demo_checkpoint()), mesh, param_dtype=dtype,
+                                     scan_layers=args.scan_layers)
   kwargs = source_kwargs(args)
   if args.model_id and kwargs["model_path"] is None:
     # MODEL is the folder (or handle); the preset --model-id names gives the architecture.
@@ -231,7 +232,7 @@ def load(args: argparse.Namespace):
   if args.stream:
     kwargs.update(stream=True, stream_concurrency=args.stream_concurrency)
   return AutoModel.from_pretrained(args.model_id or args.model, mesh, param_dtype=dtype,
-                                   **kwargs)
+                                   scan_layers=args.scan_layers, **kwargs)
 
 
 def refuse_stream(args: argparse.Namespace, command: str) -> None:
@@ -292,7 +293,7 @@ def cmd_test(args: argparse.Namespace) -> int:
     _, config = resolve_config(args.model, args.set)
     dtype = args.dtype or "float32"
     model = AutoModel.from_config(config, make_mesh(args.mesh), param_dtype=dtype, dtype=dtype,
-                                  rngs=args.seed)
+                                  rngs=args.seed, scan_layers=args.scan_layers)
   model.remat = args.remat
   wrt = nnx.Param
   if args.lora_rank:
@@ -432,6 +433,9 @@ def add_model_arguments(p: argparse.ArgumentParser, *, mesh: bool = True) -> Non
                         "each process only its share; nothing is downloaded")
     p.add_argument("--stream-concurrency", type=positive_int, metavar="N",
                    help="with --stream: ranges fetched at a time (default 16)")
+    p.add_argument("--scan-layers", action="store_true",
+                   help="hold the layers stacked and scanned: the same model, compiled in "
+                        "a time flat in depth")
 
 
 def add_training_arguments(p: argparse.ArgumentParser) -> None:

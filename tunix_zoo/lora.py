@@ -35,13 +35,14 @@ from jax.sharding import NamedSharding
 
 from tunix_zoo import arguments, registry, sharding
 from tunix_zoo.build import axis_counts, module_path as dotted
-from tunix_zoo.checkpoint.export import (discard_staging, host_copy, move_into_place,
-                                         new_staging_folder)
+from tunix_zoo.checkpoint.export import (discard_staging, host_copy, layer_slice,
+                                         move_into_place, new_staging_folder, unrolled_order)
 from tunix_zoo.checkpoint.push import check_push_arguments, push_folder
 from tunix_zoo.checkpoint.writer import write_safetensors
 from tunix_zoo.errors import LoraError
 from tunix_zoo.layers.basic import Linear
 from tunix_zoo.layers.lora import LoRALinear
+from tunix_zoo.layers.stacked import unrolled_path, unrolled_paths
 
 log = logging.getLogger(__name__)
 
@@ -117,11 +118,19 @@ def apply_lora(
       dotted(path): module for path, module in nnx.iter_modules(model)
       if isinstance(module, Linear)
   }
-  chosen = {path: linear for path, linear in linears.items() if _matches(pattern, path)}
+  # The unrolled paths (layers.{i}...) are the ones matched and listed, whatever the layout.
+  paths = {p: n for path, linear in linears.items() for p, n in _unrolled(path, linear)}
+  chosen = {path: linear for path, linear in linears.items()
+            if _stack_matches(pattern, path, linear)}
+  if dropout and any(unrolled_paths(p, l.weight.get_metadata()) for p, l in chosen.items()):
+    raise LoraError(
+        "LoRA dropout is not supported on a scanned model's stacked layers yet; use "
+        "dropout=0, or load the model without scan_layers."
+    )
   if not chosen:
     raise LoraError(
         f"module_path {module_path!r} matches none of the model's Linear layers, whose paths "
-        f"are ({{i}} = layer number): {', '.join(_path_patterns(linears))}."
+        f"are ({{i}} = layer number): {', '.join(_path_patterns(paths))}."
     )
   adapted = sorted(path for path, linear in chosen.items() if isinstance(linear, LoRALinear))
   if adapted:
@@ -235,12 +244,22 @@ def save_lora_adapter(
   key_map = registry.family_for_config_class(type(model.config)).param_table
   tensors: dict[str, np.ndarray] = {}
   hf_names: dict[str, LoRALinear] = {}
-  for path, layer in layers.items():
-    weight_key = key_map.checkpoint_key(path + ".weight")
+  # One entry per layer, in the unrolled model's order (a scanned model's files are the same).
+  per_layer = sorted(
+      ((name, path, n) for path, layer in layers.items()
+       for n, (name, _) in enumerate(_unrolled(path, layer))),
+      key=lambda entry: unrolled_order(entry[0]),
+  )
+  for name, path, n in per_layer:
+    layer = layers[path]
+    stacked = unrolled_paths(path + ".weight", layer.weight.get_metadata()) is not None
+    weight_key = key_map.checkpoint_key(name + ".weight")
     hf_name = weight_key.removesuffix(".weight")
     hf_names[hf_name] = layer
     for part, variable in (("lora_A", layer.lora_a), ("lora_B", layer.lora_b)):
       value = variable.get_value()
+      if stacked:
+        value = layer_slice(value, np.int32(n))
       # Every process takes part (gathering can be a collective); process 0 writes.
       host = host_copy(value, np.dtype(value.dtype if dtype is None else dtype),
                        assemble=jax.process_index() == 0)
@@ -265,6 +284,30 @@ def _check_settings(rank: int, alpha: float, dropout: float) -> None:
     raise LoraError(f"LoRA alpha must be a positive number; got {alpha!r}.")
   if not 0.0 <= dropout < 1.0:
     raise LoraError(f"LoRA dropout must be in [0, 1); got {dropout!r}.")
+
+
+def _unrolled(path: str, linear: Linear) -> list[tuple[str, str]]:
+  """``(unrolled path, path)`` of each layer a Linear serves: one, or one per layer of a
+  scanned model's stacked Linear."""
+  metadata = linear.weight.get_metadata()
+  name = path + ".weight"
+  names = unrolled_paths(name, metadata) or [unrolled_path(name, metadata)]
+  return [(n.removesuffix(".weight"), path) for n in names]
+
+
+def _stack_matches(pattern: re.Pattern, path: str, linear: Linear) -> bool:
+  """Whether ``pattern`` matches the Linear at ``path`` (for a stacked one: all of its
+  layers; LoRAError when only some)."""
+  unrolled = [name for name, _ in _unrolled(path, linear)]
+  matched = [name for name in unrolled if _matches(pattern, name)]
+  if matched and len(matched) < len(unrolled):
+    raise LoraError(
+        f"module_path matches {matched[0]} but not {len(unrolled) - len(matched)} of the "
+        f"other layers whose {path.rpartition('.')[2]} is scanned with it ({', '.join(unrolled)}"
+        "): a scanned model's adapters are stacked over those layers. Match all of them or "
+        "none, or load the model without scan_layers."
+    )
+  return bool(matched)
 
 
 def _matches(pattern: re.Pattern, path: str) -> bool:
@@ -305,15 +348,18 @@ def _adapter_shardings(
   weight = linear.weight.get_value()
   if not isinstance(weight.sharding, NamedSharding):
     return weight.sharding, weight.sharding
-  out_features, in_features = linear.dense_shape
-  out_axis, in_axis = linear.weight.get_metadata().get("logical_axes") or (None, None)
+  *lead, out_features, in_features = linear.dense_shape
+  logical = linear.weight.get_metadata().get("logical_axes") or (None,) * (len(lead) + 2)
+  *lead_axes, out_axis, in_axis = logical
   mesh = weight.sharding.mesh
   return (
       sharding.named_sharding(
-          (None, in_axis), (rank, in_features), mesh, rules, counts, what=path + ".lora_a"
+          (*lead_axes, None, in_axis), (*lead, rank, in_features), mesh, rules, counts,
+          what=path + ".lora_a"
       ),
       sharding.named_sharding(
-          (out_axis, None), (out_features, rank), mesh, rules, counts, what=path + ".lora_b"
+          (*lead_axes, out_axis, None), (*lead, out_features, rank), mesh, rules, counts,
+          what=path + ".lora_b"
       ),
   )
 

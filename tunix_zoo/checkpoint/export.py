@@ -63,6 +63,7 @@ from tunix_zoo.checkpoint.push import check_push_arguments, push_folder
 from tunix_zoo.checkpoint.reader import SAFETENSORS_DTYPES
 from tunix_zoo.checkpoint.writer import ShardedWriter, parse_size
 from tunix_zoo.errors import ExportError
+from tunix_zoo.layers.stacked import unrolled_path, unrolled_paths
 
 log = logging.getLogger(__name__)
 
@@ -200,6 +201,27 @@ class _ExportTensor:
   stacked: bool
   value: Any
   dtype: np.dtype  # as written
+  # A scanned model's stacked layer parameter: the slice of ``value`` that is this tensor.
+  layer: int | None = None
+
+  @property
+  def shape(self) -> tuple[int, ...]:
+    shape = tuple(self.value.shape[1:] if self.layer is not None else self.value.shape)
+    return shape[1:] if self.stacked else shape
+
+  def device_value(self) -> Any:
+    """The tensor, sliced out of its stacked layer parameter on the devices (so the host
+    never holds more than one layer's tensor)."""
+    if self.layer is None:
+      return self.value
+    return layer_slice(self.value, np.int32(self.layer))
+
+
+@jax.jit
+def layer_slice(value: jax.Array, layer: jax.Array) -> jax.Array:
+  """Slice ``layer`` of a stacked layer parameter, on its devices (one compiled program
+  per shape, whatever the layer)."""
+  return jax.lax.dynamic_index_in_dim(value, layer, 0, keepdims=False)
 
 
 def _export_tensors(model: nnx.Module, target_dtype: np.dtype | None) -> list[_ExportTensor]:
@@ -207,21 +229,31 @@ def _export_tensors(model: nnx.Module, target_dtype: np.dtype | None) -> list[_E
   key_map = registry.family_for_config_class(type(model.config)).param_table
   tensors = []
   for path, var in nnx.to_flat_state(nnx.state(model, nnx.Param)):
-    name, value = module_path(path), var.get_value()
-    per_row = key_map.stacked_keys(name, value.shape[0]) if value.shape else None
-    tensors.append(_ExportTensor(
-        keys=tuple(per_row or [key_map.checkpoint_key(name)]),
-        stacked=per_row is not None,
-        value=value,
-        dtype=_written_dtype(np.dtype(value.dtype), target_dtype),
-    ))
-  return tensors
+    name, value, metadata = module_path(path), var.get_value(), var.get_metadata()
+    per_layer = unrolled_paths(name, metadata)
+    shape = value.shape if per_layer is None else value.shape[1:]
+    for layer, layer_name in enumerate(per_layer or [unrolled_path(name, metadata)]):
+      per_row = key_map.stacked_keys(layer_name, shape[0]) if shape else None
+      tensors.append((unrolled_order(layer_name), _ExportTensor(
+          keys=tuple(per_row or [key_map.checkpoint_key(layer_name)]),
+          stacked=per_row is not None,
+          value=value,
+          dtype=_written_dtype(np.dtype(value.dtype), target_dtype),
+          layer=None if per_layer is None else layer,
+      )))
+  # A scanned model writes the tensors in the unrolled model's order, so the files match.
+  return [tensor for _, tensor in sorted(tensors, key=lambda item: item[0])]
+
+
+def unrolled_order(name: str) -> tuple[Any, ...]:
+  """The position of parameter ``name`` in NNX's state order (layer numbers as numbers)."""
+  return tuple((0, int(part), "") if part.isdigit() else (1, 0, part)
+               for part in name.split("."))
 
 
 def _write_plan(tensors: list[_ExportTensor]) -> list[tuple[str, tuple[int, ...], np.dtype]]:
   """Every written tensor's key, shape and dtype, in writing order."""
-  return [(key, tensor.value.shape[1:] if tensor.stacked else tensor.value.shape, tensor.dtype)
-          for tensor in tensors for key in tensor.keys]
+  return [(key, tensor.shape, tensor.dtype) for tensor in tensors for key in tensor.keys]
 
 
 def _stream_tensors(tensors: list[_ExportTensor], writer: ShardedWriter | None) -> Exception | None:
@@ -233,7 +265,8 @@ def _stream_tensors(tensors: list[_ExportTensor], writer: ShardedWriter | None) 
   """
   failure: Exception | None = None
   for tensor in tensors:
-    host = host_copy(tensor.value, tensor.dtype, assemble=writer is not None and failure is None)
+    host = host_copy(tensor.device_value(), tensor.dtype,
+                     assemble=writer is not None and failure is None)
     if host is not None:
       try:
         pieces = zip(tensor.keys, host) if tensor.stacked else [(tensor.keys[0], host)]
@@ -272,7 +305,7 @@ def _dtype_fields(tensors: list[_ExportTensor]) -> dict[str, str]:
   """config.json's dtype keys: the dtype holding most bytes, in both spellings."""
   by_dtype: dict[np.dtype, int] = {}
   for tensor in tensors:
-    nbytes = int(np.prod(tensor.value.shape)) * tensor.dtype.itemsize
+    nbytes = len(tensor.keys) * int(np.prod(tensor.shape)) * tensor.dtype.itemsize
     by_dtype[tensor.dtype] = by_dtype.get(tensor.dtype, 0) + nbytes
   name = max(by_dtype, key=by_dtype.get).name if by_dtype else "float32"
   # transformers 4 reads "torch_dtype", transformers 5 "dtype".

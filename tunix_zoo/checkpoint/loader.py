@@ -39,6 +39,7 @@ from tunix_zoo.checkpoint.keymap import KeyMap
 from tunix_zoo.checkpoint.reader import CheckpointFiles
 from tunix_zoo.errors import CheckpointError
 from tunix_zoo.layers import quantized
+from tunix_zoo.layers.stacked import unrolled_path, unrolled_paths
 
 log = logging.getLogger(__name__)
 
@@ -117,36 +118,22 @@ def load_checkpoint(
   folder = getattr(reader, "folder", folder)
   with reader as ckpt:
     available = set(ckpt.keys())
-    # Module path -> its checkpoint keys: one, or one per slice of a stacked parameter.
-    wanted: dict[str, list[str]] = {}
+    # Module path -> its checkpoint key, or (stacked) a list per slice of the leading axis
+    # of keys or lists: a scanned model's layers stack over layers, then over experts.
+    wanted: dict[str, KeyTree] = {}
     stacked: set[str] = set()
     scales = {path for path, var in flat if quantized.is_quantization_scale(var)}
     for path, var in flat:
       if path in scales:
         continue  # quantized with its weight
       name = module_path(path)
-      per_slice = key_map.stacked_keys(name, var.shape[0]) if var.shape else None
-      shape = quantized.dense_shape(var) if per_slice is None else tuple(var.shape[1:])
-      keys = []
-      for wanted_key in per_slice or [key_map.checkpoint_key(name)]:
-        key = _find_key(key_map, wanted_key, available)
-        if key is None:
-          raise CheckpointError(
-              f"Checkpoint {folder} has no tensor for model parameter {name!r} "
-              f"(looked for {wanted_key!r}). Is this checkpoint of the "
-              f"architecture its config.json names?"
-          )
-        if tuple(ckpt.shape(key)) != shape:
-          raise CheckpointError(
-              f"Tensor {key!r} in {folder} has shape {tuple(ckpt.shape(key))}, but the model "
-              f"expects {shape} for {name!r}: config.json and weights disagree."
-          )
-        keys.append(key)
-      wanted[name] = keys
-      if per_slice is not None:
+      wanted[name] = _checkpoint_keys(
+          key_map, name, var.get_metadata(), quantized.dense_shape(var), ckpt, available, folder
+      )
+      if not isinstance(wanted[name], str):
         stacked.add(name)
     tied = getattr(abstract.config, "tie_word_embeddings", False)
-    used = {key for keys in wanted.values() for key in keys}
+    used = set(_leaves(wanted.values()))
     unexpected = sorted(
         k for k in available - used
         if not key_map.is_ignored(k) and not (tied and k.endswith("lm_head.weight"))
@@ -167,14 +154,18 @@ def load_checkpoint(
 
       def read(index):
         if name not in stacked:
-          return np.asarray(ckpt.read(keys[0], index)).astype(dtype, copy=False)
+          return np.asarray(ckpt.read(keys, index)).astype(dtype, copy=False)
+        return gather(keys, tuple(index) + (slice(None),) * (len(shape) - len(index)), shape)
+
+      def gather(keys, index, shape):
         # Gather the device's slice of the stack one checkpoint tensor at a time, so
         # host memory holds the slice plus one tensor's part of it.
-        index = tuple(index) + (slice(None),) * (len(shape) - len(index))
+        if isinstance(keys, str):
+          return ckpt.read(keys, index)
         # The slice's shape, from a zero-stride view (nothing allocated).
         out = np.empty(np.broadcast_to(np.empty((), dtype), shape)[index].shape, dtype)
         for n, row in enumerate(range(*index[0].indices(shape[0]))):
-          out[n] = ckpt.read(keys[row], index[1:])
+          out[n] = gather(keys[row], index[1:], shape[1:])
         return out
 
       read_once = _OncePerBlock(read)
@@ -190,7 +181,7 @@ def load_checkpoint(
     def load_quantized(path, var):
       scale_path = path[:-1] + ("weight_scale",)
       values, scales, nbytes = quantize.load_quantized(
-          ckpt, wanted[module_path(path)][0], var.get_metadata()["quantization"],
+          ckpt, wanted[module_path(path)], var.get_metadata()["quantization"],
           np.dtype(variables[scale_path].dtype), shardings[module_path(path)],
           shardings[module_path(scale_path)])
       transfers.add(values, nbytes)
@@ -217,6 +208,48 @@ def load_checkpoint(
   for path, var in flat:
     var.set_value(loaded[path])
   return nnx.merge(graphdef, nnx.from_flat_state(flat), rest)
+
+
+KeyTree = str | list["KeyTree"]
+
+
+def _checkpoint_keys(key_map: KeyMap, name: str, metadata: dict[str, Any],
+                     shape: tuple[int, ...], ckpt: CheckpointReader, available: set[str],
+                     folder: Any) -> KeyTree:
+  """The checkpoint key of the parameter at ``name``, or a list per slice of its leading
+  axis (of keys or lists) for a stacked one; raises CheckpointError for a missing or
+  misshaped tensor."""
+  per_layer = unrolled_paths(name, metadata)
+  if per_layer is not None:
+    return [_checkpoint_keys(key_map, layer, {}, shape[1:], ckpt, available, folder)
+            for layer in per_layer]
+  name = unrolled_path(name, metadata)
+  per_slice = key_map.stacked_keys(name, shape[0]) if shape else None
+  keys = []
+  for wanted_key in per_slice or [key_map.checkpoint_key(name)]:
+    key = _find_key(key_map, wanted_key, available)
+    if key is None:
+      raise CheckpointError(
+          f"Checkpoint {folder} has no tensor for model parameter {name!r} "
+          f"(looked for {wanted_key!r}). Is this checkpoint of the "
+          f"architecture its config.json names?"
+      )
+    expected = shape if per_slice is None else shape[1:]
+    if tuple(ckpt.shape(key)) != expected:
+      raise CheckpointError(
+          f"Tensor {key!r} in {folder} has shape {tuple(ckpt.shape(key))}, but the model "
+          f"expects {expected} for {name!r}: config.json and weights disagree."
+      )
+    keys.append(key)
+  return keys if per_slice is not None else keys[0]
+
+
+def _leaves(trees: Any) -> list[str]:
+  """Every key of a collection of key trees."""
+  out: list[str] = []
+  for tree in trees:
+    out.extend([tree] if isinstance(tree, str) else _leaves(tree))
+  return out
 
 
 def _find_key(key_map: KeyMap, key: str, available: set[str]) -> str | None:

@@ -152,13 +152,21 @@ class Attention(nnx.Module):
     inv_freq = inverse_frequencies(self.rope, self.head_dim)
     q, k = apply_rope(q, positions, inv_freq), apply_rope(k, positions, inv_freq)
     if layer_cache is not None:
-      start = (0, cache_index, 0, 0)
+      # A scanned layer stack passes its whole [B, L, S, K, H] cache and the layer's number
+      # (see tunix_zoo.layers.decoder.LayerStack): only this layer's new slots are written.
+      layer = layer_cache.get("layer")
+      if layer is not None:
+        k, v = k[:, None], v[:, None]
+      start = (0, cache_index, 0, 0) if layer is None else (0, layer, cache_index, 0, 0)
       layer_cache = {
           name: jax.lax.dynamic_update_slice(layer_cache[name], new.astype(
               layer_cache[name].dtype), start)
           for name, new in (("k", k), ("v", v))
       }
-      k, v = layer_cache["k"].astype(q.dtype), layer_cache["v"].astype(q.dtype)
+      k, v = layer_cache["k"], layer_cache["v"]
+      if layer is not None:
+        k, v = (jax.lax.dynamic_index_in_dim(x, layer, 1, keepdims=False) for x in (k, v))
+      k, v = k.astype(q.dtype), v.astype(q.dtype)
     mask = masks[self.window]
     out = self._kernel_attention(q, k, v, mask, mesh)
     if out is None:

@@ -24,6 +24,14 @@ recomputes the attention blocks only; ``"none"`` (the default) saves everything:
 
     model = Qwen3ForCausalLM(config, rngs=nnx.Rngs(0), remat="layer")
     model.remat = "none"  # may be changed between traces
+
+``scan_layers=True`` holds the layers as a :class:`LayerStack`: one ``jax.lax.scan`` over
+a repeating block of layers (their parameters stacked along a leading layer axis), so
+compile time stays flat in depth; the same numbers as the unrolled layers. Its cache is
+``cache["layers"] = {"k": [B, L, S, K, H], "v": ...}``, still batch-leading::
+
+    model = Qwen3ForCausalLM(config, rngs=nnx.Rngs(0), scan_layers=True)
+    model.layers.blocks[0].attn.q_proj.weight.shape  # (num_layers, q_dim, hidden)
 """
 
 from __future__ import annotations
@@ -42,6 +50,7 @@ from tunix_zoo.layers.attention import Attention, LayerCache, attention_masks
 from tunix_zoo.layers.basic import Embedding, Linear, RMSNorm
 from tunix_zoo.layers.mlp import GatedMLP
 from tunix_zoo.layers.moe import MoE
+from tunix_zoo.layers.stacked import LAYER_NUMBER, STACKED_LAYERS
 
 Cache = dict[str, Any]
 REMAT_MODES = ("none", "layer", "attention")
@@ -131,6 +140,114 @@ class DecoderLayer(nnx.Module):
     return x + h, layer_cache, router_logits
 
 
+def repeating_period(kinds: list[Any]) -> int:
+  """The smallest ``period`` such that layer ``i`` is of the kind of layer ``i % period``
+  for every layer of the ``len(kinds) // period`` whole blocks (the rest are left over).
+
+  Example::
+
+      repeating_period(["local", "local", "global"] * 4 + ["local"])  # 3
+  """
+  for period in range(1, len(kinds) + 1):
+    whole = len(kinds) // period * period
+    if all(kinds[i] == kinds[i % period] for i in range(whole)):
+      return period
+  return len(kinds)
+
+
+def _stacked(layers: list[DecoderLayer], numbers: tuple[int, ...]) -> DecoderLayer:
+  """One layer whose parameters stack those of ``layers`` (all alike) along a new leading
+  ``"layers"`` axis, which no sharding rule maps: each slice shards as the layer did."""
+  graphdef, state = nnx.split(layers[0])
+  flat = nnx.to_flat_state(state)
+  others = [dict(nnx.to_flat_state(nnx.state(layer))) for layer in layers]
+  for path, var in flat:
+    values = [other[path].get_value() for other in others]
+    if isinstance(values[0], jax.ShapeDtypeStruct):
+      var.set_value(jax.ShapeDtypeStruct((len(values),) + values[0].shape, values[0].dtype))
+    else:
+      var.set_value(jnp.stack(values))
+    axes = var.get_metadata().get("logical_axes") or (None,) * len(values[0].shape)
+    var.set_metadata(logical_axes=("layers", *axes), **{STACKED_LAYERS: numbers})
+  return nnx.merge(graphdef, nnx.from_flat_state(flat))
+
+
+class LayerStack(nnx.Module):
+  """The decoder layers as ``repeats`` scanned copies of a block of ``period`` layers,
+  then the layers left over, unrolled.
+
+  The block is the shortest repeating pattern of layer kinds (one for Llama and Qwen,
+  Gemma 2's local/global pair, Gemma 3's five local and one global layer, Qwen3-MoE's
+  dense/sparse step). ``blocks[p]`` is layer ``p`` of the block with every parameter
+  stacked over the repeats (layer ``r * period + p`` is slice ``r``; the slices' numbers
+  are each parameter's ``stacked_layers`` metadata); ``rest[j]`` is layer
+  ``repeats * period + j``, as it is unrolled.
+
+  Example::
+
+      stack = LayerStack([DecoderLayer(config, i, rngs=rngs) for i in range(config.num_layers)])
+      stack.period, stack.repeats, len(stack.rest)
+  """
+
+  def __init__(self, layers: list[DecoderLayer]):
+    self.period = repeating_period([nnx.graphdef(layer) for layer in layers])
+    self.repeats = len(layers) // self.period
+    period, repeats = self.period, self.repeats
+    self.blocks = nnx.List([
+        _stacked([layers[r * period + p] for r in range(repeats)],
+                 tuple(r * period + p for r in range(repeats)))
+        for p in range(period)
+    ])
+    self.rest = nnx.List(layers[repeats * period:])
+    for j, layer in enumerate(self.rest):
+      for _, var in nnx.to_flat_state(nnx.state(layer)):
+        var.set_metadata(**{LAYER_NUMBER: repeats * period + j})
+
+  def __call__(
+      self,
+      x: jax.Array,
+      positions: jax.Array,
+      masks: dict[int | None, jax.Array | None],
+      kv: LayerCache | None,
+      cache_index: jax.Array | int,
+      remat: str,
+      constrain: Callable[[jax.Array], jax.Array],
+  ) -> tuple[jax.Array, LayerCache | None, tuple[jax.Array, ...]]:
+    """The stack's output, its updated ``{"k", "v"}`` ``[B, L, S, K, H]`` cache and the
+    router logits of its mixture-of-experts layers in layer order."""
+
+    def run(layer, number, x, kv):
+      layer_cache = None if kv is None else {**kv, "layer": number}
+      if remat == "layer":
+        x, kv, logits = rematerialised(layer, x, positions, masks, layer_cache, cache_index)
+      else:
+        x, kv, logits = layer(x, positions, masks, layer_cache, cache_index,
+                              remat_attention=remat == "attention")
+      return constrain(x), kv, logits
+
+    graphdefs, states = zip(*(nnx.split(block) for block in self.blocks))
+
+    def body(carry, xs):
+      x, kv = carry
+      repeat, block_states = xs
+      per_position = []
+      for p, (graphdef, state) in enumerate(zip(graphdefs, block_states)):
+        x, kv, logits = run(nnx.merge(graphdef, state), repeat * self.period + p, x, kv)
+        per_position.append(logits)  # None for a dense layer
+      return (x, kv), tuple(per_position)
+
+    (x, kv), stacked_logits = jax.lax.scan(
+        body, (x, kv), (jnp.arange(self.repeats), states)
+    )
+    router_logits = [logits[r] for r in range(self.repeats)
+                     for logits in stacked_logits if logits is not None]
+    for j, layer in enumerate(self.rest):
+      x, kv, logits = run(layer, self.repeats * self.period + j, x, kv)
+      if logits is not None:
+        router_logits.append(logits)
+    return x, kv, tuple(router_logits)
+
+
 class DecoderLM(nnx.Module):
   """Embedding, decoder layers, final norm and LM head (tied or not).
 
@@ -149,6 +266,7 @@ class DecoderLM(nnx.Module):
       mesh: Mesh | None = None,
       sharding_rules: sharding.Rules | None = None,
       remat: str = "none",
+      scan_layers: bool = False,
   ):
     c = config
     self.config = config
@@ -157,10 +275,11 @@ class DecoderLM(nnx.Module):
     self.sharding_rules = dict(sharding_rules) if sharding_rules is not None else None
     kw = dict(rngs=rngs, dtype=dtype, param_dtype=param_dtype)
     self.embed_tokens = Embedding(c.vocab_size, c.hidden_size, **kw)
-    self.layers = nnx.List([
+    layers = [
         self.layer_class(c, i, **kw, sharding_rules=self.sharding_rules)
         for i in range(c.num_layers)
-    ])
+    ]
+    self.layers = LayerStack(layers) if scan_layers else nnx.List(layers)
     self.final_norm = RMSNorm.of(
         c.hidden_size, c, rngs=rngs, dtype=dtype, param_dtype=param_dtype
     )
@@ -197,6 +316,11 @@ class DecoderLM(nnx.Module):
     return sharding.mesh_of(self.embed_tokens.weight.get_value())
 
   @property
+  def scan_layers(self) -> bool:
+    """Whether the layers are a scanned :class:`LayerStack` (else an unrolled list)."""
+    return isinstance(self.layers, LayerStack)
+
+  @property
   def num_embed(self) -> int:
     """The vocabulary size (the name Tunix's sampler reads)."""
     return self.config.vocab_size
@@ -206,12 +330,17 @@ class DecoderLM(nnx.Module):
     return sharding.partition_spec(logical, shape, self.mesh, self.sharding_rules, counts)
 
   def _cache_specs(self, batch: int, max_len: int) -> Cache:
-    kv = self._spec(
-        ("batch", None, "kv_heads", None),
-        (batch, max_len, self.config.num_kv_heads, self.config.head_dim),
-    )
+    c = self.config
+    if self.scan_layers:
+      kv = self._spec(("batch", None, None, "kv_heads", None),
+                      (batch, c.num_layers, max_len, c.num_kv_heads, c.head_dim))
+      layers = {"k": kv, "v": kv}
+    else:
+      kv = self._spec(("batch", None, "kv_heads", None),
+                      (batch, max_len, c.num_kv_heads, c.head_dim))
+      layers = [{"k": kv, "v": kv} for _ in range(c.num_layers)]
     return {
-        "layers": [{"k": kv, "v": kv} for _ in range(self.config.num_layers)],
+        "layers": layers,
         "valid": self._spec(("batch", None), (batch, max_len)),
         # Replicated: every device reads the write slot without a collective.
         "index": PartitionSpec(),
@@ -223,8 +352,13 @@ class DecoderLM(nnx.Module):
     c = self.config
     dtype = dtype or self.dtype
     kv_shape = (batch_size, max_len, c.num_kv_heads, c.head_dim)
+    if self.scan_layers:
+      stacked = (kv_shape[:1] + (c.num_layers,) + kv_shape[1:], dtype)
+      layers = {"k": stacked, "v": stacked}
+    else:
+      layers = [{"k": (kv_shape, dtype), "v": (kv_shape, dtype)} for _ in range(c.num_layers)]
     shapes = {
-        "layers": [{"k": (kv_shape, dtype), "v": (kv_shape, dtype)} for _ in range(c.num_layers)],
+        "layers": layers,
         "valid": ((batch_size, max_len), jnp.bool_),
         "index": ((batch_size,), jnp.int32),
     }
@@ -371,7 +505,7 @@ class DecoderLM(nnx.Module):
       # Real tokens count from 0 in every row, whatever padding precedes them.
       positions = done[:, None] + jnp.maximum(jnp.cumsum(new_valid, axis=-1) - 1, 0)
     mesh = self.mesh
-    windows = {layer.attn.window for layer in self.layers}
+    windows = {self.config.layer_window(i) for i in range(self.config.num_layers)}
     if cache is None and attention_mask is None:
       # Plain causal: no mask array, so attention can take the flash-attention kernels.
       masks = dict.fromkeys(windows)
@@ -381,6 +515,13 @@ class DecoderLM(nnx.Module):
     # Checked per forward, not only at construction: ``model.remat`` may be changed later.
     remat = check_remat(self.remat)
     x = self.embed(input_tokens)
+    if self.scan_layers:
+      constrain = lambda x: sharding.constrain(  # noqa: E731
+          x, ("batch", None, None), mesh, self.sharding_rules)
+      x, new_layers, router_logits = self.layers(
+          x, positions, masks, None if cache is None else cache["layers"], index, remat,
+          constrain)
+      return self._finish(x, cache, new_layers, key_valid, length, router_logits)
     new_layers, router_logits = [], []
     for i, layer in enumerate(self.layers):
       layer_cache = None if cache is None else cache["layers"][i]
@@ -394,6 +535,10 @@ class DecoderLM(nnx.Module):
       new_layers.append(layer_cache)
       if logits is not None:
         router_logits.append(logits)
+    return self._finish(x, cache, new_layers, key_valid, length, router_logits)
+
+  def _finish(self, x, cache, new_layers, key_valid, length, router_logits
+              ) -> tuple[jax.Array, Cache | None, tuple[jax.Array, ...]]:
     x = self.final_norm(x)
     if cache is not None:
       cache = {"layers": new_layers, "valid": key_valid, "index": cache["index"] + length}

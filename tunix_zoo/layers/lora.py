@@ -4,6 +4,8 @@
 (and ``bias``) kept as they were and the adapters ``lora_a`` ``[rank, in]`` and
 ``lora_b`` ``[out, rank]`` held as ``nnx.LoRAParam``, laid out as PEFT stores them.
 ``lora_b`` starts at zero, so a fresh adapter leaves the layer's output unchanged.
+A stacked Linear of a scanned model (``weight`` ``[layers, out, in]``) gets stacked
+adapters ``[layers, rank, in]`` and ``[layers, out, rank]``, one per layer.
 
 Each adapter carries the logical axis of the base weight's side it touches (``lora_a``
 the in-axis, ``lora_b`` the out-axis), so it shards like the base weight on a mesh, and
@@ -29,6 +31,7 @@ import jax.numpy as jnp
 from flax import nnx
 
 from tunix_zoo.layers.basic import Linear
+from tunix_zoo.layers.stacked import LAYER_NUMBER, STACKED_LAYERS
 
 
 @functools.lru_cache(maxsize=64)
@@ -51,7 +54,7 @@ def _merger(out_sharding: Any):
   def merge(weight: jax.Array, lora_a: jax.Array, lora_b: jax.Array, scale: float):
     # In float32 at full precision: TPUs would otherwise multiply in bfloat16.
     delta = jnp.einsum(
-        "or,ri->oi", lora_b.astype(jnp.float32), lora_a.astype(jnp.float32),
+        "...or,...ri->...oi", lora_b.astype(jnp.float32), lora_a.astype(jnp.float32),
         precision=jax.lax.Precision.HIGHEST,
     )
     return (weight.astype(jnp.float32) + scale * delta).astype(weight.dtype)
@@ -105,10 +108,11 @@ class LoRALinear(Linear):
     self.weight_scale = nnx.data(base.weight_scale)  # frozen quantized weights: QLoRA
     self.rank = rank
     self.alpha = alpha
-    out_features, in_features = base.dense_shape
-    out_axis, in_axis = base.weight.get_metadata().get("logical_axes") or (None, None)
+    *lead, out_features, in_features = base.dense_shape
+    metadata = base.weight.get_metadata()
+    *lead_axes, out_axis, in_axis = metadata.get("logical_axes") or (None,) * (len(lead) + 2)
     dtype = jnp.dtype(param_dtype or _float_dtype(base))
-    a_shape, b_shape = (rank, in_features), (out_features, rank)
+    a_shape, b_shape = (*lead, rank, in_features), (*lead, out_features, rank)
     if rngs is None:
       a_value = jax.ShapeDtypeStruct(a_shape, dtype)
       b_value = jax.ShapeDtypeStruct(b_shape, dtype)
@@ -116,13 +120,16 @@ class LoRALinear(Linear):
       key = rngs.params()
       a_value = _initialiser(a_shape, dtype, 1 / math.sqrt(in_features), shardings[0])(key)
       b_value = _initialiser(b_shape, dtype, 0.0, shardings[1])(key)
-    self.lora_a = nnx.LoRAParam(a_value, logical_axes=(None, in_axis))
-    self.lora_b = nnx.LoRAParam(b_value, logical_axes=(out_axis, None))
-    out_mesh_axes = base.weight.get_metadata().get("out_sharding")
+    # A stacked weight's layer numbers (tunix_zoo.build.STACKED_LAYERS) go with its adapters.
+    layers = {k: v for k, v in metadata.items() if k in (STACKED_LAYERS, LAYER_NUMBER)}
+    self.lora_a = nnx.LoRAParam(a_value, logical_axes=(*lead_axes, None, in_axis), **layers)
+    self.lora_b = nnx.LoRAParam(b_value, logical_axes=(*lead_axes, out_axis, None), **layers)
+    out_mesh_axes = metadata.get("out_sharding")
     if out_mesh_axes:
       # The mesh axes of the base weight's sides, as the model annotates its parameters.
-      self.lora_a.set_metadata(out_sharding=(None, out_mesh_axes[1]), eager_sharding=False)
-      self.lora_b.set_metadata(out_sharding=(out_mesh_axes[0], None), eager_sharding=False)
+      *lead_mesh, out_mesh, in_mesh = out_mesh_axes
+      self.lora_a.set_metadata(out_sharding=(*lead_mesh, None, in_mesh), eager_sharding=False)
+      self.lora_b.set_metadata(out_sharding=(*lead_mesh, out_mesh, None), eager_sharding=False)
     self.dropout = nnx.Dropout(dropout, rngs=rngs) if dropout else None
 
   @property
@@ -142,7 +149,7 @@ class LoRALinear(Linear):
     """A plain Linear computing what this layer computes (without dropout): its weight is
     ``W + B @ A * alpha / rank``, in W's dtype and sharding; the bias is shared. A
     quantized W is dequantized first: the result is in the scales' dtype, unquantized."""
-    out_features, in_features = self.dense_shape
+    out_features, in_features = self.dense_shape[-2:]
     plain = Linear(
         in_features, out_features, self.weight.get_metadata().get("logical_axes") or (None, None),
         use_bias=self.bias is not None, rngs=None, dtype=self.dtype,
