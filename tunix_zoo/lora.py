@@ -297,12 +297,16 @@ def _adapter_shardings(
   out_features, in_features = weight.shape
   out_axis, in_axis = linear.weight.get_metadata().get("logical_axes") or (None, None)
   mesh = weight.sharding.mesh
+  # As build.parameter_shardings: Explicit types keep size-1 axes, as the metadata does.
+  keep = sharding.has_explicit_axes(mesh)
   return (
       sharding.named_sharding(
-          (None, in_axis), (rank, in_features), mesh, rules, counts, what=path + ".lora_a"
+          (None, in_axis), (rank, in_features), mesh, rules, counts, what=path + ".lora_a",
+          keep_unit_axes=keep,
       ),
       sharding.named_sharding(
-          (out_axis, None), (out_features, rank), mesh, rules, counts, what=path + ".lora_b"
+          (out_axis, None), (out_features, rank), mesh, rules, counts, what=path + ".lora_b",
+          keep_unit_axes=keep,
       ),
   )
 

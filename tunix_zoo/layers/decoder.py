@@ -275,8 +275,16 @@ class DecoderLM(nnx.Module):
       attention_mask: jax.Array | None = None,
   ) -> tuple[jax.Array, Cache | None]:
     """Logits ``[B, T, vocab]`` and the updated cache (None when none was given)."""
-    if not sharding.has_explicit_axes(self.mesh):
+    mesh = self.mesh
+    if not sharding.has_explicit_axes(mesh):
       return self._forward(input_tokens, positions, cache, attention_mask)
+    # Arrays made without the mesh in context (Tunix's rollout thread, where
+    # ``jax.set_mesh`` does not reach) are typed replicated here: else the compiler
+    # shards them as the forward inside wants, unlike the caller's outputs typed by them,
+    # and a donated buffer no longer fits the output it is aliased to.
+    input_tokens, positions, attention_mask = (
+        sharding.typed_on(mesh, x) for x in (input_tokens, positions, attention_mask)
+    )
     return self.call_with_auto_axes(
         DecoderLM._forward, self._output_specs(input_tokens, cache),
         input_tokens, positions, cache, attention_mask,
