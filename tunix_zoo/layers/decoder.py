@@ -291,13 +291,17 @@ class DecoderLM(nnx.Module):
     )
 
   def _output_specs(self, input_tokens: jax.Array, cache: Cache | None) -> tuple[Any, Any]:
-    """On an Explicit mesh: the logits typed by the tokens' batch sharding alone (size-1
-    axes included), as the caller's own arrays (Tunix's buffers, targets) are typed;
-    the cache as it came in."""
-    logits = PartitionSpec(sharding.batch_axes(input_tokens), None, None)
+    """On an Explicit mesh: the logits and the cache's batch axis typed by the tokens'
+    batch sharding alone (size-1 axes included), as the caller's own arrays (Tunix's
+    buffers, targets) are typed; the cache's other axes as they came in. Tokens
+    replicated over the batch (Tunix's sampler) so get a cache Tunix may repeat."""
+    batch = sharding.batch_axes(input_tokens)
+    logits = PartitionSpec(batch, None, None)
     if cache is None:
       return logits, None
-    return logits, jax.tree.map(lambda leaf: jax.typeof(leaf).sharding.spec, cache)
+    return logits, jax.tree.map(
+        lambda leaf: PartitionSpec(batch, *jax.typeof(leaf).sharding.spec[1:]), cache
+    )
 
   def call_with_auto_axes(self, fn: Callable[..., Any], out_specs: Any, *args: Any) -> Any:
     """``fn(self, *args)`` with the mesh's Explicit axes treated as Auto, its outputs
