@@ -79,11 +79,16 @@ def parameter_shardings(
   if rules is not None:
     sharding.validate_rules(rules, mesh)
   counts = axis_counts(abstract.config)
+  # On an Explicit mesh the types keep size-1 axes: they are then what the model's
+  # ``out_sharding`` metadata says (Tunix asserts a state against its partition specs).
+  keep_unit_axes = sharding.has_explicit_axes(mesh)
   out = {}
   for path, var in nnx.to_flat_state(nnx.state(abstract, nnx.Param)):
     name = module_path(path)
     axes = var.get_metadata().get("logical_axes") or (None,) * len(var.shape)
-    out[name] = sharding.named_sharding(axes, var.shape, mesh, rules, counts, what=name)
+    out[name] = sharding.named_sharding(
+        axes, var.shape, mesh, rules, counts, what=name, keep_unit_axes=keep_unit_axes
+    )
   return out
 
 

@@ -352,14 +352,16 @@ def _adapter_shardings(
   logical = linear.weight.get_metadata().get("logical_axes") or (None,) * (len(lead) + 2)
   *lead_axes, out_axis, in_axis = logical
   mesh = weight.sharding.mesh
+  # As build.parameter_shardings: Explicit types keep size-1 axes, as the metadata does.
+  keep = sharding.has_explicit_axes(mesh)
   return (
       sharding.named_sharding(
           (*lead_axes, None, in_axis), (*lead, rank, in_features), mesh, rules, counts,
-          what=path + ".lora_a"
+          what=path + ".lora_a", keep_unit_axes=keep,
       ),
       sharding.named_sharding(
           (*lead_axes, out_axis, None), (*lead, out_features, rank), mesh, rules, counts,
-          what=path + ".lora_b"
+          what=path + ".lora_b", keep_unit_axes=keep,
       ),
   )
 

@@ -151,9 +151,12 @@ def named_sharding(
     rules: Rules | None = None,
     counts: Mapping[str, int] | None = None,
     what: str = "",
+    keep_unit_axes: bool = False,
 ) -> NamedSharding:
   """:func:`partition_spec` wrapped in a NamedSharding on ``mesh``."""
-  return NamedSharding(mesh, partition_spec(logical_axes, shape, mesh, rules, counts, what))
+  return NamedSharding(
+      mesh, partition_spec(logical_axes, shape, mesh, rules, counts, what, keep_unit_axes)
+  )
 
 
 def mesh_of(x: Any) -> Mesh | AbstractMesh | None:
@@ -170,6 +173,14 @@ def batch_axes(x: Any) -> MeshAxes:
   """The mesh axes ``x``'s leading (batch) dimension is typed with; None if unsharded."""
   spec = jax.typeof(x).sharding.spec
   return spec[0] if len(spec) else None
+
+
+def typed_on(mesh: Mesh | AbstractMesh, x: jax.Array | None) -> jax.Array | None:
+  """``x`` typed replicated on ``mesh`` when its type names no mesh (made outside any
+  ``jax.set_mesh``); else ``x`` itself."""
+  if x is None or not jax.typeof(x).sharding.mesh.empty:
+    return x
+  return jax.sharding.reshard(x, NamedSharding(mesh, PartitionSpec()))
 
 
 def has_explicit_axes(mesh: Mesh | AbstractMesh | None) -> bool:

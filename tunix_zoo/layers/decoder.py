@@ -404,21 +404,33 @@ class DecoderLM(nnx.Module):
       attention_mask: jax.Array | None = None,
   ) -> tuple[jax.Array, Cache | None]:
     """Logits ``[B, T, vocab]`` and the updated cache (None when none was given)."""
-    if not sharding.has_explicit_axes(self.mesh):
+    mesh = self.mesh
+    if not sharding.has_explicit_axes(mesh):
       return self._forward(input_tokens, positions, cache, attention_mask)
+    # Arrays made without the mesh in context (Tunix's rollout thread, where
+    # ``jax.set_mesh`` does not reach) are typed replicated here: else the compiler
+    # shards them as the forward inside wants, unlike the caller's outputs typed by them,
+    # and a donated buffer no longer fits the output it is aliased to.
+    input_tokens, positions, attention_mask = (
+        sharding.typed_on(mesh, x) for x in (input_tokens, positions, attention_mask)
+    )
     return self.call_with_auto_axes(
         DecoderLM._forward, self._output_specs(input_tokens, cache),
         input_tokens, positions, cache, attention_mask,
     )
 
   def _output_specs(self, input_tokens: jax.Array, cache: Cache | None) -> tuple[Any, Any]:
-    """On an Explicit mesh: the logits typed by the tokens' batch sharding alone (size-1
-    axes included), as the caller's own arrays (Tunix's buffers, targets) are typed;
-    the cache as it came in."""
-    logits = PartitionSpec(sharding.batch_axes(input_tokens), None, None)
+    """On an Explicit mesh: the logits and the cache's batch axis typed by the tokens'
+    batch sharding alone (size-1 axes included), as the caller's own arrays (Tunix's
+    buffers, targets) are typed; the cache's other axes as they came in. Tokens
+    replicated over the batch (Tunix's sampler) so get a cache Tunix may repeat."""
+    batch = sharding.batch_axes(input_tokens)
+    logits = PartitionSpec(batch, None, None)
     if cache is None:
       return logits, None
-    return logits, jax.tree.map(lambda leaf: jax.typeof(leaf).sharding.spec, cache)
+    return logits, jax.tree.map(
+        lambda leaf: PartitionSpec(batch, *jax.typeof(leaf).sharding.spec[1:]), cache
+    )
 
   def call_with_auto_axes(self, fn: Callable[..., Any], out_specs: Any, *args: Any) -> Any:
     """``fn(self, *args)`` with the mesh's Explicit axes treated as Auto, its outputs
