@@ -49,7 +49,7 @@ def run_tunix_zoo(config_id: str, batch: int, prompt: int, new_tokens: int,
 
   from tunix_zoo import registry
   from tunix_zoo.automodel import AutoModel
-  from tunix_zoo.generate import generate
+  from tunix_zoo.generation import generate
   from tunix_zoo.config_overrides import config_with_overrides, parse_overrides
   from tunix_zoo.kernels import KernelPolicy, set_kernel_policy
   from tunix_zoo.planning import plan_model

@@ -73,7 +73,7 @@ def main() -> None:
   from flax import nnx
 
   # By module path: the package re-exports a function of the same name.
-  generate_module = importlib.import_module("tunix_zoo.generate")
+  generate_module = importlib.import_module("tunix_zoo.generation")
   from tunix_zoo import registry
   from tunix_zoo.automodel import AutoModel
 

@@ -205,7 +205,7 @@ def assert_logits_match(model, torch_model, case: str) -> None:
 
 def assert_greedy_matches(model, torch_model, new_tokens: int = 16) -> None:
   """Greedy decoding with the KV cache is token-identical to transformers' generate."""
-  from tunix_zoo.generate import generate
+  from tunix_zoo.generation import generate
 
   tokens, mask, _ = reference.left_padded_batch(seed=1)
   expected = reference.reference_greedy(torch_model, tokens, mask, new_tokens)

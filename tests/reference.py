@@ -189,6 +189,6 @@ def mesh_2x4(axis_type):
 def greedy(model, tokens, mask, new_tokens: int) -> np.ndarray:
   """tunix_zoo's greedy ``[B, new_tokens]`` continuation: a jitted prefill, then one
   on-device loop over the KV cache."""
-  from tunix_zoo.generate import generate
+  from tunix_zoo.generation import generate
 
   return generate(model, tokens, new_tokens, attention_mask=mask).tokens

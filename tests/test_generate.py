@@ -20,7 +20,7 @@ from tests import reference
 from tests.reference import one_device_mesh
 from tunix_zoo.automodel import load_folder
 from tunix_zoo.errors import GenerationError
-from tunix_zoo.generate import filter_logits, generate
+from tunix_zoo.generation import filter_logits, generate
 
 NEW_TOKENS = 32
 CASES = sorted(reference.CASES)

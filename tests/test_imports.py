@@ -30,7 +30,7 @@ LAYERS: list[tuple[str, ...]] = [
     ("tunix_zoo.build",),
     ("tunix_zoo.checkpoint.reader",),  # below writer, which lays files out in its format
     ("tunix_zoo.checkpoint", "tunix_zoo.checkpoint.*"),
-    ("tunix_zoo.sources", "tunix_zoo.sources.*", "tunix_zoo.tokenizer", "tunix_zoo.generate",
+    ("tunix_zoo.sources", "tunix_zoo.sources.*", "tunix_zoo.tokenizer", "tunix_zoo.generation",
      "tunix_zoo.training", "tunix_zoo.lora", "tunix_zoo.planning",
      "tunix_zoo.compilation_cache", "tunix_zoo.cache"),
     ("tunix_zoo.automodel", "tunix_zoo.demo", "tunix_zoo.cli", "tunix_zoo"),
@@ -131,5 +131,21 @@ def test_naming_registry_and_family_tables_import_no_jax():
       "heavy = sorted(m for m in ('jax', 'flax', 'numpy', 'torch') if m in sys.modules)\n"
       "assert not heavy, heavy\n"
   )
+  result = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True)
+  assert result.returncode == 0, result.stderr
+
+
+def test_no_public_name_is_also_a_submodule():
+  """``from tunix_zoo import generate`` must give the function even after some other code
+  imported a submodule: importing ``tunix_zoo.<x>`` rebinds the package attribute ``x``
+  to the module, so no lazily exported name may be a submodule's name."""
+  import tunix_zoo
+
+  shadowed = [name for name in tunix_zoo.__all__
+              if (PACKAGE / f"{name}.py").exists() or (PACKAGE / name).is_dir()]
+  assert not shadowed, f"public names that a submodule import would replace: {shadowed}"
+  code = ("import tunix_zoo.generation, tunix_zoo.cli\n"
+          "from tunix_zoo import generate\n"
+          "assert callable(generate), generate\n")
   result = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True)
   assert result.returncode == 0, result.stderr

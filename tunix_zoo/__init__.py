@@ -21,7 +21,7 @@ _EXPORTS = {
     "ModelNaming": "tunix_zoo.naming",
     "ModelSource": "tunix_zoo.sources",
     "Tokenizer": "tunix_zoo.tokenizer",
-    "generate": "tunix_zoo.generate",
+    "generate": "tunix_zoo.generation",
     "register_config": "tunix_zoo.registry",
     "register_family": "tunix_zoo.registry",
     "save_pretrained": "tunix_zoo.checkpoint.export",
@@ -32,7 +32,7 @@ __all__ = sorted(_EXPORTS)
 if TYPE_CHECKING:
   from tunix_zoo.automodel import AutoModel
   from tunix_zoo.checkpoint.export import save_pretrained
-  from tunix_zoo.generate import generate
+  from tunix_zoo.generation import generate
   from tunix_zoo.naming import ModelNaming
   from tunix_zoo.registry import register_config, register_family
   from tunix_zoo.sources import ModelSource

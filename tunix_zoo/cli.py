@@ -247,7 +247,7 @@ def refuse_stream(args: argparse.Namespace, command: str) -> None:
 
 def cmd_run(args: argparse.Namespace) -> int:
   from tunix_zoo.demo import DEMO_ID, DEMO_PROMPT
-  from tunix_zoo.generate import generate
+  from tunix_zoo.generation import generate
   from tunix_zoo.tokenizer import Tokenizer
 
   refuse_stream(args, "run")

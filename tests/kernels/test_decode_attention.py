@@ -13,7 +13,7 @@ from jax.sharding import AxisType
 from tests import reference
 from tunix_zoo.automodel import load_folder
 from tunix_zoo.errors import KernelError
-from tunix_zoo.generate import generate
+from tunix_zoo.generation import generate
 from tunix_zoo.kernels import KernelPolicy, decode_attention, set_kernel_policy
 from tunix_zoo.layers.attention import dot_product_attention
 

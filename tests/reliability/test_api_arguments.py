@@ -135,7 +135,7 @@ def test_cli_bad_arguments_print_an_error_and_exit_2(argv, message, capsys):
 ])
 def test_generate_argument_types(folder, kwargs, message):
   from tunix_zoo.errors import GenerationError  # pylint: disable=import-outside-toplevel
-  from tunix_zoo.generate import generate  # pylint: disable=import-outside-toplevel
+  from tunix_zoo.generation import generate  # pylint: disable=import-outside-toplevel
   model, _ = AutoModel.from_pretrained(str(folder))
   with pytest.raises(GenerationError, match=message):
     generate(model, [[1, 2, 3]], **kwargs)
