@@ -60,13 +60,15 @@ def test_prefill_then_steps_reproduce_full_sequence(reference_checkpoints, case)
   full, _ = model(jnp.asarray(tokens), attention_mask=jnp.asarray(mask))
   cache = model.init_cache(tokens.shape[0], 16)
   prefix = 5
-  stepped, cache = model(
-      jnp.asarray(tokens[:, :prefix]), cache=cache, attention_mask=jnp.asarray(mask[:, :prefix])
+  # One compiled program per input length (prefix, then 1) instead of op-by-op calls.
+  forward = nnx.jit(lambda m, t, c, k: m(t, cache=c, attention_mask=k))
+  stepped, cache = forward(
+      model, jnp.asarray(tokens[:, :prefix]), cache, jnp.asarray(mask[:, :prefix])
   )
   outs = [np.asarray(stepped)]
   for t in range(prefix, tokens.shape[1]):
-    step_logits, cache = model(
-        jnp.asarray(tokens[:, t:t + 1]), cache=cache, attention_mask=jnp.asarray(mask[:, t:t + 1])
+    step_logits, cache = forward(
+        model, jnp.asarray(tokens[:, t:t + 1]), cache, jnp.asarray(mask[:, t:t + 1])
     )
     outs.append(np.asarray(step_logits))
   stepped = np.concatenate(outs, axis=1)
