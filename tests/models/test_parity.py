@@ -79,24 +79,25 @@ def test_prefill_then_steps_reproduce_full_sequence(reference_checkpoints, case)
 @pytest.mark.slow
 @pytest.mark.parametrize("axis_type", [AxisType.Explicit, AxisType.Auto], ids=["explicit", "auto"])
 @pytest.mark.parametrize("case", CASES)
-def test_mesh_2x4_equals_one_device(reference_checkpoints, case, axis_type):
-  folder, _ = reference_checkpoints[case]
-  tokens, mask, _ = reference.left_padded_batch(seed=3, batch=2)
-  single = load_folder(folder, one_device_mesh())
+def test_mesh_2x4_matches_transformers(reference_checkpoints, case, axis_type):
+  # Against transformers directly: the one-device model already matches it (the tests
+  # above), and a second, unsharded copy here would double the compiles.
+  folder, torch_model = reference_checkpoints[case]
+  tokens, mask, positions = reference.left_padded_batch(seed=3, batch=2)
   mesh = mesh_2x4(axis_type)
   sharded = load_folder(folder, mesh)
   q_proj = sharded.layers[0].attn.q_proj.weight[...]
   assert q_proj.sharding.mesh == mesh
   assert q_proj.sharding.spec == jax.sharding.PartitionSpec("tp", "fsdp")
   assert sharded.embed_tokens.weight[...].sharding.spec[1] == "fsdp"
-  expected, _ = single(jnp.asarray(tokens), attention_mask=jnp.asarray(mask))
+  expected = reference.reference_logits(torch_model, tokens, mask, positions)
   got, _ = nnx.jit(lambda m, t, k: m(t, attention_mask=k))(
       sharded, jnp.asarray(tokens), jnp.asarray(mask)
   )
-  diff = np.abs(np.asarray(got) - np.asarray(expected))[real(mask)].max()
+  diff = np.abs(np.asarray(got) - expected)[real(mask)].max()
   assert diff <= MAX_ABS
   np.testing.assert_array_equal(
-      greedy(sharded, tokens, mask, 8), greedy(single, tokens, mask, 8)
+      greedy(sharded, tokens, mask, 8), reference.reference_greedy(torch_model, tokens, mask, 8)
   )
 
 
