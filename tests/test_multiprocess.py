@@ -22,7 +22,6 @@ import pathlib
 import socket
 import subprocess
 import sys
-import time
 
 import jax
 import numpy as np
@@ -30,6 +29,7 @@ import pytest
 from flax import nnx
 
 from tests import reference
+from tests.workers import running_workers
 from tunix_zoo.automodel import load_folder
 from tunix_zoo.checkpoint.reader import CheckpointFiles
 
@@ -50,10 +50,6 @@ def free_port() -> int:
     return s.getsockname()[1]
 
 
-def log_tails(logs: list[pathlib.Path]) -> str:
-  return "\n".join(f"--- {log.name} ---\n{log.read_text()[-3000:]}" for log in logs)
-
-
 @pytest.fixture(scope="module")
 def cluster(tmp_path_factory):
   """Runs the two workers once; returns the checkpoint, inputs and their outputs."""
@@ -72,8 +68,7 @@ def cluster(tmp_path_factory):
   }
   port = free_port()
   logs = [root / f"worker_{i}.log" for i in range(NUM_PROCESSES)]
-  workers = []
-  try:
+  with running_workers(logs, WORKER_TIMEOUT_S) as workers:
     for i, log in enumerate(logs):
       with open(log, "w") as log_file:
         workers.append(subprocess.Popen(
@@ -83,21 +78,6 @@ def cluster(tmp_path_factory):
              "--out", str(root), "--export", str(exports / "model")],
             cwd=REPO_ROOT, env=env, stdout=log_file, stderr=subprocess.STDOUT,
         ))
-    deadline = time.monotonic() + WORKER_TIMEOUT_S
-    # A worker that fails leaves the other waiting in a collective: stop at the first
-    # failure rather than at the deadline.
-    while any(w.poll() is None for w in workers) and not any(w.poll() for w in workers):
-      if time.monotonic() > deadline:
-        pytest.fail(f"workers ran past {WORKER_TIMEOUT_S} s\n{log_tails(logs)}")
-      time.sleep(0.2)
-  finally:
-    for worker in workers:
-      if worker.poll() is None:
-        worker.kill()
-        worker.wait()
-  codes = [worker.returncode for worker in workers]
-  if any(codes):
-    pytest.fail(f"workers exited with {codes}\n{log_tails(logs)}")
   results = [json.loads((root / f"result_{i}.json").read_text()) for i in range(NUM_PROCESSES)]
   return {"root": root, "checkpoint": checkpoint, "tokens": tokens, "mask": mask,
           "results": results, "exports": exports}

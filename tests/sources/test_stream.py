@@ -13,7 +13,6 @@ import pathlib
 import re
 import subprocess
 import sys
-import time
 
 import jax
 import numpy as np
@@ -24,6 +23,7 @@ from tests import reference
 from tests.sources import servers
 from tests.sources.counting import counting
 from tests.sources.fixtures import GCS_BUCKET, HF_REPO, upload_to_gcs
+from tests.workers import running_workers
 from tunix_zoo import AutoModel, ModelSource
 from tunix_zoo.automodel import load_folder, load_stream
 from tunix_zoo.checkpoint.reader import CheckpointFiles
@@ -279,8 +279,7 @@ def run_workers(root: pathlib.Path, runs: list[dict], proxies: list, hubs: list,
   port = servers.free_port()
   logs = [root / f"worker_{i}.log" for i in range(NUM_PROCESSES)]
   caches = [root / f"cache_{i}" for i in range(NUM_PROCESSES)]
-  workers = []
-  try:
+  with running_workers(logs, timeout_s) as workers:
     for i, log in enumerate(logs):
       worker_env = {
           **os.environ, **(env or {}),
@@ -298,24 +297,7 @@ def run_workers(root: pathlib.Path, runs: list[dict], proxies: list, hubs: list,
              "--port", str(port), "--runs", json.dumps(runs),
              "--inputs", str(root / "inputs.npz"), "--out", str(root)],
             cwd=REPO_ROOT, env=worker_env, stdout=log_file, stderr=subprocess.STDOUT))
-    deadline = time.monotonic() + timeout_s
-    while any(w.poll() is None for w in workers) and not any(w.poll() for w in workers):
-      if time.monotonic() > deadline:
-        pytest.fail(f"workers ran past {timeout_s} s\n{log_tails(logs)}")
-      time.sleep(0.2)
-  finally:
-    for worker in workers:
-      if worker.poll() is None:
-        worker.kill()
-        worker.wait()
-  codes = [worker.returncode for worker in workers]
-  if any(codes):
-    pytest.fail(f"workers exited with {codes}\n{log_tails(logs)}")
   return caches
-
-
-def log_tails(logs: list[pathlib.Path]) -> str:
-  return "\n".join(f"--- {log.name} ---\n{log.read_text()[-3000:]}" for log in logs)
 
 
 def server_counts(two_processes, run: dict, process: int) -> tuple[int, int, int]:
