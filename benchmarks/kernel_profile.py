@@ -9,6 +9,7 @@ prefills of batch x prompt tokens (as benchmarks/prefill.py runs them). Prints J
 
     python benchmarks/kernel_profile.py --phase decode --model qwen3_0p6b --batch 1
     python benchmarks/kernel_profile.py --phase prefill --model qwen3_0p6b --batch 8 --prompt 2048
+    python benchmarks/kernel_profile.py --model qwen3_8b --layers 4 --scan-layers
 """
 
 from __future__ import annotations
@@ -64,6 +65,8 @@ def main() -> None:
   parser.add_argument("--prompt", type=int, default=128)
   parser.add_argument("--new-tokens", type=int, default=64)
   parser.add_argument("--top", type=int, default=25)
+  parser.add_argument("--layers", type=int, help="override the depth")
+  parser.add_argument("--scan-layers", action="store_true", help="the scanned layer stack")
   parser.add_argument("--out", default=None)
   args = parser.parse_args()
 
@@ -78,9 +81,12 @@ def main() -> None:
   from tunix_zoo.automodel import AutoModel
 
   config = registry.get_config(args.model)
+  if args.layers is not None:
+    config = config.replace(num_layers=args.layers, layer_types=config.layer_types[:args.layers])
   mesh = jax.make_mesh((1, len(jax.devices())), ("fsdp", "tp"),
                        axis_types=(jax.sharding.AxisType.Auto,) * 2)
-  model = AutoModel.from_config(config, mesh, dtype=jnp.bfloat16, param_dtype=jnp.bfloat16)
+  model = AutoModel.from_config(config, mesh, dtype=jnp.bfloat16, param_dtype=jnp.bfloat16,
+                               scan_layers=args.scan_layers)
   tokens = np.random.default_rng(0).integers(3, config.vocab_size, (args.batch, args.prompt))
   out_dir = pathlib.Path(args.out or tempfile.mkdtemp())
   out_dir.mkdir(parents=True, exist_ok=True)

@@ -5,8 +5,16 @@ import tempfile
 
 import pytest
 
-# Must precede the first jax import anywhere in the test session.
-os.environ.setdefault("XLA_FLAGS", "--xla_force_host_platform_device_count=8")
+# Must precede the first jax import anywhere in the test session (subprocesses inherit
+# it). 8 CPU devices for mesh tests. The test models are tiny, so compiling dominates the
+# suite: LLVM's optimisation passes cost ~30% of its time and buy nothing at these sizes
+# (numerics are XLA's either way; float32 results match within the tests' tolerances).
+_TEST_XLA_FLAGS = ("--xla_force_host_platform_device_count=8",
+                   "--xla_backend_optimization_level=0",
+                   "--xla_llvm_disable_expensive_passes=true")
+_user_flags = os.environ.get("XLA_FLAGS", "")
+os.environ["XLA_FLAGS"] = " ".join(
+    [_user_flags] + [f for f in _TEST_XLA_FLAGS if f.split("=")[0] not in _user_flags]).strip()
 os.environ.setdefault("TUNIX_ZOO_QUIET", "1")
 # One persistent compilation cache for the session and the CLI / example subprocesses it
 # starts (training.train and the CLI turn it on), outside the user's own cache.
