@@ -249,3 +249,23 @@ def test_cli_runs_and_trains_scanned_layers(tmp_path):
   trained = cli("test", "tiny-demo", "--scan-layers", "--steps", "2", "--seq-len", "16",
                 "--lora-rank", "4", "--remat", "layer")
   assert "loss fell" in trained and "LoRA rank 4" in trained
+
+
+def test_generate_compiles_scanned_models_for_gpus_with_dynamic_slice_fusion(pairs):
+  """On GPUs XLA copies each layer's weights out of the stack every decode step unless
+  its cuBLAS calls read them in place (benchmarks/README.md: 2.3x at Qwen3-8B batch 1)."""
+  import types
+
+  from tunix_zoo.generation import SCANNED_GPU_COMPILER_OPTIONS, compiler_options
+
+  unrolled, scanned = pairs("qwen3")
+  gpus = [types.SimpleNamespace(platform="gpu")] * 2
+  assert compiler_options(scanned, gpus) == SCANNED_GPU_COMPILER_OPTIONS
+  assert compiler_options(unrolled, gpus) is None
+  assert compiler_options(scanned, jax.devices()) is None  # CPUs: XLA's defaults
+  assert compiler_options(scanned, [jax.devices()[0], gpus[0]]) is None
+  # XLA checks option names: a CPU compile accepts these and refuses a misspelt one.
+  program = jax.jit(lambda x: x + 1).lower(jnp.ones(2))
+  program.compile(compiler_options=SCANNED_GPU_COMPILER_OPTIONS)
+  with pytest.raises(Exception, match="No such compile option"):
+    program.compile(compiler_options={"xla_gpu_enable_dynamic_slice_fusions": True})

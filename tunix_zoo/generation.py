@@ -211,7 +211,33 @@ def _signature(tree: Any) -> tuple[Any, ...]:
   return treedef, tuple((x.shape, x.dtype, getattr(x, "sharding", None)) for x in leaves)
 
 
-def _compile(fn: Callable, graphdef, opts: _Options, args: tuple, donate: tuple[int, ...]):
+# A scanned layer stack reads each layer's weights out of the stacked arrays with a
+# dynamic slice. On GPUs XLA's own matmuls (Triton) cannot take that slice as an offset,
+# so it copies the whole layer every step: Qwen3-8B's batch-1 decode step went from 5.2 ms
+# to 11.9 ms (H200, jax 0.11.2). Its cuBLAS calls can: with dynamic-slice fusion on and
+# Triton matmuls off the scanned step is as fast as the unrolled one (benchmarks/README.md).
+SCANNED_GPU_COMPILER_OPTIONS: dict[str, Any] = {
+    "xla_gpu_enable_dynamic_slice_fusion": True,
+    "xla_gpu_enable_triton_gemm": False,
+}
+
+
+def compiler_options(model: nnx.Module, devices: Sequence[Any]) -> dict[str, Any] | None:
+  """The XLA options ``generate`` compiles ``model``'s programs with on ``devices``:
+  :data:`SCANNED_GPU_COMPILER_OPTIONS` for a scanned model on GPUs, else none.
+
+  Example::
+
+      compiler_options(model, jax.devices())   # None on CPUs and for unrolled layers
+  """
+  if getattr(model, "scan_layers", False) and devices and all(
+      d.platform == "gpu" for d in devices):
+    return dict(SCANNED_GPU_COMPILER_OPTIONS)
+  return None
+
+
+def _compile(fn: Callable, graphdef, opts: _Options, args: tuple, donate: tuple[int, ...],
+             options: dict[str, Any] | None = None):
   """The compiled ``fn`` for these arguments, and the seconds compiling it took (0 if cached)."""
   # The graph definition holds the layers' kernel policy: a program per policy too.
   key = (fn.__name__, graphdef, opts, _signature(args))
@@ -222,7 +248,7 @@ def _compile(fn: Callable, graphdef, opts: _Options, args: tuple, donate: tuple[
       return executable, 0.0
   start = time.perf_counter()
   jitted = jax.jit(functools.partial(fn, graphdef, opts), donate_argnums=donate)
-  executable = jitted.lower(*args).compile()
+  executable = jitted.lower(*args).compile(compiler_options=options)
   seconds = time.perf_counter() - start
   with _compiled_lock:
     _compiled[key] = executable
@@ -409,7 +435,9 @@ def generate(
       state, _batch_sharded(tokens, mesh, rules), _batch_sharded(mask, mesh, rules), cache,
       jax.random.key(seed), knobs,
   )
-  prefill, prefill_compile = _compile(_prefill, graphdef, opts, prefill_args, donate=(3,))
+  options = compiler_options(model, jax.tree.leaves(state)[0].sharding.device_set)
+  prefill, prefill_compile = _compile(_prefill, graphdef, opts, prefill_args, donate=(3,),
+                                      options=options)
 
   start = time.perf_counter()
   first, done, cache, key = jax.block_until_ready(prefill(*prefill_args))
@@ -417,7 +445,8 @@ def generate(
 
   stream_id = next(_stream_ids) % 2**31 if stream is not None else 0
   decode_args = (state, first, done, cache, key, knobs, jnp.asarray(stream_id, jnp.int32))
-  decode, decode_compile = _compile(_decode, graphdef, opts, decode_args, donate=(3,))
+  decode, decode_compile = _compile(_decode, graphdef, opts, decode_args, donate=(3,),
+                                    options=options)
   if stream is not None:
     stream(0, np.asarray(first))
     _streams[stream_id] = stream
