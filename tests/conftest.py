@@ -16,19 +16,35 @@ _user_flags = os.environ.get("XLA_FLAGS", "")
 os.environ["XLA_FLAGS"] = " ".join(
     [_user_flags] + [f for f in _TEST_XLA_FLAGS if f.split("=")[0] not in _user_flags]).strip()
 os.environ.setdefault("TUNIX_ZOO_QUIET", "1")
-# One persistent compilation cache for the session and the CLI / example subprocesses it
-# starts (training.train and the CLI turn it on), outside the user's own cache.
-os.environ.setdefault("TUNIX_ZOO_COMPILATION_CACHE",
-                      tempfile.mkdtemp(prefix="tunix_zoo_test_jax_cache_"))
+# One persistent compilation cache for the test run, outside the user's own cache: the
+# pytest processes (pytest-xdist's workers share one folder, named by the run's id) and
+# the CLI / example subprocesses they start all read and fill it, so a program one of
+# them compiled is not compiled again by another.
+_xdist_run = os.environ.get("PYTEST_XDIST_TESTRUNUID")
+os.environ.setdefault(
+    "TUNIX_ZOO_COMPILATION_CACHE",
+    os.path.join(tempfile.gettempdir(), f"tunix_zoo_test_jax_cache_{_xdist_run}")
+    if _xdist_run else tempfile.mkdtemp(prefix="tunix_zoo_test_jax_cache_"))
 
 import jax  # noqa: E402
 
+from tunix_zoo import compilation_cache  # noqa: E402
+
 jax.config.update("jax_default_matmul_precision", "highest")
+compilation_cache.enable()
 
 # The real-server fixtures, registered once for every folder: a session fixture imported
 # into two test modules would start two Kaggle servers on its one fixed port.
 from tests.sources.fixtures import (  # noqa: E402,F401  (fixtures are found by name)
     checkpoint, gcs, gcs_emulator, gcs_proxy, hf_hub, hub_server, kaggle, kaggle_server)
+
+def pytest_collection_modifyitems(items):
+  # kagglesdk only talks to a fixed port (tests/sources/servers.py): with pytest-xdist
+  # (`--dist loadgroup`) every test that starts the Kaggle server runs in one worker.
+  for item in items:
+    if "kaggle_server" in getattr(item, "fixturenames", ()):
+      item.add_marker(pytest.mark.xdist_group("kaggle_port"))
+
 
 @pytest.fixture(scope="session")
 def reference_checkpoints(tmp_path_factory):
