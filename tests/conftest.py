@@ -16,6 +16,9 @@ _user_flags = os.environ.get("XLA_FLAGS", "")
 os.environ["XLA_FLAGS"] = " ".join(
     [_user_flags] + [f for f in _TEST_XLA_FLAGS if f.split("=")[0] not in _user_flags]).strip()
 os.environ.setdefault("TUNIX_ZOO_QUIET", "1")
+# One OpenMP thread for PyTorch (the transformers references): its spinning worker threads
+# on a busy 2-core machine cost ~13x the CPU time of one thread on these tiny models.
+os.environ.setdefault("OMP_NUM_THREADS", "1")
 # One persistent compilation cache for the test run, outside the user's own cache: the
 # pytest processes (pytest-xdist's workers share one folder, named by the run's id) and
 # the CLI / example subprocesses they start all read and fill it, so a program one of

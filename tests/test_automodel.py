@@ -28,10 +28,9 @@ from tunix_zoo.models.qwen3.config import Qwen3Config
 
 
 @pytest.fixture(scope="module")
-def qwen3_dir(tmp_path_factory):
-  folder = tmp_path_factory.mktemp("qwen3")
-  model = reference.make_checkpoint("qwen3", folder)
-  return folder, model
+def qwen3_dir(reference_checkpoints):
+  """(folder, transformers model) of the session's qwen3 checkpoint: copy before changing."""
+  return reference_checkpoints["qwen3"]
 
 
 def copy_of(folder, tmp_path):
@@ -44,9 +43,14 @@ def mesh_1x1():
   return jax.make_mesh((1, 1), ("fsdp", "tp"), devices=jax.devices()[:1])
 
 
+# Compiled once per model structure: eagerly, each of the model's operations compiles alone.
+_forward = nnx.jit(lambda model, tokens, mask: model(tokens, attention_mask=mask)[0])
+_forward_unpadded = nnx.jit(lambda model, tokens: model(tokens)[0])
+
+
 def logits_of(model, seed=0):
   tokens, mask, _ = reference.left_padded_batch(seed)
-  logits, _ = model(jnp.asarray(tokens), attention_mask=jnp.asarray(mask))
+  logits = _forward(model, jnp.asarray(tokens), jnp.asarray(mask))
   return np.asarray(logits), mask.astype(bool)
 
 
@@ -81,20 +85,20 @@ def test_preset_that_disagrees_with_config_json_is_an_error(qwen3_dir):
     )
 
 
-def test_default_dtype_is_the_checkpoints_and_can_be_cast(tmp_path):
+def test_default_dtype_is_the_checkpoints_and_can_be_cast(reference_checkpoints):
   import torch
 
-  reference.make_checkpoint("llama3", tmp_path)
-  model, _ = AutoModel.from_pretrained(str(tmp_path), mesh_1x1())
+  folder, _ = reference_checkpoints["llama3"]
+  model, _ = AutoModel.from_pretrained(str(folder), mesh_1x1())
   assert model.layers[0].attn.q_proj.weight[...].dtype == jnp.float32
-  bf16, _ = AutoModel.from_pretrained(str(tmp_path), mesh_1x1(), param_dtype=jnp.bfloat16)
+  bf16, _ = AutoModel.from_pretrained(str(folder), mesh_1x1(), param_dtype=jnp.bfloat16)
   weight = bf16.layers[0].attn.q_proj.weight[...]
   assert weight.dtype == jnp.bfloat16
-  with CheckpointFiles(tmp_path) as ckpt:
+  with CheckpointFiles(folder) as ckpt:
     stored = ckpt.read("model.layers.0.self_attn.q_proj.weight")
   expected = torch.tensor(stored).to(torch.bfloat16).float().numpy()
   np.testing.assert_array_equal(np.asarray(weight, np.float32), expected)
-  logits, _ = bf16(jnp.ones((1, 4), jnp.int32))
+  logits = _forward_unpadded(bf16, jnp.ones((1, 4), jnp.int32))
   assert logits.dtype == jnp.bfloat16
 
 
@@ -200,7 +204,7 @@ def test_from_config_creates_parameters_in_their_sharding(axis_type):
   again = AutoModel.from_config(config, mesh, rngs=nnx.Rngs(3))
   np.testing.assert_array_equal(np.asarray(again.embed_tokens.weight[...]),
                                 np.asarray(model.embed_tokens.weight[...]))
-  logits, _ = model(jnp.ones((2, 5), jnp.int32))
+  logits = _forward_unpadded(model, jnp.ones((2, 5), jnp.int32))
   assert logits.shape == (2, 5, 128) and bool(jnp.isfinite(logits).all())
 
 

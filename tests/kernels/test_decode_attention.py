@@ -4,10 +4,13 @@ token-identical to transformers. The kernel is chosen by the layers' KernelPolic
 
 from __future__ import annotations
 
+import functools
+
 import jax
 import jax.numpy as jnp
 import numpy as np
 import pytest
+from flax import nnx
 from jax.sharding import AxisType
 
 from tests import reference
@@ -20,6 +23,17 @@ from tunix_zoo.layers.attention import dot_product_attention
 TOLERANCE = 1e-5  # float32 max-abs, kernel against the XLA path
 INTERPRET = KernelPolicy(decode_attention="interpret")
 XLA = KernelPolicy(decode_attention="xla")
+# Jitted once each: eagerly, every one of the wrappers' operations would compile alone.
+# (scale, softcap) are static, as the layers pass them.
+kernel_attention = jax.jit(functools.partial(decode_attention.decode_attention, interpret=True),
+                           static_argnums=(4, 5))
+xla_attention = jax.jit(dot_product_attention, static_argnums=(4, 5))
+
+
+@functools.partial(jax.jit, static_argnums=0)
+def forward(graphdef, state, tokens, cache, attention_mask=None):
+  """The model's call, compiled once per graph definition (its kernel policy included)."""
+  return nnx.merge(graphdef, state)(tokens, cache=cache, attention_mask=attention_mask)
 
 
 def random_inputs(seed, batch, heads, kv_heads, head_dim, length, keep=0.5):
@@ -43,8 +57,8 @@ def random_inputs(seed, batch, heads, kv_heads, head_dim, length, keep=0.5):
 )
 def test_kernel_equals_xla_attention(batch, heads, kv_heads, head_dim, length, softcap):
   q, k, v, mask = random_inputs(0, batch, heads, kv_heads, head_dim, length)
-  out = decode_attention.decode_attention(q, k, v, mask, head_dim**-0.5, softcap, interpret=True)
-  expected = dot_product_attention(q, k, v, mask, head_dim**-0.5, softcap)
+  out = kernel_attention(q, k, v, mask, head_dim**-0.5, softcap)
+  expected = xla_attention(q, k, v, mask, head_dim**-0.5, softcap)
   assert out.shape == expected.shape and out.dtype == q.dtype
   np.testing.assert_allclose(out, expected, atol=TOLERANCE, rtol=0)
 
@@ -53,14 +67,14 @@ def test_splits_whose_keys_are_all_masked_add_nothing():
   # Only the last 3 keys of 384 are visible: five of the six splits see none.
   q, k, v, _ = random_inputs(1, 1, 16, 8, 128, 384)
   mask = jnp.zeros((1, 1, 384), bool).at[:, :, -3:].set(True)
-  out = decode_attention.decode_attention(q, k, v, mask, 0.1, interpret=True)
-  np.testing.assert_allclose(out, dot_product_attention(q, k, v, mask, 0.1), atol=TOLERANCE)
+  out = kernel_attention(q, k, v, mask, 0.1, None)
+  np.testing.assert_allclose(out, xla_attention(q, k, v, mask, 0.1, None), atol=TOLERANCE)
 
 
 def test_a_row_with_no_visible_key_gives_zeros():
   q, k, v, mask = random_inputs(2, 2, 4, 2, 32, 64)
   mask = mask.at[1].set(False)
-  out = decode_attention.decode_attention(q, k, v, mask, 0.2, interpret=True)
+  out = kernel_attention(q, k, v, mask, 0.2, None)
   np.testing.assert_array_equal(out[1], 0.0)
   assert np.isfinite(np.asarray(out)).all()
 
@@ -114,14 +128,15 @@ def test_decode_step_logits_on_a_mesh_equal_the_xla_path(reference_checkpoints, 
   model = load_folder(folder, jax.make_mesh((4, 2), ("fsdp", "tp"), axis_types=(axis_type,) * 2))
   tokens, mask, _ = reference.left_padded_batch(seed=5, batch=2)
   cache = model.init_cache(2, 64)
-  _, cache = model(jnp.asarray(tokens), cache=cache, attention_mask=jnp.asarray(mask))
+  _, cache = forward(*nnx.split(model), jnp.asarray(tokens), cache, jnp.asarray(mask))
   step = jnp.asarray([[7], [9]])
   logits = {}
   for policy in (XLA, INTERPRET):
     set_kernel_policy(model, policy)
-    logits[policy.decode_attention], _ = model(step, cache=cache)
-    jaxpr = str(jax.make_jaxpr(lambda step, cache: model(step, cache=cache))(step, cache))
-    assert ("pallas_call" in jaxpr) is (policy is INTERPRET)
+    graphdef, state = nnx.split(model)
+    traced = forward.trace(graphdef, state, step, cache)
+    assert ("pallas_call" in str(traced.jaxpr)) is (policy is INTERPRET)
+    logits[policy.decode_attention], _ = traced.lower().compile()(state, step, cache)
   np.testing.assert_allclose(logits["interpret"], logits["xla"], atol=TOLERANCE, rtol=0)
 
 
@@ -131,7 +146,7 @@ def test_a_forced_kernel_refuses_a_mesh_splitting_heads_and_kv_heads_apart(refer
   model = set_kernel_policy(load_folder(folder, jax.make_mesh((2, 4), ("fsdp", "tp"))), INTERPRET)
   cache = model.init_cache(1, 64)
   with pytest.raises(KernelError, match="query heads split over tp but KV heads over None"):
-    model(jnp.asarray([[7]]), cache=cache)
+    forward(*nnx.split(model), jnp.asarray([[7]]), cache)
 
 
 def test_generate_compiles_again_when_the_policy_changes(reference_checkpoints):

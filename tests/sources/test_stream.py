@@ -17,6 +17,7 @@ import sys
 import jax
 import numpy as np
 import pytest
+from flax import nnx
 from jax.sharding import AxisType
 
 from tests import reference
@@ -55,9 +56,13 @@ def safetensors_bytes(folder: pathlib.Path) -> int:
   return sum(p.stat().st_size for p in folder.glob("*.safetensors"))
 
 
+# Compiled once per model structure and mesh, for every test here: eagerly, each of the
+# model's operations would compile alone.
+_forward = nnx.jit(lambda model, tokens: model(tokens)[0])
+
+
 def logits(model) -> np.ndarray:
-  out, _ = model(jax.numpy.asarray(TOKENS))
-  return np.asarray(out)
+  return np.asarray(_forward(model, jax.numpy.asarray(TOKENS)))
 
 
 def mesh_of(axis_type: str) -> jax.sharding.Mesh:
@@ -69,6 +74,19 @@ def mesh_of(axis_type: str) -> jax.sharding.Mesh:
 def folders(checkpoint, tmp_path_factory):
   return {"single": checkpoint,
           "sharded": make_sharded(checkpoint, tmp_path_factory.mktemp("sharded"))}
+
+
+@pytest.fixture(scope="module")
+def local_logits(folders):
+  """(layout, axis type) -> the logits of the local-folder load, each computed once."""
+  computed = {}
+
+  def get(layout: str, axis_type: str) -> np.ndarray:
+    if (layout, axis_type) not in computed:
+      computed[layout, axis_type] = logits(load_folder(folders[layout], mesh_of(axis_type)))
+    return computed[layout, axis_type]
+
+  return get
 
 
 @pytest.fixture(scope="module")
@@ -105,15 +123,15 @@ def data_requests(server, match: str) -> int:
 
 @pytest.mark.parametrize("layout", ["single", "sharded"])
 @pytest.mark.parametrize("axis_type", ["explicit", "auto"])
-def test_gcs_stream_equals_the_local_folder(gcs_stream, folders, tmp_path, caplog, layout,
-                                           axis_type):
+def test_gcs_stream_equals_the_local_folder(gcs_stream, folders, local_logits, tmp_path, caplog,
+                                           layout, axis_type):
   mesh = mesh_of(axis_type)
   with caplog.at_level("INFO", logger="tunix_zoo.checkpoint.remote_safetensors"):
     model, path = stream_gcs(layout, mesh)
   assert re.search(r"process 0 of 1 streamed \d+ of \d+ checkpoint bytes \(1\.\d+x\)",
                    caplog.text)
   assert path == url(layout)
-  diff = np.abs(logits(model) - logits(load_folder(folders[layout], mesh))).max()
+  diff = np.abs(logits(model) - local_logits(layout, axis_type)).max()
   assert diff <= MAX_ABS
   # One process reads every byte once: the files, plus nothing but headers.
   sent = gcs_stream.bytes_sent(".safetensors?")
@@ -136,16 +154,16 @@ def test_read_of_a_column_slice_fetches_its_covering_rows(gcs_stream, folders):
     assert remote.read("model.norm.weight").dtype == np.float32
 
 
-def test_dropped_connection_mid_range_is_retried(gcs_stream, folders):
+def test_dropped_connection_mid_range_is_retried(gcs_stream, local_logits):
   mesh = mesh_of("explicit")
   # The first two requests of the file are its header; the drop hits a tensor's range.
   gcs_stream.faults.drop(match="single%2Fmodel.safetensors", skip=2, times=2)
   model, _ = stream_gcs("single", mesh)
-  assert np.abs(logits(model) - logits(load_folder(folders["single"], mesh))).max() <= MAX_ABS
+  assert np.abs(logits(model) - local_logits("single", "explicit")).max() <= MAX_ABS
   assert gcs_stream.faults.count("single%2Fmodel.safetensors") >= 2 + 12 + 2
 
 
-def test_a_stalled_range_times_out_and_is_retried(gcs_stream, folders, monkeypatch):
+def test_a_stalled_range_times_out_and_is_retried(gcs_stream, local_logits, monkeypatch):
   monkeypatch.setenv("TUNIX_ZOO_READ_TIMEOUT_S", "1")
   mesh = mesh_of("explicit")
   gcs_stream.faults.stall(match="single%2Fmodel.safetensors", skip=4, times=1)
@@ -154,15 +172,15 @@ def test_a_stalled_range_times_out_and_is_retried(gcs_stream, folders, monkeypat
   finally:
     gcs_stream.faults.release.set()
   assert gcs_stream.faults.stalled.is_set()
-  assert np.abs(logits(model) - logits(load_folder(folders["single"], mesh))).max() <= MAX_ABS
+  assert np.abs(logits(model) - local_logits("single", "explicit")).max() <= MAX_ABS
 
 
-def test_a_500_burst_is_retried(gcs_stream, folders):
+def test_a_500_burst_is_retried(gcs_stream, local_logits):
   mesh = mesh_of("auto")
   gcs_stream.faults.status(500, match="single%2Fmodel.safetensors", skip=3, times=3)
   model, _ = stream_gcs("single", mesh)
   assert gcs_stream.faults.count("single%2Fmodel.safetensors") >= 2 + 12 + 3
-  assert np.abs(logits(model) - logits(load_folder(folders["single"], mesh))).max() <= MAX_ABS
+  assert np.abs(logits(model) - local_logits("single", "auto")).max() <= MAX_ABS
 
 
 def test_an_object_overwritten_during_the_load_is_a_source_error(gcs_stream, checkpoint,
@@ -210,13 +228,15 @@ def hub_stream(hf_hub):
 
 
 def test_hub_stream_equals_the_local_folder_with_range_requests(hub_stream, checkpoint,
-                                                                tmp_path, monkeypatch):
+                                                                local_logits, tmp_path,
+                                                                monkeypatch):
   monkeypatch.setenv("TUNIX_ZOO_RETRY_BASE_DELAY_S", "0.05")
   mesh = mesh_of("explicit")
   hub_stream.faults.drop(match="/model.safetensors", skip=2, times=1)
   model, path = AutoModel.from_pretrained(HF_REPO, mesh, stream=True, stream_concurrency=4)
   assert path.endswith(HF_REPO)
-  assert np.abs(logits(model) - logits(load_folder(checkpoint, mesh))).max() <= MAX_ABS
+  # The module's "single" folder is this checkpoint.
+  assert np.abs(logits(model) - local_logits("single", "explicit")).max() <= MAX_ABS
   with CheckpointFiles(checkpoint) as ckpt:
     tensors = len(ckpt.keys())
   # Header (2), one range per tensor, one retried after the drop; at the pinned commit.
@@ -283,7 +303,11 @@ def run_workers(root: pathlib.Path, runs: list[dict], proxies: list, hubs: list,
     for i, log in enumerate(logs):
       worker_env = {
           **os.environ, **(env or {}),
-          "XLA_FLAGS": "--xla_force_host_platform_device_count=4", "JAX_PLATFORMS": "cpu",
+          # 4 devices each; the session's other XLA flags (its compile settings) too.
+          "XLA_FLAGS": re.sub(r"--xla_force_host_platform_device_count=\d+", "",
+                              os.environ.get("XLA_FLAGS", ""))
+                       + " --xla_force_host_platform_device_count=4",
+          "JAX_PLATFORMS": "cpu",
           "PYTHONPATH": os.pathsep.join([str(REPO_ROOT), os.environ.get("PYTHONPATH", "")]),
           "STORAGE_EMULATOR_HOST": proxies[i].url, "HF_ENDPOINT": hubs[i].url,
           "HF_HOME": str(caches[i] / "hf-home"), "HF_HUB_CACHE": str(caches[i] / "hf"),
