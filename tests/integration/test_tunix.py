@@ -118,11 +118,26 @@ def prompt_and_completion(tokenizer, completions):
   return jnp.asarray(tokens), jnp.asarray(mask)
 
 
-@pytest.mark.parametrize("shape,axis_type", MESHES, ids=case_id)
-def test_sampler_greedy_beam_top_p_and_logits(demo, shared_model, shape, axis_type):
+@pytest.fixture(scope="module")
+def greedy_reference(demo, shared_model):
+  """Our greedy decoding of PROMPTS on the (1, 1) Auto mesh and the logits of one plain
+  forward over prompt + completion (those at position t predict token t + 1), once for
+  every mesh's Sampler: the same float32 numbers within the tolerance on any mesh."""
   _, tokenizer = demo
-  model = shared_model(shape, axis_type)
+  model = shared_model((1, 1), AxisType.Auto)
   ours = generate(model, PROMPTS, NEW_TOKENS, tokenizer=tokenizer, eos_ids=[])
+  tokens, mask = prompt_and_completion(tokenizer, ours.tokens)
+  logits = nnx.jit(lambda m, t, a: m(t, attention_mask=a)[0])(model, tokens, mask)
+  predicting = np.asarray(logits, np.float32)[:, -NEW_TOKENS - 1:-1]
+  return ours, predicting
+
+
+@pytest.mark.parametrize("shape,axis_type", MESHES, ids=case_id)
+def test_sampler_greedy_beam_top_p_and_logits(demo, shared_model, greedy_reference, shape,
+                                              axis_type):
+  _, tokenizer = demo
+  ours, predicting = greedy_reference
+  model = shared_model(shape, axis_type)
   with mesh_context(model.mesh):
     sampler = sampler_lib.Sampler(model, tokenizer, cache_config(model))
     # No EOS: every row runs all steps, as ours did.
@@ -133,13 +148,9 @@ def test_sampler_greedy_beam_top_p_and_logits(demo, shared_model, shape, axis_ty
                    beam_size=2)
     top_p = sampler(PROMPTS, max_generation_steps=NEW_TOKENS, max_prompt_length=PROMPT_LENGTH,
                     temperature=0.8, top_p=0.9, seed=3)
-    # Logprobs and logits of the sampled tokens against a plain forward over prompt +
-    # completion (the logits at position t predict token t + 1).
-    tokens, mask = prompt_and_completion(tokenizer, ours.tokens)
-    logits = nnx.jit(lambda m, t, a: m(t, attention_mask=a)[0])(model, tokens, mask)
   assert [np.asarray(t).tolist() for t in out.tokens] == ours.tokens.tolist()
   assert out.text == ours.text
-  predicting = np.asarray(logits, np.float32)[:, -NEW_TOKENS - 1:-1]
+  # Logprobs and logits of the sampled tokens against the plain forward.
   logp = jax.nn.log_softmax(predicting, axis=-1)
   expected = np.take_along_axis(logp, ours.tokens[..., None], axis=-1)[..., 0]
   np.testing.assert_allclose(np.asarray(out.logprobs), expected, atol=LOGPROB_TOLERANCE)
