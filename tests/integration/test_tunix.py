@@ -5,8 +5,9 @@ Tunix's own code runs against the tiny demo model on Auto and Explicit meshes, (
 creates its buffers with plain ``jnp.zeros``); Tunix's GRPO rollout runs in a worker
 thread that ``jax.set_mesh`` does not reach, so that path is covered too.
 
-Kept fast for CI: one model per mesh and one Sampler per mesh for the module (Tunix
-compiles per Sampler), the same few shapes everywhere, few steps and tokens.
+Kept fast for CI: one model per mesh for the module, one Sampler per mesh test (Tunix
+compiles per Sampler) checked against one greedy reference, the same few shapes
+everywhere, few steps and tokens.
 """
 
 from __future__ import annotations
