@@ -56,3 +56,12 @@ def reference_checkpoints(tmp_path_factory):
   from tests import reference
 
   return reference.Checkpoints(tmp_path_factory)
+
+
+@pytest.fixture(scope="session")
+def demo_folder(tmp_path_factory):
+  """The ``tiny-demo`` checkpoint folder (300 training steps), built once per session.
+  Read-only: copy it (e.g. into a ``TUNIX_ZOO_CACHE``) before changing anything."""
+  from tunix_zoo.demo import DEMO_ID, build_demo_checkpoint
+
+  return build_demo_checkpoint(tmp_path_factory.mktemp("demo") / DEMO_ID)

@@ -53,6 +53,10 @@ def tokens():
   return jnp.asarray(np.random.RandomState(0).randint(3, reference.VOCAB, (8, 32)))
 
 
+# One program per model (and mesh): eager op-by-op dispatch compiles far more.
+_logits = nnx.jit(lambda model, tokens: model(tokens)[0])
+
+
 @pytest.fixture(scope="module")
 def float_logits(reference_checkpoints):
   """case -> float32 logits of :func:`tokens`, computed once per case."""
@@ -61,7 +65,7 @@ def float_logits(reference_checkpoints):
   def get(case):
     if case not in cache:
       model, _ = AutoModel.from_pretrained(str(reference_checkpoints[case][0]), one_device())
-      cache[case] = np.asarray(model(tokens())[0])
+      cache[case] = np.asarray(_logits(model, tokens()))
     return cache[case]
 
   return get
@@ -83,7 +87,7 @@ def test_int8_logits_match_float32(reference_checkpoints, float_logits, case):
   proj = model.layers[0].mlp.down_proj
   assert proj.weight.dtype == jnp.int8 and proj.weight_scale.shape == (64, 1)
   assert model.embed_tokens.weight.dtype == jnp.float32  # embeddings stay unquantized
-  max_abs, top1, top1_all = agreement(np.asarray(model(tokens())[0]), float_logits(case),
+  max_abs, top1, top1_all = agreement(np.asarray(_logits(model, tokens())), float_logits(case),
                                       INT8_TOP1_MARGIN)
   assert max_abs <= INT8_MAX_ABS and top1 >= INT8_TOP1 and top1_all >= INT8_TOP1_ALL, (
       max_abs, top1, top1_all)
@@ -98,7 +102,7 @@ def four_bit_model(reference_checkpoints):
     if kind not in cache:
       model, _ = AutoModel.from_pretrained(str(reference_checkpoints["qwen3"][0]),
                                            one_device(), quantization=GROUPED[kind])
-      cache[kind] = model, np.asarray(model(tokens())[0])
+      cache[kind] = model, np.asarray(_logits(model, tokens()))
     return cache[kind]
 
   return get
@@ -148,7 +152,7 @@ def test_2x4_mesh_shards_scales_with_their_weights(int4_on_2x4, four_bit_model):
     assert values.sharding.mesh == mesh and scales.sharding.mesh == mesh
     assert values.sharding.spec == scales.sharding.spec
     assert any(axis is not None for axis in scales.sharding.spec)
-  np.testing.assert_allclose(np.asarray(model(tokens())[0]), four_bit_model("int4")[1],
+  np.testing.assert_allclose(np.asarray(_logits(model, tokens())), four_bit_model("int4")[1],
                              atol=1e-5)
 
 
@@ -170,15 +174,15 @@ def test_info_counts_the_bytes_each_device_holds(int4_on_2x4):
 
 
 def test_decode_with_the_cache_reads_quantized_weights(four_bit_model, tmp_path):
-  model, _ = four_bit_model("int4")
+  model, logits = four_bit_model("int4")
   batch = tokens()[:2, :12]
   # Jitted, as generate runs it: one program each for prefill and step (eager op-by-op
   # dispatch of the cached path compiles far more).
   forward = nnx.jit(lambda model, tokens, cache: model(tokens, cache=cache))
   _, cache = forward(model, batch[:, :-1], model.init_cache(batch_size=2, max_len=16))
   step, _ = forward(model, batch[:, -1:], cache)
-  full, _ = model(batch)
-  np.testing.assert_allclose(np.asarray(step[:, 0]), np.asarray(full[:, -1]), atol=1e-5)
+  # Causal: the full forward of tokens() at position 11 is that of the batch's last token.
+  np.testing.assert_allclose(np.asarray(step[:, 0]), logits[:2, 11], atol=1e-5)
   with pytest.raises(ExportError, match="quantized weights"):
     save_pretrained(model, tmp_path / "export")
 
@@ -199,11 +203,11 @@ def test_qlora_trains_adapters_over_frozen_quantized_weights(reference_checkpoin
   assert {p.name for p in out.iterdir()} == {"adapter_config.json", "adapter_model.safetensors"}
   with pytest.raises(LoraError, match="nf4-quantized.*dequantize=True"):
     merge_lora(model)
-  before = np.asarray(model(batch)[0])
+  before = np.asarray(_logits(model, batch))
   merge_lora(model, dequantize=True)
   q_proj = model.layers[0].attn.q_proj
   assert q_proj.quantization is None and q_proj.weight.dtype == jnp.float32
-  np.testing.assert_allclose(np.asarray(model(batch)[0]), before, atol=1e-4)
+  np.testing.assert_allclose(np.asarray(_logits(model, batch)), before, atol=1e-4)
 
 
 def test_plan_training_counts_quantized_weights(reference_checkpoints):
