@@ -80,15 +80,23 @@ def _squared_sum(fn, experts, x, weights, gate, up, down):
   return jnp.sum(fn(x, weights, experts, gate, up, down, "silu").astype(jnp.float32) ** 2)
 
 
+def _output_and_grads(fn, experts, x, weights, gate, up, down):
+  """``fn``'s output and the gradients of its squared sum, as one compiled program."""
+
+  def both(*args):
+    x, weights, gate, up, down = args
+    grads = jax.grad(functools.partial(_squared_sum, fn, experts), argnums=range(5))(*args)
+    return fn(x, weights, experts, gate, up, down, "silu"), grads
+
+  return jax.jit(both)(x, weights, gate, up, down)
+
+
 @functools.cache
 def _dense_reference(dtype):
   """experts_dense's output and gradients for ``dtype``: both grouped paths compare with
   them, so they are computed (and compiled) once."""
   args, experts = _expert_problem(dtype)
-  out = jax.jit(experts_dense, static_argnums=6)(args[0], args[1], experts, *args[2:], "silu")
-  grads = jax.jit(jax.grad(functools.partial(_squared_sum, experts_dense), argnums=range(1, 6)))(
-      experts, *args)
-  return out, grads
+  return _output_and_grads(experts_dense, experts, *args)
 
 
 @pytest.mark.parametrize("experts_fn", [experts_ragged, experts_gathered], ids=lambda f: f.__name__)
@@ -104,13 +112,10 @@ def test_grouped_experts_equal_dense_reference(dtype, experts_fn):
     tolerance = 1e-5 if dtype == jnp.float32 else 2e-2
     np.testing.assert_allclose(ours, reference, atol=tolerance * np.abs(reference).max())
 
-  x, weights, gate, up, down = args
   dense_out, dense_grads = _dense_reference(dtype)
-  ours = jax.jit(experts_fn, static_argnums=6)(x, weights, experts, gate, up, down, "silu")
+  ours, grads = _output_and_grads(experts_fn, experts, *args)
   assert ours.dtype == dtype
   assert_close(ours, dense_out)
-  grads = jax.jit(jax.grad(functools.partial(_squared_sum, experts_fn), argnums=range(1, 6)))(
-      experts, *args)
   for grad, grad_dense in zip(grads, dense_grads, strict=True):
     assert_close(grad, grad_dense)
 
