@@ -33,9 +33,11 @@ CASES: dict[str, tuple[str, str, dict[str, Any]]] = {
         tie_word_embeddings=True)),
     "qwen2p5": ("Qwen2Config", "Qwen2ForCausalLM", dict(
         num_attention_heads=4, num_key_value_heads=1, tie_word_embeddings=True)),
+    # Three layers: tests/test_quantization.py needs the quantized layers to outweigh the
+    # float embeddings (int4 bytes per device under half of float32's).
     "qwen3": ("Qwen3Config", "Qwen3ForCausalLM", dict(
         num_attention_heads=8, num_key_value_heads=2, tie_word_embeddings=False,
-        rope_theta=1e6)),
+        rope_theta=1e6, num_hidden_layers=3)),
     "gemma": ("GemmaConfig", "GemmaForCausalLM", dict(
         num_attention_heads=4, num_key_value_heads=1)),
     "gemma2": ("Gemma2Config", "Gemma2ForCausalLM", dict(
@@ -52,8 +54,11 @@ CASES: dict[str, tuple[str, str, dict[str, Any]]] = {
         })),
 }
 
+# Two layers: enough for every family's layer kinds (Gemma 2: one local, one global);
+# Gemma 3 keeps six for two repeats of its local, local, global pattern, Qwen3 three.
+# Compiling the unrolled layers dominates the parity tests' time.
 BASE = dict(
-    vocab_size=VOCAB, hidden_size=64, intermediate_size=96, num_hidden_layers=3, head_dim=16,
+    vocab_size=VOCAB, hidden_size=64, intermediate_size=96, num_hidden_layers=2, head_dim=16,
     max_position_embeddings=512, pad_token_id=0, bos_token_id=1,
     # No EOS: generate() must run every requested step, as our loop does.
     eos_token_id=None,

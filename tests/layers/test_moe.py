@@ -4,6 +4,8 @@ against transformers' function, and the kernel policy's dispatch."""
 
 from __future__ import annotations
 
+import functools
+
 import jax
 import jax.numpy as jnp
 import numpy as np
@@ -61,23 +63,48 @@ def test_load_balancing_loss_equals_transformers_function():
     np.testing.assert_allclose(float(ours), float(expected), rtol=1e-6)
 
 
-@pytest.mark.parametrize("experts_fn", [experts_ragged, experts_gathered], ids=lambda f: f.__name__)
-@pytest.mark.parametrize("dtype", [jnp.float32, jnp.bfloat16], ids=["f32", "bf16"])
-def test_grouped_experts_equal_dense_reference(dtype, experts_fn):
-  """Outputs and gradients, with some experts chosen by no token."""
+def _expert_problem(dtype):
+  """Tokens, routing and expert stacks where a few experts take most tokens, several none."""
   num_experts, top_k, hidden, ffn, tokens = 12, 3, 32, 16, 10
   keys = jax.random.split(jax.random.key(0), 5)
   x = jax.random.normal(keys[0], (tokens, hidden), dtype)
   gate, up = (0.3 * jax.random.normal(k, (num_experts, ffn, hidden), dtype) for k in keys[1:3])
   down = 0.3 * jax.random.normal(keys[3], (num_experts, hidden, ffn), dtype)
-  # Biased router: a few experts take most tokens, several take none.
   bias = jnp.linspace(3.0, -3.0, num_experts)
   weights, experts = route(jax.random.normal(keys[4], (tokens, num_experts)) + bias, top_k,
                            norm_topk_prob=False)
-  assert len(np.unique(np.asarray(experts))) < num_experts
+  return (x, weights, gate, up, down), experts
 
-  def loss(fn, x, weights, gate, up, down):
-    return jnp.sum(fn(x, weights, experts, gate, up, down, "silu").astype(jnp.float32) ** 2)
+
+def _squared_sum(fn, experts, x, weights, gate, up, down):
+  return jnp.sum(fn(x, weights, experts, gate, up, down, "silu").astype(jnp.float32) ** 2)
+
+
+def _output_and_grads(fn, experts, x, weights, gate, up, down):
+  """``fn``'s output and the gradients of its squared sum, as one compiled program."""
+
+  def both(*args):
+    x, weights, gate, up, down = args
+    grads = jax.grad(functools.partial(_squared_sum, fn, experts), argnums=range(5))(*args)
+    return fn(x, weights, experts, gate, up, down, "silu"), grads
+
+  return jax.jit(both)(x, weights, gate, up, down)
+
+
+@functools.cache
+def _dense_reference(dtype):
+  """experts_dense's output and gradients for ``dtype``: both grouped paths compare with
+  them, so they are computed (and compiled) once."""
+  args, experts = _expert_problem(dtype)
+  return _output_and_grads(experts_dense, experts, *args)
+
+
+@pytest.mark.parametrize("experts_fn", [experts_ragged, experts_gathered], ids=lambda f: f.__name__)
+@pytest.mark.parametrize("dtype", [jnp.float32, jnp.bfloat16], ids=["f32", "bf16"])
+def test_grouped_experts_equal_dense_reference(dtype, experts_fn):
+  """Outputs and gradients, with some experts chosen by no token."""
+  args, experts = _expert_problem(dtype)
+  assert len(np.unique(np.asarray(experts))) < args[2].shape[0]
 
   def assert_close(ours: jax.Array, reference: jax.Array) -> None:
     ours, reference = np.asarray(ours, np.float32), np.asarray(reference, np.float32)
@@ -85,13 +112,11 @@ def test_grouped_experts_equal_dense_reference(dtype, experts_fn):
     tolerance = 1e-5 if dtype == jnp.float32 else 2e-2
     np.testing.assert_allclose(ours, reference, atol=tolerance * np.abs(reference).max())
 
-  args = (x, weights, gate, up, down)
-  ours = jax.jit(experts_fn, static_argnums=6)(x, weights, experts, gate, up, down, "silu")
+  dense_out, dense_grads = _dense_reference(dtype)
+  ours, grads = _output_and_grads(experts_fn, experts, *args)
   assert ours.dtype == dtype
-  assert_close(ours, experts_dense(x, weights, experts, gate, up, down, "silu"))
-  grads = jax.jit(jax.grad(lambda *a: loss(experts_fn, *a), argnums=range(5)))(*args)
-  grads_dense = jax.jit(jax.grad(lambda *a: loss(experts_dense, *a), argnums=range(5)))(*args)
-  for grad, grad_dense in zip(grads, grads_dense, strict=True):
+  assert_close(ours, dense_out)
+  for grad, grad_dense in zip(grads, dense_grads, strict=True):
     assert_close(grad, grad_dense)
 
 
@@ -127,6 +152,10 @@ def test_a_forced_grouped_kernel_refuses_experts_it_cannot_run():
   np.testing.assert_array_equal(call(forced, one_token)[0], call(small_moe(), one_token)[0])
 
 
+# Module-level: the remat="none" program compiles once for both parametrizations.
+_forward_with_router_logits = nnx.jit(lambda m, t: m.forward_with_router_logits(t))
+
+
 @pytest.fixture(scope="module")
 def tiny_moe_model():
   return AutoModel.from_config(tiny_moe_config(), rngs=0)
@@ -136,7 +165,7 @@ def tiny_moe_model():
 def test_router_logits_leave_remat_as_outputs(tiny_moe_model, remat):
   model = tiny_moe_model
   tokens = jnp.arange(3, 15).reshape(2, 6)
-  forward = nnx.jit(lambda m, t: m.forward_with_router_logits(t))
+  forward = _forward_with_router_logits
   model.remat = "none"
   logits, _, router_logits = forward(model, tokens)
   model.remat = remat

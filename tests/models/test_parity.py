@@ -21,53 +21,68 @@ from tunix_zoo.automodel import load_folder
 NEW_TOKENS = 32
 CASES = sorted(reference.CASES)
 
+# Module-level jitted calls: one compiled program per model structure and input shapes,
+# shared by every test (and checkpoint) that runs the same case at the same shapes.
+_forward = nnx.jit(lambda m, t, k: m(t, attention_mask=k))
+_forward_at = nnx.jit(lambda m, t, p, k: m(t, positions=p, attention_mask=k))
+_forward_cached = nnx.jit(lambda m, t, c, k: m(t, cache=c, attention_mask=k))
+
 
 def real(mask):
   return mask.astype(bool)
 
 
+@pytest.fixture(scope="module")
+def models(reference_checkpoints):
+  """case -> our model of the case's reference checkpoint on one device, loaded once.
+  Read-only: tests must not change it."""
+  made = {}
+
+  def model(case):
+    if case not in made:
+      made[case] = load_folder(reference_checkpoints[case][0], one_device_mesh())
+    return made[case]
+
+  return model
+
+
 @pytest.mark.parametrize("case", CASES)
-def test_logits_match_transformers(reference_checkpoints, case):
-  folder, torch_model = reference_checkpoints[case]
+def test_logits_match_transformers(reference_checkpoints, models, case):
+  _, torch_model = reference_checkpoints[case]
   tokens, mask, positions = reference.left_padded_batch()
   expected = reference.reference_logits(torch_model, tokens, mask, positions)
-  model = load_folder(folder, one_device_mesh())
-  logits, cache = model(jnp.asarray(tokens), attention_mask=jnp.asarray(mask))
+  model = models(case)
+  logits, cache = _forward(model, jnp.asarray(tokens), jnp.asarray(mask))
   assert cache is None
   diff = np.abs(np.asarray(logits) - expected)[real(mask)].max()
   assert diff <= MAX_ABS, f"{case}: max abs logit diff {diff}"
   # Explicit positions (Tunix passes them) give the same result.
-  logits2, _ = model(
-      jnp.asarray(tokens), positions=jnp.asarray(positions), attention_mask=jnp.asarray(mask)
-  )
+  logits2, _ = _forward_at(model, jnp.asarray(tokens), jnp.asarray(positions), jnp.asarray(mask))
   np.testing.assert_allclose(np.asarray(logits2), np.asarray(logits), atol=1e-6)
 
 
 @pytest.mark.parametrize("case", CASES)
-def test_greedy_decode_matches_generate(reference_checkpoints, case):
-  folder, torch_model = reference_checkpoints[case]
+def test_greedy_decode_matches_generate(reference_checkpoints, models, case):
+  _, torch_model = reference_checkpoints[case]
   tokens, mask, _ = reference.left_padded_batch(seed=1)
   expected = reference.reference_greedy(torch_model, tokens, mask, NEW_TOKENS)
-  model = load_folder(folder, one_device_mesh())
-  np.testing.assert_array_equal(greedy(model, tokens, mask, NEW_TOKENS), expected)
+  np.testing.assert_array_equal(greedy(models(case), tokens, mask, NEW_TOKENS), expected)
 
 
 @pytest.mark.parametrize("case", CASES)
-def test_prefill_then_steps_reproduce_full_sequence(reference_checkpoints, case):
-  folder, _ = reference_checkpoints[case]
-  model = load_folder(folder, one_device_mesh())
+def test_prefill_then_steps_reproduce_full_sequence(models, case):
+  model = models(case)
   tokens, mask, _ = reference.left_padded_batch(seed=2)
-  full, _ = model(jnp.asarray(tokens), attention_mask=jnp.asarray(mask))
+  full, _ = _forward(model, jnp.asarray(tokens), jnp.asarray(mask))
   cache = model.init_cache(tokens.shape[0], 16)
   prefix = 5
   # One compiled program per input length (prefix, then 1) instead of op-by-op calls.
-  forward = nnx.jit(lambda m, t, c, k: m(t, cache=c, attention_mask=k))
-  stepped, cache = forward(
+  stepped, cache = _forward_cached(
       model, jnp.asarray(tokens[:, :prefix]), cache, jnp.asarray(mask[:, :prefix])
   )
   outs = [np.asarray(stepped)]
   for t in range(prefix, tokens.shape[1]):
-    step_logits, cache = forward(
+    step_logits, cache = _forward_cached(
         model, jnp.asarray(tokens[:, t:t + 1]), cache, jnp.asarray(mask[:, t:t + 1])
     )
     outs.append(np.asarray(step_logits))
@@ -91,9 +106,7 @@ def test_mesh_2x4_matches_transformers(reference_checkpoints, case, axis_type):
   assert q_proj.sharding.spec == jax.sharding.PartitionSpec("tp", "fsdp")
   assert sharded.embed_tokens.weight[...].sharding.spec[1] == "fsdp"
   expected = reference.reference_logits(torch_model, tokens, mask, positions)
-  got, _ = nnx.jit(lambda m, t, k: m(t, attention_mask=k))(
-      sharded, jnp.asarray(tokens), jnp.asarray(mask)
-  )
+  got, _ = _forward(sharded, jnp.asarray(tokens), jnp.asarray(mask))
   diff = np.abs(np.asarray(got) - expected)[real(mask)].max()
   assert diff <= MAX_ABS
   np.testing.assert_array_equal(
@@ -109,5 +122,5 @@ def test_sharded_checkpoint_in_hub_spelling(tmp_path, case):
   tokens, mask, positions = reference.left_padded_batch(seed=4)
   expected = reference.reference_logits(torch_model, tokens, mask, positions)
   model = load_folder(tmp_path, one_device_mesh())
-  logits, _ = model(jnp.asarray(tokens), attention_mask=jnp.asarray(mask))
+  logits, _ = _forward(model, jnp.asarray(tokens), jnp.asarray(mask))
   assert np.abs(np.asarray(logits) - expected)[real(mask)].max() <= MAX_ABS
