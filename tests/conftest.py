@@ -7,11 +7,14 @@ import pytest
 
 # Must precede the first jax import anywhere in the test session (subprocesses inherit
 # it). 8 CPU devices for mesh tests. The test models are tiny, so compiling dominates the
-# suite: LLVM's optimisation passes cost ~30% of its time and buy nothing at these sizes
-# (numerics are XLA's either way; float32 results match within the tests' tolerances).
+# suite: LLVM's optimisation passes and XLA:CPU's MLIR fusion emitters cost over half of
+# it and buy nothing at these sizes (the MoE tests: 128 s -> 81 s of CPU; float32 results
+# match within the tests' tolerances). Large arrays run slower unoptimised (a 168M-value
+# random init 7 s -> 38 s), so the few tests that need them avoid it (``demo_folder``).
 _TEST_XLA_FLAGS = ("--xla_force_host_platform_device_count=8",
                    "--xla_backend_optimization_level=0",
-                   "--xla_llvm_disable_expensive_passes=true")
+                   "--xla_llvm_disable_expensive_passes=true",
+                   "--xla_cpu_use_fusion_emitters=false")
 _user_flags = os.environ.get("XLA_FLAGS", "")
 os.environ["XLA_FLAGS"] = " ".join(
     [_user_flags] + [f for f in _TEST_XLA_FLAGS if f.split("=")[0] not in _user_flags]).strip()
@@ -34,6 +37,8 @@ import jax  # noqa: E402
 from tunix_zoo import compilation_cache  # noqa: E402
 
 jax.config.update("jax_default_matmul_precision", "highest")
+# On from the start, not from the first train() on: tunix_zoo jits a fresh initialiser
+# per model build, and a second build of the same config then reads it (8 s -> 0.2 s).
 compilation_cache.enable()
 
 # The real-server fixtures, registered once for every folder: a session fixture imported
@@ -60,8 +65,21 @@ def reference_checkpoints(tmp_path_factory):
 
 @pytest.fixture(scope="session")
 def demo_folder(tmp_path_factory):
-  """The ``tiny-demo`` checkpoint folder (300 training steps), built once per session.
-  Read-only: copy it (e.g. into a ``TUNIX_ZOO_CACHE``) before changing anything."""
-  from tunix_zoo.demo import DEMO_ID, build_demo_checkpoint
+  """The tiny-demo checkpoint folder, trained once per session (training it is most of a
+  first ``tunix-zoo run tiny-demo``). Read-only: tests copy it into the
+  ``$TUNIX_ZOO_CACHE`` folder they give a subprocess, as ``tiny-demo``."""
+  import subprocess
+  import sys
 
-  return build_demo_checkpoint(tmp_path_factory.mktemp("demo") / DEMO_ID)
+  from tunix_zoo.demo import DEMO_ID
+
+  folder = tmp_path_factory.mktemp("demo") / DEMO_ID
+  # Running its 300 steps, not compiling them, dominates: at XLA's default optimisation
+  # level, in a process of its own, it takes a quarter less time than at the suite's.
+  fast_compile = _TEST_XLA_FLAGS[1:]
+  flags = " ".join(f for f in os.environ["XLA_FLAGS"].split() if f not in fast_compile)
+  subprocess.run(
+      [sys.executable, "-c", "import pathlib, sys; from tunix_zoo.demo import "
+       "build_demo_checkpoint; build_demo_checkpoint(pathlib.Path(sys.argv[1]))", str(folder)],
+      env={**os.environ, "XLA_FLAGS": flags}, check=True, timeout=600)
+  return folder

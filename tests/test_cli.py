@@ -15,10 +15,12 @@ pytestmark = pytest.mark.slow
 
 
 @pytest.fixture(scope="module")
-def env(tmp_path_factory):
+def env(tmp_path_factory, demo_folder):
+  # The session's tiny-demo, trained once; os.environ carries tests/conftest.py's XLA
+  # flags (8 devices, fast compiles) and compilation cache to the subprocesses.
   cache = tmp_path_factory.mktemp("cache")
-  return {**os.environ, "TUNIX_ZOO_CACHE": str(cache), "TUNIX_ZOO_QUIET": "1",
-          "XLA_FLAGS": "--xla_force_host_platform_device_count=8"}
+  shutil.copytree(demo_folder, cache / demo_folder.name)
+  return {**os.environ, "TUNIX_ZOO_CACHE": str(cache), "TUNIX_ZOO_QUIET": "1"}
 
 
 def tunix_zoo(env, *args, check=True):

@@ -67,7 +67,8 @@ def test_a_folder_that_cannot_be_made_turns_the_cache_off_with_a_warning(tmp_pat
 
 
 @pytest.mark.slow
-def test_second_cli_run_compiles_nothing_new(tmp_path):
+def test_second_cli_run_compiles_nothing_new(tmp_path, demo_folder):
+  shutil.copytree(demo_folder, tmp_path / demo_folder.name)
   executable = shutil.which("tunix-zoo")
   assert executable, "the console script is installed by `pip install -e .`"
   env = {**os.environ, "TUNIX_ZOO_CACHE": str(tmp_path), "TUNIX_ZOO_QUIET": "1"}

@@ -25,12 +25,22 @@ from tunix_zoo.training import next_token_loss, train
 from tests.train_memory_worker import tiny_config as tiny_memory_config
 
 
+# Layers enough for every layer kind of a case: Gemma 2 alternates sliding and global
+# attention, Gemma 3 has two sliding layers per global one. Fewer layers compile faster.
+LAYERS = {"gemma3": 3}
+
+
 def tiny_config(case: str):
-  """Our config of a tests/reference.py case, without building the PyTorch model."""
+  """Our config of a tests/reference.py case (2 layers, Gemma 3: one sliding-sliding-global
+  period), without building the PyTorch model."""
   import transformers
 
   config_class, _, kwargs = reference.CASES[case]
-  hf = getattr(transformers, config_class)(**{**reference.BASE, **kwargs}).to_dict()
+  layers = LAYERS.get(case, 2)
+  kwargs = {**reference.BASE, **kwargs, "num_hidden_layers": layers}
+  if "layer_types" in kwargs:
+    kwargs["layer_types"] = kwargs["layer_types"][:layers]
+  hf = getattr(transformers, config_class)(**kwargs).to_dict()
   return registry.family_for_hf_config(hf).config_class.from_hf_config(hf)
 
 

@@ -17,9 +17,12 @@ from __future__ import annotations
 
 import os
 
+# LLVM's optimisation level changes no buffer sizes (the same memory analyses at 0 and 2)
+# and level 0 compiles the steps in 40% less time.
 FLAGS = (
     "--xla_force_host_platform_device_count=8 "
-    "--xla_cpu_enable_concurrency_optimized_scheduler=false"
+    "--xla_cpu_enable_concurrency_optimized_scheduler=false "
+    "--xla_backend_optimization_level=0 --xla_llvm_disable_expensive_passes=true"
 )
 if __name__ == "__main__":  # Importing TINY from here must leave the environment alone.
   os.environ["XLA_FLAGS"] = FLAGS

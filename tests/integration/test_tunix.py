@@ -33,7 +33,7 @@ from tunix.sft import peft_trainer
 from tunix.sft import utils as sft_utils
 
 from tunix_zoo import AutoModel, Tokenizer, generate
-from tunix_zoo.demo import DEMO_PROMPT, build_demo_checkpoint
+from tunix_zoo.demo import DEMO_PROMPT
 from tunix_zoo.lora import apply_lora, lora_layers
 
 PROMPTS = [DEMO_PROMPT, "Flax NNX is"]
@@ -81,9 +81,8 @@ def mesh_context(mesh):
 
 
 @pytest.fixture(scope="module")
-def demo(tmp_path_factory):
-  folder = build_demo_checkpoint(tmp_path_factory.mktemp("tunix") / "tiny-demo")
-  return str(folder), Tokenizer.from_pretrained(folder)
+def demo(demo_folder):
+  return str(demo_folder), Tokenizer.from_pretrained(demo_folder)
 
 
 @pytest.fixture(scope="module")
