@@ -46,6 +46,7 @@ compilation_cache.enable()
 from tests.sources.fixtures import (  # noqa: E402,F401  (fixtures are found by name)
     checkpoint, gcs, gcs_emulator, gcs_proxy, hf_hub, hub_server, kaggle, kaggle_server)
 
+@pytest.hookimpl(tryfirst=True)  # before pytest-xdist's, which reads the groups
 def pytest_collection_modifyitems(items):
   # kagglesdk only talks to a fixed port (tests/sources/servers.py): with pytest-xdist
   # (`--dist loadgroup`) every test that starts the Kaggle server runs in one worker.

@@ -74,7 +74,8 @@ def test_fine_tune_id_naming_no_preset_loads_by_config_json(qwen3_dir):
       "acme/sft-run-42", mesh_1x1(), model_source="local", model_path=str(folder)
   )
   assert type(model).__name__ == "Qwen3ForCausalLM"
-  assert model.config.num_layers == reference.BASE["num_hidden_layers"]
+  config_json = json.loads((folder / "config.json").read_text())
+  assert model.config.num_layers == config_json["num_hidden_layers"]
 
 
 def test_preset_that_disagrees_with_config_json_is_an_error(qwen3_dir):

@@ -154,11 +154,11 @@ def test_missing_leaf_is_a_checkpoint_error_naming_the_key(made, tmp_path):
 
 def test_wrong_shape_is_a_checkpoint_error_naming_the_leaf(made, tmp_path):
   def cut(tree):
-    leaf = tree["transformer/layer_2/mlp/linear"]
+    leaf = tree["transformer/layer_1/mlp/linear"]
     leaf["w"] = leaf["w"][:-1]
 
   root = _write_tree(made, "gemma2", tmp_path, cut)
-  with pytest.raises(CheckpointError, match=r"'transformer/layer_2/mlp/linear/w'.*\(95, 64\)"):
+  with pytest.raises(CheckpointError, match=r"'transformer/layer_1/mlp/linear/w'.*\(95, 64\)"):
     load_local_from(root, "gemma2")
 
 
