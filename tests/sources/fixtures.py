@@ -76,8 +76,11 @@ def hf_hub(hub_server: servers.HubServer, checkpoint: pathlib.Path, tmp_path: pa
   return hub_server
 
 
-@pytest.fixture(scope="session")
+@pytest.fixture
 def kaggle_server() -> Iterator[servers.KaggleServer]:
+  # Per test, not per session: kagglesdk talks only to port 7777, so a server held for a
+  # whole session would lock the other pytest-xdist worker out; held for one test (a
+  # start costs milliseconds), the other waits at most that test (KaggleServer.BIND_WAIT_S).
   with servers.KaggleServer() as server:
     yield server
 
