@@ -8,6 +8,7 @@ import fcntl
 import json
 import os
 import pathlib
+import shutil
 import subprocess
 import sys
 import tempfile
@@ -148,8 +149,11 @@ def unprivileged_exports(tmp_path_factory):
                                                   "readonly": str(readonly),
                                                   "writable": str(writable)})],
       env=env, cwd=_REPO_ROOT, capture_output=True, text=True, timeout=300)
-  assert proc.returncode == 0, proc.stderr[-3000:]
-  yield json.loads(proc.stdout.strip().splitlines()[-1]), readonly, writable
+  try:
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    yield json.loads(proc.stdout.strip().splitlines()[-1]), readonly, writable
+  finally:
+    shutil.rmtree(base, ignore_errors=True)  # root removes it whatever its mode bits
 
 
 @pytest.mark.slow
