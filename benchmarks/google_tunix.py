@@ -1,10 +1,12 @@
-"""google-tunix's Qwen3 as a peer in the prefill and decode benchmarks.
+"""google-tunix as a peer: its Qwen3 in the prefill and decode benchmarks, its Sampler
+(rollout.py) and PeftTrainer (train_step.py).
 
 Its wheel is not a dependency: install it where the benchmark runs, e.g.
 ``pip install --no-deps --target /tmp/site google-tunix==0.1.7 immutabledict`` and
-``PYTHONPATH=/tmp/site``. Only ``tunix.models.qwen3.model`` is imported: ``tunix`` and
-``tunix.models`` would import its trainers and every model family, so their
-``__init__`` files are skipped.
+``PYTHONPATH=/tmp/site`` (PeftTrainer also imports google-metrax, clu and tensorboardX;
+its LoRA recipe needs qwix). Only the modules used are imported (``import_tunix``):
+``tunix`` and ``tunix.models`` would import its trainers and every model family, so the
+packages' ``__init__`` files are skipped.
 
 Prefill runs its embedder, layers and final norm on the whole prompt and its LM head on
 the last token (as ours does); decode is one jitted call per token with its KV cache,
