@@ -112,8 +112,11 @@ def run_tunix_zoo(config, args) -> dict:
     step = functools.partial(nnx.cached_partial(train_step, model, optimizer), tokens)
   else:
     graphdef, state = nnx.split((model, optimizer))
+    # The state comes back as it went in: else the second call compiles a second program.
+    placement = (jax.tree.map(lambda x: x.sharding, state),
+                 jax.sharding.NamedSharding(mesh, jax.sharding.PartitionSpec()))
 
-    @functools.partial(jax.jit, donate_argnums=0)
+    @functools.partial(jax.jit, donate_argnums=0, out_shardings=placement)
     def donated_step(state, tokens):
       model, optimizer = nnx.merge(graphdef, state)
       loss = train_step(model, optimizer, tokens)
