@@ -10,12 +10,14 @@ import sys
 
 def run_isolated(script: str, library: str, argv: list[str]) -> dict:
   """``script argv --library library`` in a new process: the JSON its last stdout line
-  holds, or ``{"error": ...}`` with the last line of its stderr."""
+  holds, or ``{"error": ...}`` with the last error line of its stderr."""
   done = subprocess.run([sys.executable, script, *argv, "--library", library],
                         capture_output=True, text=True)
   lines = done.stdout.strip().splitlines()
   if done.returncode != 0 or not lines:
-    errors = [line for line in done.stderr.strip().splitlines() if line.strip()]
+    stderr = [line for line in done.stderr.strip().splitlines() if line.strip()]
+    # The exception's line, not a warning printed after it.
+    errors = [line for line in stderr if "Error" in line or "Exception" in line] or stderr
     return {"error": (errors[-1] if errors else f"exit {done.returncode}")[-300:]}
   return json.loads(lines[-1])
 
