@@ -14,7 +14,8 @@ from tunix_zoo import registry
 from tunix_zoo.automodel import AutoModel
 from tunix_zoo.lora import apply_lora
 
-sys.path.insert(0, str(pathlib.Path(__file__).resolve().parents[1] / "benchmarks"))
+# Appended: the scripts import their siblings by name, which shadow nothing installed.
+sys.path.append(str(pathlib.Path(__file__).resolve().parents[1] / "benchmarks"))
 import flops  # noqa: E402
 import rollout  # noqa: E402
 import train_step  # noqa: E402
