@@ -248,6 +248,9 @@ def main() -> None:
                 new_tokens=args.new_tokens, eos_every=args.eos_every, layers=args.layers,
                 overrides=args.set)
   for library in args.libraries.split(","):
+    if library == "google_tunix" and not args.model.startswith("qwen3_"):
+      report[library] = {"skipped": "Tunix's own model here is Qwen3 only"}
+      continue
     report[library] = run_isolated(__file__, library, sys.argv[1:])
   ours = report.get("tunix_zoo", {})
   for peer in ("tunix_sampler", "google_tunix"):

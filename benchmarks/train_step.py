@@ -272,6 +272,9 @@ def main() -> None:
                 scan_layers=args.scan_layers, remat=args.remat, lora_rank=args.lora_rank,
                 overrides=args.set)
   for library in args.libraries.split(","):
+    if library == "google_tunix" and not args.model.startswith("qwen3_"):
+      report[library] = {"skipped": "Tunix's own model here is Qwen3 only"}
+      continue
     report[library] = run_isolated(__file__, library, sys.argv[1:])
   ours = report.get("tunix_zoo", {}).get("step_s")
   for peer in LIBRARIES[1:]:
