@@ -3,9 +3,10 @@
 One batch of ``--batch`` random prompts of ``--prompt`` tokens, up to ``--new-tokens``
 new tokens each, sampled at temperature 1 (what a GRPO rollout does; no top-k / top-p,
 so every library draws one categorical sample from the whole vocabulary). Every
-``--eos-every``-th token id ends a row, so on random weights each row stops at its own
-step (about geometric, mean ``eos_every``), deterministic for a seed; the batch runs
-until its longest row ends. Random weights of a preset's shapes, bf16.
+``--eos-every``-th token id ends a row, so each row stops at its own step (were the
+samples uniform, after a geometric number of steps of mean ``eos_every``: the rows'
+lengths are reported), deterministic for a seed; the batch runs until its longest row
+ends. Random weights of a preset's shapes, bf16.
 
 Libraries, each in its own process (``--libraries``):
 
@@ -22,8 +23,9 @@ rows are still computed). The floor of a call is the prefill's FLOPs at the peak
 its bytes over the measured copy bandwidth — every weight (but an untied input
 embedding: its tokens' rows) and the KV cache up to that step's position (a sliding
 window's layers only their window) for every row — and its FLOPs at the peak;
-``roofline_fraction`` is that floor over the measured time (``hbm_fraction`` counts the
-bytes only). Prints one JSON line.
+``roofline_fraction`` is that floor over the measured time; for ours, whose decoding
+steps are timed apart, ``decode_roofline_fraction`` is theirs alone and
+``decode_hbm_fraction`` the same counting bytes only. Prints one JSON line.
 
     python benchmarks/rollout.py --model qwen3_8b --batch 256
     python benchmarks/rollout.py --model gemma3_1b --batch 128 --libraries tunix_zoo,tunix_sampler
