@@ -39,6 +39,20 @@ def copy_bandwidth_bytes_per_s() -> float:
   return 2 * x.nbytes * 5 / (time.perf_counter() - start)
 
 
+def step_weight_bytes(config, dtype: str = "bfloat16", quantization: str | None = None) -> int:
+  """Weight bytes a decoding step reads: every weight but an untied input embedding, of
+  which a step reads only its tokens' rows."""
+  import jax.numpy as jnp
+
+  from tunix_zoo.planning import plan_model
+
+  weight_bytes = plan_model(config, (1, 1), jnp.dtype(dtype).name,
+                            quantization=quantization).bytes_total
+  if not config.tie_word_embeddings:
+    weight_bytes -= jnp.dtype(dtype).itemsize * config.vocab_size * config.hidden_size
+  return weight_bytes
+
+
 def run_tunix_zoo(config_id: str, batch: int, prompt: int, new_tokens: int,
                   decode_kernel: str = "auto", layers: int | None = None,
                   quantization: str | None = None, scan_layers: bool = False,
@@ -52,7 +66,6 @@ def run_tunix_zoo(config_id: str, batch: int, prompt: int, new_tokens: int,
   from tunix_zoo.generation import generate
   from tunix_zoo.config_overrides import config_with_overrides, parse_overrides
   from tunix_zoo.kernels import KernelPolicy, set_kernel_policy
-  from tunix_zoo.planning import plan_model
 
   config = config_with_overrides(registry.get_config(config_id), parse_overrides(overrides))
   if layers is not None:  # For compile time against depth.
@@ -70,11 +83,7 @@ def run_tunix_zoo(config_id: str, batch: int, prompt: int, new_tokens: int,
   out = generate(model, tokens, new_tokens)
   step_seconds = out.decode_seconds / (new_tokens - 1)
   itemsize = jnp.dtype(dtype).itemsize
-  weight_bytes = plan_model(config, (1, 1), jnp.dtype(dtype).name,
-                            quantization=quantization).bytes_total
-  if not config.tie_word_embeddings:
-    # A step reads only its tokens' rows of an untied input embedding.
-    weight_bytes -= itemsize * config.vocab_size * config.hidden_size
+  weight_bytes = step_weight_bytes(config, dtype, quantization)
   cache_len = prompt + new_tokens  # What must be read; generate's buffer may be longer.
   # k and v, every layer, the whole cache buffer.
   cache_bytes = (2 * itemsize * config.num_layers * batch * cache_len * config.num_kv_heads

@@ -1,10 +1,12 @@
-"""google-tunix's Qwen3 as a peer in the prefill and decode benchmarks.
+"""google-tunix as a peer: its Qwen3 in the prefill and decode benchmarks, its Sampler
+(rollout.py) and PeftTrainer (train_step.py).
 
 Its wheel is not a dependency: install it where the benchmark runs, e.g.
 ``pip install --no-deps --target /tmp/site google-tunix==0.1.7 immutabledict`` and
-``PYTHONPATH=/tmp/site``. Only ``tunix.models.qwen3.model`` is imported: ``tunix`` and
-``tunix.models`` would import its trainers and every model family, so their
-``__init__`` files are skipped.
+``PYTHONPATH=/tmp/site`` (PeftTrainer also imports google-metrax, clu and tensorboardX;
+its LoRA recipe needs qwix). Only the modules used are imported (``import_tunix``):
+``tunix`` and ``tunix.models`` would import its trainers and every model family, so the
+packages' ``__init__`` files are skipped.
 
 Prefill runs its embedder, layers and final norm on the whole prompt and its LM head on
 the last token (as ours does); decode is one jitted call per token with its KV cache,
@@ -22,20 +24,25 @@ import time
 import types
 
 
-def qwen3_module() -> types.ModuleType:
-  """``tunix.models.qwen3.model``, without running the packages' ``__init__`` files."""
-  if "tunix.models.qwen3.model" in sys.modules:
-    return sys.modules["tunix.models.qwen3.model"]
-  spec = importlib.util.find_spec("tunix")
-  if spec is None:
-    raise SystemExit("google-tunix is not importable; see benchmarks/google_tunix.py.")
-  root = spec.submodule_search_locations[0]
-  for name, path in (("tunix", root), ("tunix.models", f"{root}/models"),
-                     ("tunix.models.qwen3", f"{root}/models/qwen3")):
-    if name not in sys.modules:
-      package = types.ModuleType(name)
-      package.__path__ = [path]
-      sys.modules[name] = package
+def import_tunix(name: str) -> types.ModuleType:
+  """The module ``name`` of the google-tunix wheel (e.g. ``tunix.generate.sampler``),
+  without running the ``__init__`` files of the packages above it."""
+  if name in sys.modules:
+    return sys.modules[name]
+  if "tunix" in sys.modules:  # Our stand-in package from an earlier call: no spec.
+    root = sys.modules["tunix"].__path__[0]
+  else:
+    spec = importlib.util.find_spec("tunix")
+    if spec is None:
+      raise SystemExit("google-tunix is not importable; see benchmarks/google_tunix.py.")
+    root = spec.submodule_search_locations[0]
+  parts = name.split(".")
+  for depth in range(1, len(parts)):
+    package_name = ".".join(parts[:depth])
+    if package_name not in sys.modules:
+      package = types.ModuleType(package_name)
+      package.__path__ = ["/".join([root, *parts[1:depth]])]
+      sys.modules[package_name] = package
   try:
     importlib.import_module("jax.experimental.shard_map")
   except ImportError:  # Removed from newer jax; only Tunix's TPU flash path uses it.
@@ -44,18 +51,37 @@ def qwen3_module() -> types.ModuleType:
     shim = types.ModuleType("jax.experimental.shard_map")
     shim.shard_map = jax.shard_map
     sys.modules["jax.experimental.shard_map"] = shim
-  return importlib.import_module("tunix.models.qwen3.model")
+  return importlib.import_module(name)
 
 
-def build(config_id: str, num_layers: int | None = None):
-  """A randomly initialised bf16 Tunix Qwen3 of the preset ``config_id`` (e.g. qwen3_8b)."""
+def qwen3_module() -> types.ModuleType:
+  """``tunix.models.qwen3.model``, without running the packages' ``__init__`` files."""
+  return import_tunix("tunix.models.qwen3.model")
+
+
+# Our config fields (``--set``) under Tunix's Qwen3 names.
+TUNIX_FIELDS = {"hidden_size": "embed_dim", "intermediate_size": "hidden_dim",
+                "num_heads": "num_heads", "num_kv_heads": "num_kv_heads",
+                "head_dim": "head_dim", "vocab_size": "vocab_size", "num_layers": "num_layers"}
+
+
+def tunix_fields(overrides: dict) -> dict:
+  """Our config overrides (``{"hidden_size": 256}``) as Tunix Qwen3 config fields; the
+  others (rope, norms) are left as the preset has them."""
+  return {TUNIX_FIELDS[k]: v for k, v in overrides.items() if k in TUNIX_FIELDS}
+
+
+def build(config_id: str, num_layers: int | None = None, dtype: str = "bfloat16",
+          **fields):
+  """A randomly initialised Tunix Qwen3 of the preset ``config_id`` (e.g. qwen3_8b), in
+  ``dtype``; ``fields`` replace its config's (e.g. ``remat_config=RematConfig.BLOCK``)."""
   import jax.numpy as jnp
   from flax import nnx
 
   module = qwen3_module()
   config = getattr(module.ModelConfig, config_id)()
-  config = dataclasses.replace(config, dtype=jnp.bfloat16, param_dtype=jnp.bfloat16,
-                               num_layers=num_layers or config.num_layers)
+  config = dataclasses.replace(config, dtype=jnp.dtype(dtype), param_dtype=jnp.dtype(dtype),
+                               num_layers=num_layers or config.num_layers, **fields)
   return module.Qwen3(config, rngs=nnx.Rngs(0)), config
 
 
