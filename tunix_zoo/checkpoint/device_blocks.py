@@ -1,0 +1,119 @@
+"""Filling a sharded device array from host blocks of bounded size.
+
+``jax.make_array_from_callback`` asks for each device's whole slice, so the host holds
+that slice until its copy to the device is done: 1.24 GB for Qwen3-8B's embedding on one
+GPU. :func:`load_in_blocks` instead allocates the array on its devices, then walks the
+device slices block by block: one small array per block (every device's piece is the
+same block of its own slice, made with ``make_array_from_callback``), written in place
+into the array (a jitted ``dynamic_update_slice`` under ``shard_map``, the array
+donated). The host holds at most two blocks of a tensor (one being read, one being
+copied), the devices the array plus those blocks. Blocks run along the slice's first axis, in whole rows; a
+slice whose single row is larger than the budget (a stacked layer axis) is walked one
+index at a time along the leading axes, blocks of rows of the first axis that fits.
+
+On CPU the host array a callback returns becomes the device buffer itself (XLA:CPU
+adopts 64-byte-aligned memory), so a whole slice there costs no host copy and blocks
+would only add one: :func:`uses_blocks` leaves CPU devices to whole slices unless told.
+
+Example::
+
+    if uses_blocks(shape, dtype, sharding, 64 << 20):
+      array = load_in_blocks(shape, dtype, sharding, read, 64 << 20)
+"""
+
+from __future__ import annotations
+
+import functools
+import itertools
+import math
+from typing import Any, Callable, Iterator
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+from jax.sharding import NamedSharding, PartitionSpec
+
+
+def uses_blocks(shape: tuple[int, ...], dtype: Any, sharding: NamedSharding,
+                block_bytes: int | None, on_cpu: bool = False) -> bool:
+  """Whether a tensor of ``shape`` goes to ``sharding``'s devices in blocks: its device
+  slice is larger than ``block_bytes`` (None: never) and the devices are not CPUs
+  (unless ``on_cpu``)."""
+  if block_bytes is None or not shape:
+    return False
+  if not on_cpu and all(d.platform == "cpu" for d in sharding.mesh.devices.flat):
+    return False
+  return math.prod(sharding.shard_shape(shape)) * np.dtype(dtype).itemsize > block_bytes
+
+
+def load_in_blocks(shape: tuple[int, ...], dtype: Any, sharding: NamedSharding,
+                   read: Callable[[tuple[slice, ...]], np.ndarray],
+                   block_bytes: int) -> jax.Array:
+  """The array of ``shape`` in ``sharding``, filled from ``read(index)`` (host arrays of
+  ``tensor[index]`` in ``dtype``) in blocks of at most ``block_bytes`` host bytes over
+  this process's devices (one row of a device slice at least)."""
+  dtype = np.dtype(dtype)
+  local = tuple(sharding.shard_shape(shape))
+  parts = tuple(g // n for g, n in zip(shape, local))
+  distinct = {_key(index) for index in sharding.addressable_devices_indices_map(shape).values()}
+  axis, rows = _block_box(local, dtype.itemsize, max(1, block_bytes // len(distinct)))
+  box = (1,) * axis + (rows,) + local[axis + 1:]
+  block_shape = tuple(b * p for b, p in zip(box, parts))
+  array = jnp.zeros(shape, dtype, device=sharding)
+  write = _writer(sharding, len(shape))
+  for corner in _corners(local, axis, rows):
+    pieces: dict[tuple[Any, ...], np.ndarray] = {}
+
+    def read_piece(index: tuple[slice, ...], corner=corner, pieces=pieces) -> np.ndarray:
+      # This device's part of the block: the same box of its own slice.
+      wanted = tuple(slice(start, start + extent) for start, extent in (
+          ((s.start or 0) // b * n + c, b) for s, b, n, c in zip(index, box, local, corner)))
+      if _key(wanted) not in pieces:  # devices holding the same slice share one read
+        pieces[_key(wanted)] = read(wanted)
+      return pieces[_key(wanted)]
+
+    block = jax.make_array_from_callback(block_shape, sharding, read_piece)
+    # The previous block is written (so its host copy is free) before this one goes: the
+    # host holds at most two blocks of this tensor, however far reads run ahead.
+    array.block_until_ready()
+    array = write(array, block, np.asarray(corner, np.int32))
+  return array
+
+
+def _key(index: tuple[slice, ...]) -> tuple[Any, ...]:
+  return tuple((s.start, s.stop, s.step) for s in index)
+
+
+def _block_box(local: tuple[int, ...], itemsize: int, budget: int) -> tuple[int, int]:
+  """``(axis, rows)``: blocks take one index of each axis before ``axis``, ``rows`` of
+  ``axis`` and all of the rest; ``axis`` is the first whose rows fit the budget."""
+  for axis in range(len(local)):
+    row_bytes = math.prod(local[axis + 1:]) * itemsize
+    if row_bytes <= budget or axis == len(local) - 1:
+      return axis, max(1, min(local[axis], budget // row_bytes))
+  raise AssertionError("unreachable: the last axis always fits")
+
+
+def _corners(local: tuple[int, ...], axis: int, rows: int) -> Iterator[tuple[int, ...]]:
+  """Each block's first index within a device slice. The last block along ``axis`` ends
+  at the slice's end, overlapping the one before (rewriting a few rows with the same
+  values), so every block has one shape and one compiled write serves them all."""
+  starts = list(range(0, local[axis] - rows, rows)) + [local[axis] - rows]
+  rest = (0,) * (len(local) - axis - 1)
+  for leading in itertools.product(*(range(n) for n in local[:axis])):
+    for start in starts:
+      yield leading + (start,) + rest
+
+
+@functools.lru_cache(maxsize=None)
+def _writer(sharding: NamedSharding, ndim: int) -> Callable:
+  """``write(array, block, corner)``: each device writes its piece of ``block`` into its
+  slice of ``array`` at ``corner`` (the same for every device), in place."""
+  spec = PartitionSpec(*(tuple(sharding.spec) + (None,) * (ndim - len(sharding.spec))))
+
+  def write_local(array: jax.Array, block: jax.Array, corner: jax.Array) -> jax.Array:
+    return jax.lax.dynamic_update_slice(array, block, tuple(corner[a] for a in range(ndim)))
+
+  write = jax.shard_map(write_local, mesh=sharding.mesh,
+                        in_specs=(spec, spec, PartitionSpec()), out_specs=spec)
+  return jax.jit(write, out_shardings=sharding, donate_argnums=0)
