@@ -36,14 +36,15 @@ from jax.sharding import NamedSharding, PartitionSpec
 
 def uses_blocks(shape: tuple[int, ...], dtype: Any, sharding: NamedSharding,
                 block_bytes: int | None, on_cpu: bool = False) -> bool:
-  """Whether a tensor of ``shape`` goes to ``sharding``'s devices in blocks: its device
-  slice is larger than ``block_bytes`` (None: never) and the devices are not CPUs
-  (unless ``on_cpu``)."""
+  """Whether a tensor of ``shape`` goes to ``sharding``'s devices in blocks: the distinct
+  slices this process's devices hold (read at once otherwise) pass ``block_bytes`` (None:
+  never), and the devices are not CPUs (unless ``on_cpu``)."""
   if block_bytes is None or not shape:
     return False
   if not on_cpu and all(d.platform == "cpu" for d in sharding.mesh.devices.flat):
     return False
-  return math.prod(sharding.shard_shape(shape)) * np.dtype(dtype).itemsize > block_bytes
+  slice_bytes = math.prod(sharding.shard_shape(shape)) * np.dtype(dtype).itemsize
+  return _distinct_slices(shape, sharding) * slice_bytes > block_bytes
 
 
 def load_in_blocks(shape: tuple[int, ...], dtype: Any, sharding: NamedSharding,
@@ -55,8 +56,8 @@ def load_in_blocks(shape: tuple[int, ...], dtype: Any, sharding: NamedSharding,
   dtype = np.dtype(dtype)
   local = tuple(sharding.shard_shape(shape))
   parts = tuple(g // n for g, n in zip(shape, local))
-  distinct = {_key(index) for index in sharding.addressable_devices_indices_map(shape).values()}
-  axis, rows = _block_box(local, dtype.itemsize, max(1, block_bytes // len(distinct)))
+  budget = max(1, block_bytes // _distinct_slices(shape, sharding))
+  axis, rows = _block_box(local, dtype.itemsize, budget)
   box = (1,) * axis + (rows,) + local[axis + 1:]
   block_shape = tuple(b * p for b, p in zip(box, parts))
   array = jnp.zeros(shape, dtype, device=sharding)
@@ -82,6 +83,11 @@ def load_in_blocks(shape: tuple[int, ...], dtype: Any, sharding: NamedSharding,
 
 def _key(index: tuple[slice, ...]) -> tuple[Any, ...]:
   return tuple((s.start, s.stop, s.step) for s in index)
+
+
+def _distinct_slices(shape: tuple[int, ...], sharding: NamedSharding) -> int:
+  """How many different slices this process's devices hold (replicas hold the same)."""
+  return len({_key(index) for index in sharding.addressable_devices_indices_map(shape).values()})
 
 
 def _block_box(local: tuple[int, ...], itemsize: int, budget: int) -> tuple[int, int]:
