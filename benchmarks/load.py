@@ -305,6 +305,8 @@ def main() -> None:
                       help="streamed load from a local GCS emulator vs download-then-load")
   parser.add_argument("--concurrency", type=int, help="--stream: ranges fetched at a time")
   parser.add_argument("--num-layers", type=int, help="make the checkpoint with this many layers")
+  parser.add_argument("--dtype", default="bfloat16", choices=["bfloat16", "float32"],
+                      help="make the checkpoint in this dtype")
   parser.add_argument("--set", action="append", default=[], metavar="FIELD=VALUE",
                       help="make the checkpoint with this config field changed (repeatable), "
                            "e.g. --set tie_word_embeddings=false")
@@ -329,7 +331,7 @@ def main() -> None:
     start = time.perf_counter()
     from tunix_zoo.config_overrides import parse_overrides
 
-    made = make_random_checkpoint(args.model, args.dir, num_layers=args.num_layers,
+    made = make_random_checkpoint(args.model, args.dir, args.dtype, num_layers=args.num_layers,
                                   overrides=parse_overrides(args.set))
     made = dict(bytes=made, seconds=time.perf_counter() - start)
   report = dict(model=args.model, checkpoint=str(args.dir), made=made,
