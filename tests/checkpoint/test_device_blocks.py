@@ -33,13 +33,14 @@ class RecordedReads:
     return out
 
 
-# (shape, spec, budget in bytes): rows that do not divide into blocks (the last block
-# overlaps), a replicated tensor, and a stacked one whose one layer passes the budget.
+# (shape, spec, budget in bytes): a replicated tensor whose rows do not divide into
+# blocks (the last block overlaps), stacked ones whose one layer passes the budget.
 CASES = [
     ((40, 24), P("fsdp", "tp"), 200),
     ((40, 24), P(None, "tp"), 500),
-    ((36, 16), P(), 700),
+    ((37, 16), P(), 700),
     ((3, 16, 8), P(None, "fsdp", "tp"), 40),
+    ((3, 10, 8), P(None, None, "tp"), 128),
 ]
 
 

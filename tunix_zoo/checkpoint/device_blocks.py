@@ -92,11 +92,14 @@ def _distinct_slices(shape: tuple[int, ...], sharding: NamedSharding) -> int:
 
 def _block_box(local: tuple[int, ...], itemsize: int, budget: int) -> tuple[int, int]:
   """``(axis, rows)``: blocks take one index of each axis before ``axis``, ``rows`` of
-  ``axis`` and all of the rest; ``axis`` is the first whose rows fit the budget."""
+  ``axis`` and all of the rest; ``axis`` is the first whose rows fit the budget, and the
+  fewest blocks that fit it share its rows evenly (the last overlaps by under a row per
+  block)."""
   for axis in range(len(local)):
     row_bytes = math.prod(local[axis + 1:]) * itemsize
     if row_bytes <= budget or axis == len(local) - 1:
-      return axis, max(1, min(local[axis], budget // row_bytes))
+      blocks = -(-local[axis] // max(1, min(local[axis], budget // row_bytes)))
+      return axis, -(-local[axis] // blocks)
   raise AssertionError("unreachable: the last axis always fits")
 
 
