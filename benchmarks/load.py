@@ -130,7 +130,7 @@ class AnonymousPeak:
 
 
 def load_tunix_zoo(folder: str, max_in_flight_mb: int | None = None,
-                   block_mb: int | None = None) -> dict:
+                   block_mb: int | None = None, scan_layers: bool = False) -> dict:
   import jax
 
   from tunix_zoo.automodel import AutoModel
@@ -147,7 +147,7 @@ def load_tunix_zoo(folder: str, max_in_flight_mb: int | None = None,
   anonymous = AnonymousPeak()
   mesh = jax.make_mesh((1, len(jax.devices())), ("fsdp", "tp"))
   start = time.perf_counter()
-  model, _ = AutoModel.from_pretrained(folder, mesh)
+  model, _ = AutoModel.from_pretrained(folder, mesh, scan_layers=scan_layers)
   state = nnx.state(model, nnx.Param)
   jax.block_until_ready(state)
   seconds = time.perf_counter() - start
@@ -155,7 +155,7 @@ def load_tunix_zoo(folder: str, max_in_flight_mb: int | None = None,
   return dict(seconds=seconds, bytes=nbytes, peak_rss_growth_bytes=peak_rss_bytes() - baseline,
               peak_anonymous_growth_bytes=anonymous.growth(),
               max_bytes_in_flight=loader.MAX_BYTES_IN_FLIGHT, block_bytes=loader.BLOCK_BYTES,
-              blocks_on_cpu=loader.BLOCKS_ON_CPU,
+              blocks_on_cpu=loader.BLOCKS_ON_CPU, scan_layers=scan_layers,
               device=str(jax.devices()[0].device_kind), devices=len(jax.devices()))
 
 
@@ -179,10 +179,13 @@ def load_transformers(folder: str) -> dict:
 
 
 def run_in_subprocess(library: str, folder: pathlib.Path,
-                      max_in_flight_mb: int | None = None, block_mb: int | None = None) -> dict:
+                      max_in_flight_mb: int | None = None, block_mb: int | None = None,
+                      scan_layers: bool = False) -> dict:
   limit = [] if max_in_flight_mb is None else ["--max-in-flight-mb", str(max_in_flight_mb)]
   if block_mb is not None:
     limit += ["--block-mb", str(block_mb)]
+  if scan_layers:
+    limit.append("--scan-layers")
   out = subprocess.run(
       [sys.executable, __file__, "--measure", library, "--dir", str(folder)] + limit,
       check=True, capture_output=True, text=True, cwd=REPO,
@@ -301,6 +304,8 @@ def main() -> None:
   parser.add_argument("--block-mb", type=int,
                       help="tunix_zoo's host block budget for large tensors (0: whole device "
                            "slices; given on a CPU host, CPU devices take blocks too)")
+  parser.add_argument("--scan-layers", action="store_true",
+                      help="tunix_zoo loads the layers stacked (scan_layers=True)")
   parser.add_argument("--stream", action="store_true",
                       help="streamed load from a local GCS emulator vs download-then-load")
   parser.add_argument("--concurrency", type=int, help="--stream: ranges fetched at a time")
@@ -321,7 +326,8 @@ def main() -> None:
     print(json.dumps(load_downloaded(args.url, str(args.dir / "download"))))
     return
   if args.measure == "tunix_zoo":
-    print(json.dumps(load_tunix_zoo(str(args.dir), args.max_in_flight_mb, args.block_mb)))
+    print(json.dumps(load_tunix_zoo(str(args.dir), args.max_in_flight_mb, args.block_mb,
+                                    args.scan_layers)))
     return
   if args.measure == "transformers":
     print(json.dumps(load_transformers(str(args.dir))))
@@ -341,7 +347,8 @@ def main() -> None:
     print(json.dumps(report, indent=1))
     return
   for library in args.libraries.split(","):
-    report[library] = run_in_subprocess(library, args.dir, args.max_in_flight_mb, args.block_mb)
+    report[library] = run_in_subprocess(library, args.dir, args.max_in_flight_mb, args.block_mb,
+                                        args.scan_layers)
   if "tunix_zoo" in report and "transformers" in report:
     report["speedup_vs_transformers"] = (
         report["transformers"]["seconds"] / report["tunix_zoo"]["seconds"]

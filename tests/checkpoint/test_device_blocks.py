@@ -84,16 +84,19 @@ def parameters(model) -> dict[str, jax.Array]:
           for path, var in nnx.to_flat_state(nnx.state(model, nnx.Param))}
 
 
-@pytest.mark.parametrize("axis_type", AXIS_TYPES, ids=lambda t: t.name)
+@pytest.mark.parametrize("axis_type, scan_layers", [(AxisType.Auto, False),
+                                                    (AxisType.Explicit, False),
+                                                    (AxisType.Explicit, True)],
+                         ids=["auto", "explicit", "explicit-scanned"])
 def test_model_loaded_in_blocks_equals_the_whole_slice_load(reference_checkpoints,
-                                                            monkeypatch, axis_type):
+                                                            monkeypatch, axis_type, scan_layers):
   folder = str(reference_checkpoints["qwen3"][0])
   mesh = reference.mesh_2x4(axis_type)
-  whole = parameters(AutoModel.from_pretrained(folder, mesh)[0])
+  whole = parameters(AutoModel.from_pretrained(folder, mesh, scan_layers=scan_layers)[0])
   monkeypatch.setattr(loader, "BLOCKS_ON_CPU", True)
   monkeypatch.setattr(loader, "BLOCK_BYTES", 2048)  # every weight matrix goes in blocks
 
-  blocked = parameters(AutoModel.from_pretrained(folder, mesh)[0])
+  blocked = parameters(AutoModel.from_pretrained(folder, mesh, scan_layers=scan_layers)[0])
 
   embedding = blocked["embed_tokens.weight"]
   assert device_blocks.uses_blocks(embedding.shape, embedding.dtype, embedding.sharding,
