@@ -7,13 +7,15 @@ device slices block by block: one small array per block (every device's piece is
 same block of its own slice, made with ``make_array_from_callback``), written in place
 into the array (a jitted ``dynamic_update_slice`` under ``shard_map``, the array
 donated). The host holds at most two blocks of a tensor (one being read, one being
-copied), the devices the array plus those blocks. Blocks run along the slice's first axis, in whole rows; a
-slice whose single row is larger than the budget (a stacked layer axis) is walked one
-index at a time along the leading axes, blocks of rows of the first axis that fits.
+copied), the devices the array plus those blocks. Blocks are whole rows of the slice's
+first axis; where one such row passes the budget (a stacked ``[layers, out, in]``
+weight), blocks take one index of the leading axes and rows of the first axis that fits.
+Concatenating blocks on the devices instead would hold the tensor twice there.
 
 On CPU the host array a callback returns becomes the device buffer itself (XLA:CPU
 adopts 64-byte-aligned memory), so a whole slice there costs no host copy and blocks
 would only add one: :func:`uses_blocks` leaves CPU devices to whole slices unless told.
+XLA:CPU also writes a bf16 block through f32, one pass over the whole array per block.
 
 Example::
 

@@ -4,7 +4,10 @@ For every parameter of the abstract model (built with ``nnx.eval_shape``, so no
 memory), the family's key map names the checkpoint tensor, the sharding rules give its
 ``NamedSharding`` on the caller's mesh, and ``jax.make_array_from_callback`` asks for
 each addressable device's slice, read straight from the checkpoint. Host memory stays
-bounded by the slices in flight; a process reads only the slices its devices hold.
+bounded by the slices in flight; a process reads only the slices its devices hold. On
+accelerators a tensor whose slices pass ``BLOCK_BYTES`` travels in blocks of rows written
+into the array on the devices (:mod:`~tunix_zoo.checkpoint.device_blocks`), so the host
+never holds the whole of a large tensor.
 
 The checkpoint is any :class:`CheckpointReader`: a safetensors folder
 (:class:`~tunix_zoo.checkpoint.reader.CheckpointFiles`, opened from a path) or
