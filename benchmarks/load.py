@@ -315,6 +315,7 @@ def main() -> None:
   parser.add_argument("--set", action="append", default=[], metavar="FIELD=VALUE",
                       help="make the checkpoint with this config field changed (repeatable), "
                            "e.g. --set tie_word_embeddings=false")
+  parser.add_argument("--compact", action="store_true", help="print the report on one line")
   parser.add_argument("--url", help=argparse.SUPPRESS)
   parser.add_argument("--measure", choices=["tunix_zoo", "transformers", "stream", "download"],
                       help=argparse.SUPPRESS)
@@ -353,7 +354,7 @@ def main() -> None:
     report["speedup_vs_transformers"] = (
         report["transformers"]["seconds"] / report["tunix_zoo"]["seconds"]
     )
-  print(json.dumps(report, indent=1))
+  print(json.dumps(report, indent=None if args.compact else 1))
 
 
 if __name__ == "__main__":
