@@ -51,10 +51,10 @@ READ_THREADS = min(8, os.cpu_count() or 1)
 # on an H100 host this bound cut the 8B load from 3.3 s to 2.8 s and its peak
 # anonymous memory from 2.2 to 1.9 GB (benchmarks/README.md).
 MAX_BYTES_IN_FLIGHT = 256 << 20
-# A device slice larger than this goes to an accelerator in blocks of at most this many
-# host bytes (device_blocks), so the host never holds a whole 1.24 GB embedding; None
-# sends whole slices. CPU devices adopt a whole slice's host buffer as their own (no
-# copy), so they take whole slices unless BLOCKS_ON_CPU.
+# A tensor whose slices on this host pass this many bytes goes to accelerators in blocks
+# of at most this many host bytes (device_blocks), so the host never holds a whole 1.24 GB
+# embedding; None sends whole slices. CPU devices adopt a whole slice's host buffer as
+# their own (no copy), so they take whole slices unless BLOCKS_ON_CPU.
 BLOCK_BYTES: int | None = 32 << 20
 BLOCKS_ON_CPU = False
 
