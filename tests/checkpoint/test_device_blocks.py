@@ -105,3 +105,21 @@ def test_model_loaded_in_blocks_equals_the_whole_slice_load(reference_checkpoint
   for name, value in whole.items():
     assert blocked[name].sharding == value.sharding, name
     np.testing.assert_array_equal(np.asarray(blocked[name]), np.asarray(value), err_msg=name)
+
+
+def test_whole_row_blocks_never_split_a_row():
+  # A row-only reader's layout (each device a run of rows, as streaming stages them),
+  # with a budget under one row: blocks still take whole rows.
+  target = NamedSharding(reference.mesh_2x4(AxisType.Explicit), P(("fsdp", "tp")))
+  tensor = np.arange(16 * 8, dtype=np.float32).reshape(16, 8)
+  indices = []
+
+  def read_rows(index):
+    indices.append(index)
+    return tensor[index[0]]
+
+  array = device_blocks.load_in_blocks(tensor.shape, tensor.dtype, target, read_rows, 8,
+                                       whole_rows=True)
+
+  np.testing.assert_array_equal(np.asarray(array), tensor)
+  assert len(indices) == 16 and all(index[1] == slice(0, 8) for index in indices)

@@ -51,15 +51,16 @@ def uses_blocks(shape: tuple[int, ...], dtype: Any, sharding: NamedSharding,
 
 def load_in_blocks(shape: tuple[int, ...], dtype: Any, sharding: NamedSharding,
                    read: Callable[[tuple[slice, ...]], np.ndarray],
-                   block_bytes: int) -> jax.Array:
+                   block_bytes: int, whole_rows: bool = False) -> jax.Array:
   """The array of ``shape`` in ``sharding``, filled from ``read(index)`` (host arrays of
   ``tensor[index]`` in ``dtype``) in blocks of at most ``block_bytes`` host bytes over
-  this process's devices (one row of a device slice at least)."""
+  this process's devices (one element of a device slice at least; with ``whole_rows``,
+  for a ``read`` of rows only, one row of the first axis at least)."""
   dtype = np.dtype(dtype)
   local = tuple(sharding.shard_shape(shape))
   parts = tuple(g // n for g, n in zip(shape, local))
   budget = max(1, block_bytes // _distinct_slices(shape, sharding))
-  axis, rows = _block_box(local, dtype.itemsize, budget)
+  axis, rows = _block_box(local, dtype.itemsize, budget, 0 if whole_rows else len(local) - 1)
   box = (1,) * axis + (rows,) + local[axis + 1:]
   block_shape = tuple(b * p for b, p in zip(box, parts))
   array = jnp.zeros(shape, dtype, device=sharding)
@@ -92,17 +93,18 @@ def _distinct_slices(shape: tuple[int, ...], sharding: NamedSharding) -> int:
   return len({_key(index) for index in sharding.addressable_devices_indices_map(shape).values()})
 
 
-def _block_box(local: tuple[int, ...], itemsize: int, budget: int) -> tuple[int, int]:
+def _block_box(local: tuple[int, ...], itemsize: int, budget: int,
+               last_axis: int) -> tuple[int, int]:
   """``(axis, rows)``: blocks take one index of each axis before ``axis``, ``rows`` of
-  ``axis`` and all of the rest; ``axis`` is the first whose rows fit the budget, and the
-  fewest blocks that fit it share its rows evenly (the last overlaps by under a row per
-  block)."""
+  ``axis`` and all of the rest; ``axis`` is the first whose rows fit the budget (at most
+  ``last_axis``), and the fewest blocks that fit it share its rows evenly (the last
+  overlaps by under a row per block)."""
   for axis in range(len(local)):
     row_bytes = math.prod(local[axis + 1:]) * itemsize
-    if row_bytes <= budget or axis == len(local) - 1:
+    if row_bytes <= budget or axis == last_axis:
       blocks = -(-local[axis] // max(1, min(local[axis], budget // row_bytes)))
       return axis, -(-local[axis] // blocks)
-  raise AssertionError("unreachable: the last axis always fits")
+  raise AssertionError("unreachable: the loop stops at last_axis")
 
 
 def _corners(local: tuple[int, ...], axis: int, rows: int) -> Iterator[tuple[int, ...]]:

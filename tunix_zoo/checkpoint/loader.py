@@ -178,9 +178,14 @@ def load_checkpoint(
         return out
 
       if path in staging:
-        read_once = _OncePerBlock(read)
-        array = resharder.load(path, shape, staging[path], shardings[name], read_once)
-        transfers.add(array, read_once.nbytes)
+        padded = (row_blocks.padded_rows(shape[0], staging[path]),) + shape[1:]
+        if device_blocks.uses_blocks(padded, dtype, staging[path], BLOCK_BYTES, BLOCKS_ON_CPU):
+          array = resharder.load(path, shape, staging[path], shardings[name], read,
+                                 BLOCK_BYTES, dtype)
+        else:
+          read_once = _OncePerBlock(read)
+          array = resharder.load(path, shape, staging[path], shardings[name], read_once)
+          transfers.add(array, read_once.nbytes)
       elif device_blocks.uses_blocks(shape, dtype, shardings[name], BLOCK_BYTES,
                                      BLOCKS_ON_CPU):
         array = device_blocks.load_in_blocks(shape, dtype, shardings[name], read,
