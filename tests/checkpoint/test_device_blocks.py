@@ -15,6 +15,7 @@ from jax.sharding import AxisType, NamedSharding, PartitionSpec as P
 from tests import reference
 from tunix_zoo.automodel import AutoModel
 from tunix_zoo.checkpoint import device_blocks, loader
+from tunix_zoo.layers.quantized import Quantization
 
 AXIS_TYPES = [AxisType.Auto, AxisType.Explicit]
 
@@ -101,6 +102,28 @@ def test_model_loaded_in_blocks_equals_the_whole_slice_load(reference_checkpoint
   embedding = blocked["embed_tokens.weight"]
   assert device_blocks.uses_blocks(embedding.shape, embedding.dtype, embedding.sharding,
                                    2048, on_cpu=True)
+  assert blocked.keys() == whole.keys()
+  for name, value in whole.items():
+    assert blocked[name].sharding == value.sharding, name
+    np.testing.assert_array_equal(np.asarray(blocked[name]), np.asarray(value), err_msg=name)
+
+
+@pytest.mark.parametrize("quantization", [Quantization("int8"),
+                                          Quantization("int4", group_size=32)],
+                         ids=["int8", "int4"])
+def test_quantized_model_loaded_in_blocks_equals_the_whole_slice_load(
+    reference_checkpoints, monkeypatch, quantization):
+  folder = str(reference_checkpoints["qwen3"][0])
+  mesh = reference.mesh_2x4(AxisType.Explicit)
+  whole = parameters(AutoModel.from_pretrained(folder, mesh, quantization=quantization)[0])
+  monkeypatch.setattr(loader, "BLOCKS_ON_CPU", True)
+  monkeypatch.setattr(loader, "BLOCK_BYTES", 512)
+
+  blocked = parameters(AutoModel.from_pretrained(folder, mesh, quantization=quantization)[0])
+
+  values = blocked["layers.0.mlp.down_proj.weight"]
+  assert values.dtype == quantization.storage_dtype
+  assert device_blocks.uses_blocks(values.shape, values.dtype, values.sharding, 512, on_cpu=True)
   assert blocked.keys() == whole.keys()
   for name, value in whole.items():
     assert blocked[name].sharding == value.sharding, name

@@ -46,7 +46,7 @@ def uses_blocks(shape: tuple[int, ...], dtype: Any, sharding: NamedSharding,
   if not on_cpu and all(d.platform == "cpu" for d in sharding.mesh.devices.flat):
     return False
   slice_bytes = math.prod(sharding.shard_shape(shape)) * np.dtype(dtype).itemsize
-  return _distinct_slices(shape, sharding) * slice_bytes > block_bytes
+  return distinct_slices(shape, sharding) * slice_bytes > block_bytes
 
 
 def load_in_blocks(shape: tuple[int, ...], dtype: Any, sharding: NamedSharding,
@@ -56,39 +56,72 @@ def load_in_blocks(shape: tuple[int, ...], dtype: Any, sharding: NamedSharding,
   ``tensor[index]`` in ``dtype``) in blocks of at most ``block_bytes`` host bytes over
   this process's devices (one element of a device slice at least; with ``whole_rows``,
   for a ``read`` of rows only, one row of the first axis at least)."""
-  dtype = np.dtype(dtype)
-  local = tuple(sharding.shard_shape(shape))
-  parts = tuple(g // n for g, n in zip(shape, local))
-  budget = max(1, block_bytes // _distinct_slices(shape, sharding))
-  axis, rows = _block_box(local, dtype.itemsize, budget, 0 if whole_rows else len(local) - 1)
-  box = (1,) * axis + (rows,) + local[axis + 1:]
-  block_shape = tuple(b * p for b, p in zip(box, parts))
-  array = jnp.zeros(shape, dtype, device=sharding)
-  write = _writer(sharding, len(shape))
-  for corner in _corners(local, axis, rows):
+  fill = BlockFill(shape, dtype, sharding, block_bytes, whole_rows=whole_rows)
+  for corner in fill.corners():
+    fill.write(corner, read)
+  return fill.array
+
+
+class BlockFill:
+  """One array being filled block by block (see the module docstring).
+
+  ``rows`` fixes the blocks to that many rows of the first axis (arrays filled in step,
+  block for block, as a quantized weight's values and scales); otherwise the budget
+  sets the block. Example::
+
+      fill = BlockFill(shape, dtype, sharding, 32 << 20)
+      for corner in fill.corners():
+        fill.write(corner, read)
+      array = fill.array
+  """
+
+  def __init__(self, shape: tuple[int, ...], dtype: Any, sharding: NamedSharding,
+               block_bytes: int, whole_rows: bool = False, rows: int | None = None):
+    self._shape, self._dtype, self._sharding = tuple(shape), np.dtype(dtype), sharding
+    self._local = tuple(sharding.shard_shape(self._shape))
+    if rows is None:
+      budget = max(1, block_bytes // distinct_slices(self._shape, sharding))
+      last = 0 if whole_rows else len(self._local) - 1
+      self._axis, self._rows = _block_box(self._local, self._dtype.itemsize, budget, last)
+    else:
+      self._axis, self._rows = 0, min(rows, self._local[0])
+    self._box = (1,) * self._axis + (self._rows,) + self._local[self._axis + 1:]
+    parts = tuple(g // n for g, n in zip(self._shape, self._local))
+    self._block_shape = tuple(b * p for b, p in zip(self._box, parts))
+    self.array = jnp.zeros(self._shape, self._dtype, device=sharding)
+    self._write = _writer(sharding, len(self._shape))
+
+  def corners(self) -> Iterator[tuple[int, ...]]:
+    """Each block's first index within a device slice."""
+    return _corners(self._local, self._axis, self._rows)
+
+  def write(self, corner: tuple[int, ...],
+            read: Callable[[tuple[slice, ...]], np.ndarray]) -> None:
+    """Makes the block at ``corner`` from ``read`` (called with each distinct piece's
+    index into the whole tensor, once) and writes it into :attr:`array`."""
     pieces: dict[tuple[Any, ...], np.ndarray] = {}
 
-    def read_piece(index: tuple[slice, ...], corner=corner, pieces=pieces) -> np.ndarray:
+    def read_piece(index: tuple[slice, ...]) -> np.ndarray:
       # This device's part of the block: the same box of its own slice.
       wanted = tuple(slice(start, start + extent) for start, extent in (
-          ((s.start or 0) // b * n + c, b) for s, b, n, c in zip(index, box, local, corner)))
+          ((s.start or 0) // b * n + c, b)
+          for s, b, n, c in zip(index, self._box, self._local, corner)))
       if _key(wanted) not in pieces:  # devices holding the same slice share one read
         pieces[_key(wanted)] = read(wanted)
       return pieces[_key(wanted)]
 
-    block = jax.make_array_from_callback(block_shape, sharding, read_piece)
+    block = jax.make_array_from_callback(self._block_shape, self._sharding, read_piece)
     # The previous block is written (so its host copy is free) before this one goes: the
-    # host holds at most two blocks of this tensor, however far reads run ahead.
-    array.block_until_ready()
-    array = write(array, block, np.asarray(corner, np.int32))
-  return array
+    # host holds at most two blocks of this array, however far reads run ahead.
+    self.array.block_until_ready()
+    self.array = self._write(self.array, block, np.asarray(corner, np.int32))
 
 
 def _key(index: tuple[slice, ...]) -> tuple[Any, ...]:
   return tuple((s.start, s.stop, s.step) for s in index)
 
 
-def _distinct_slices(shape: tuple[int, ...], sharding: NamedSharding) -> int:
+def distinct_slices(shape: tuple[int, ...], sharding: NamedSharding) -> int:
   """How many different slices this process's devices hold (replicas hold the same)."""
   return len({_key(index) for index in sharding.addressable_devices_indices_map(shape).values()})
 

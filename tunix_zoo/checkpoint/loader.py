@@ -203,7 +203,7 @@ def load_checkpoint(
       values, scales, nbytes = quantize.load_quantized(
           ckpt, wanted[module_path(path)], var.get_metadata()["quantization"],
           np.dtype(variables[scale_path].dtype), shardings[module_path(path)],
-          shardings[module_path(scale_path)])
+          shardings[module_path(scale_path)], BLOCK_BYTES, BLOCKS_ON_CPU)
       transfers.add(values, nbytes)
       transfers.add(scales, 0)
       if progress is not None:
