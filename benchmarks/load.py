@@ -130,7 +130,8 @@ class AnonymousPeak:
 
 
 def load_tunix_zoo(folder: str, max_in_flight_mb: int | None = None,
-                   block_mb: int | None = None, scan_layers: bool = False) -> dict:
+                   block_mb: int | None = None, scan_layers: bool = False,
+                   quantization: str | None = None) -> dict:
   import jax
 
   from tunix_zoo.automodel import AutoModel
@@ -147,7 +148,8 @@ def load_tunix_zoo(folder: str, max_in_flight_mb: int | None = None,
   anonymous = AnonymousPeak()
   mesh = jax.make_mesh((1, len(jax.devices())), ("fsdp", "tp"))
   start = time.perf_counter()
-  model, _ = AutoModel.from_pretrained(folder, mesh, scan_layers=scan_layers)
+  model, _ = AutoModel.from_pretrained(folder, mesh, scan_layers=scan_layers,
+                                       quantization=quantization)
   state = nnx.state(model, nnx.Param)
   jax.block_until_ready(state)
   seconds = time.perf_counter() - start
@@ -156,6 +158,7 @@ def load_tunix_zoo(folder: str, max_in_flight_mb: int | None = None,
               peak_anonymous_growth_bytes=anonymous.growth(),
               max_bytes_in_flight=loader.MAX_BYTES_IN_FLIGHT, block_bytes=loader.BLOCK_BYTES,
               blocks_on_cpu=loader.BLOCKS_ON_CPU, scan_layers=scan_layers,
+              quantization=quantization,
               device=str(jax.devices()[0].device_kind), devices=len(jax.devices()))
 
 
@@ -180,12 +183,14 @@ def load_transformers(folder: str) -> dict:
 
 def run_in_subprocess(library: str, folder: pathlib.Path,
                       max_in_flight_mb: int | None = None, block_mb: int | None = None,
-                      scan_layers: bool = False) -> dict:
+                      scan_layers: bool = False, quantization: str | None = None) -> dict:
   limit = [] if max_in_flight_mb is None else ["--max-in-flight-mb", str(max_in_flight_mb)]
   if block_mb is not None:
     limit += ["--block-mb", str(block_mb)]
   if scan_layers:
     limit.append("--scan-layers")
+  if quantization:
+    limit += ["--quantization", quantization]
   out = subprocess.run(
       [sys.executable, __file__, "--measure", library, "--dir", str(folder)] + limit,
       check=True, capture_output=True, text=True, cwd=REPO,
@@ -306,6 +311,8 @@ def main() -> None:
                            "slices; given on a CPU host, CPU devices take blocks too)")
   parser.add_argument("--scan-layers", action="store_true",
                       help="tunix_zoo loads the layers stacked (scan_layers=True)")
+  parser.add_argument("--quantization", choices=["int8", "int4", "nf4", "fp8"],
+                      help="tunix_zoo quantizes the Linear weights while loading")
   parser.add_argument("--stream", action="store_true",
                       help="streamed load from a local GCS emulator vs download-then-load")
   parser.add_argument("--concurrency", type=int, help="--stream: ranges fetched at a time")
@@ -328,7 +335,7 @@ def main() -> None:
     return
   if args.measure == "tunix_zoo":
     print(json.dumps(load_tunix_zoo(str(args.dir), args.max_in_flight_mb, args.block_mb,
-                                    args.scan_layers)))
+                                    args.scan_layers, args.quantization)))
     return
   if args.measure == "transformers":
     print(json.dumps(load_transformers(str(args.dir))))
@@ -349,7 +356,7 @@ def main() -> None:
     return
   for library in args.libraries.split(","):
     report[library] = run_in_subprocess(library, args.dir, args.max_in_flight_mb, args.block_mb,
-                                        args.scan_layers)
+                                        args.scan_layers, args.quantization)
   if "tunix_zoo" in report and "transformers" in report:
     report["speedup_vs_transformers"] = (
         report["transformers"]["seconds"] / report["tunix_zoo"]["seconds"]
