@@ -46,7 +46,7 @@ def uses_blocks(shape: tuple[int, ...], dtype: Any, sharding: NamedSharding,
   if not on_cpu and all(d.platform == "cpu" for d in sharding.mesh.devices.flat):
     return False
   slice_bytes = math.prod(sharding.shard_shape(shape)) * np.dtype(dtype).itemsize
-  return distinct_slices(shape, sharding) * slice_bytes > block_bytes
+  return _distinct_slices(shape, sharding) * slice_bytes > block_bytes
 
 
 def load_in_blocks(shape: tuple[int, ...], dtype: Any, sharding: NamedSharding,
@@ -80,7 +80,7 @@ class BlockFill:
     self._shape, self._dtype, self._sharding = tuple(shape), np.dtype(dtype), sharding
     self._local = tuple(sharding.shard_shape(self._shape))
     if rows is None:
-      budget = max(1, block_bytes // distinct_slices(self._shape, sharding))
+      budget = max(1, block_bytes // _distinct_slices(self._shape, sharding))
       last = 0 if whole_rows else len(self._local) - 1
       self._axis, self._rows = _block_box(self._local, self._dtype.itemsize, budget, last)
     else:
@@ -121,7 +121,7 @@ def _key(index: tuple[slice, ...]) -> tuple[Any, ...]:
   return tuple((s.start, s.stop, s.step) for s in index)
 
 
-def distinct_slices(shape: tuple[int, ...], sharding: NamedSharding) -> int:
+def _distinct_slices(shape: tuple[int, ...], sharding: NamedSharding) -> int:
   """How many different slices this process's devices hold (replicas hold the same)."""
   return len({_key(index) for index in sharding.addressable_devices_indices_map(shape).values()})
 
