@@ -36,21 +36,22 @@ REPO = pathlib.Path(__file__).resolve().parents[1]
 
 def make_random_checkpoint(config_id: str, folder: pathlib.Path, dtype: str = "bfloat16",
                            max_shard_size: str = "2GB", seed: int = 0,
-                           num_layers: int | None = None) -> int:
-  """Writes random weights of a preset's shapes (``num_layers`` of them, if given), one
-  tensor at a time; returns bytes."""
-  import dataclasses
-
+                           num_layers: int | None = None,
+                           overrides: dict[str, str] | None = None) -> int:
+  """Writes random weights of a preset's shapes (``num_layers`` of them, if given; config
+  fields changed by ``overrides``, as ``--set``), one tensor at a time; returns bytes."""
   import ml_dtypes
   from flax import nnx
 
   from tunix_zoo import registry
   from tunix_zoo.build import abstract_model, module_path
   from tunix_zoo.checkpoint.writer import ShardedWriter
+  from tunix_zoo.config_overrides import config_with_overrides
 
-  config = registry.get_config(config_id)
+  overrides = dict(overrides or {})
   if num_layers is not None:
-    config = dataclasses.replace(config, num_layers=num_layers)
+    overrides["num_layers"] = num_layers
+  config = config_with_overrides(registry.get_config(config_id), overrides)
   spec = registry.family_for_config_class(type(config))
   np_dtype = np.dtype(ml_dtypes.bfloat16 if dtype == "bfloat16" else dtype)
   rng = np.random.default_rng(seed)
@@ -128,7 +129,9 @@ class AnonymousPeak:
     return max(self.peak, self._read()) - self.baseline
 
 
-def load_tunix_zoo(folder: str, max_in_flight_mb: int | None = None) -> dict:
+def load_tunix_zoo(folder: str, max_in_flight_mb: int | None = None,
+                   block_mb: int | None = None, scan_layers: bool = False,
+                   quantization: str | None = None) -> dict:
   import jax
 
   from tunix_zoo.automodel import AutoModel
@@ -137,19 +140,25 @@ def load_tunix_zoo(folder: str, max_in_flight_mb: int | None = None) -> dict:
 
   if max_in_flight_mb is not None:
     loader.MAX_BYTES_IN_FLIGHT = max_in_flight_mb << 20
+  if block_mb is not None:  # 0: whole slices; on CPU a budget applies to CPU devices too
+    loader.BLOCK_BYTES = (block_mb << 20) or None
+    loader.BLOCKS_ON_CPU = block_mb > 0
   jax.numpy.zeros(1).block_until_ready()  # Start the backend before the clock.
   baseline = current_rss_bytes()
   anonymous = AnonymousPeak()
   mesh = jax.make_mesh((1, len(jax.devices())), ("fsdp", "tp"))
   start = time.perf_counter()
-  model, _ = AutoModel.from_pretrained(folder, mesh)
+  model, _ = AutoModel.from_pretrained(folder, mesh, scan_layers=scan_layers,
+                                       quantization=quantization)
   state = nnx.state(model, nnx.Param)
   jax.block_until_ready(state)
   seconds = time.perf_counter() - start
   nbytes = sum(x.nbytes for x in jax.tree.leaves(state))
   return dict(seconds=seconds, bytes=nbytes, peak_rss_growth_bytes=peak_rss_bytes() - baseline,
               peak_anonymous_growth_bytes=anonymous.growth(),
-              max_bytes_in_flight=loader.MAX_BYTES_IN_FLIGHT,
+              max_bytes_in_flight=loader.MAX_BYTES_IN_FLIGHT, block_bytes=loader.BLOCK_BYTES,
+              blocks_on_cpu=loader.BLOCKS_ON_CPU, scan_layers=scan_layers,
+              quantization=quantization,
               device=str(jax.devices()[0].device_kind), devices=len(jax.devices()))
 
 
@@ -173,8 +182,15 @@ def load_transformers(folder: str) -> dict:
 
 
 def run_in_subprocess(library: str, folder: pathlib.Path,
-                      max_in_flight_mb: int | None = None) -> dict:
+                      max_in_flight_mb: int | None = None, block_mb: int | None = None,
+                      scan_layers: bool = False, quantization: str | None = None) -> dict:
   limit = [] if max_in_flight_mb is None else ["--max-in-flight-mb", str(max_in_flight_mb)]
+  if block_mb is not None:
+    limit += ["--block-mb", str(block_mb)]
+  if scan_layers:
+    limit.append("--scan-layers")
+  if quantization:
+    limit += ["--quantization", quantization]
   out = subprocess.run(
       [sys.executable, __file__, "--measure", library, "--dir", str(folder)] + limit,
       check=True, capture_output=True, text=True, cwd=REPO,
@@ -184,6 +200,7 @@ def run_in_subprocess(library: str, folder: pathlib.Path,
   on_host = result.get("device") == "cpu" or result.get("device", "").lower().startswith("cpu")
   if on_host:
     result["rss_overhead_bytes"] = result["peak_rss_growth_bytes"] - result["bytes"]
+    result["anonymous_overhead_bytes"] = result["peak_anonymous_growth_bytes"] - result["bytes"]
   return result
 
 
@@ -289,10 +306,23 @@ def main() -> None:
   parser.add_argument("--libraries", default="tunix_zoo,transformers")
   parser.add_argument("--max-in-flight-mb", type=int,
                       help="tunix_zoo's bound on host bytes being copied to the devices")
+  parser.add_argument("--block-mb", type=int,
+                      help="tunix_zoo's host block budget for large tensors (0: whole device "
+                           "slices; given on a CPU host, CPU devices take blocks too)")
+  parser.add_argument("--scan-layers", action="store_true",
+                      help="tunix_zoo loads the layers stacked (scan_layers=True)")
+  parser.add_argument("--quantization", choices=["int8", "int4", "nf4", "fp8"],
+                      help="tunix_zoo quantizes the Linear weights while loading")
   parser.add_argument("--stream", action="store_true",
                       help="streamed load from a local GCS emulator vs download-then-load")
   parser.add_argument("--concurrency", type=int, help="--stream: ranges fetched at a time")
   parser.add_argument("--num-layers", type=int, help="make the checkpoint with this many layers")
+  parser.add_argument("--dtype", default="bfloat16", choices=["bfloat16", "float32"],
+                      help="make the checkpoint in this dtype")
+  parser.add_argument("--set", action="append", default=[], metavar="FIELD=VALUE",
+                      help="make the checkpoint with this config field changed (repeatable), "
+                           "e.g. --set tie_word_embeddings=false")
+  parser.add_argument("--compact", action="store_true", help="print the report on one line")
   parser.add_argument("--url", help=argparse.SUPPRESS)
   parser.add_argument("--measure", choices=["tunix_zoo", "transformers", "stream", "download"],
                       help=argparse.SUPPRESS)
@@ -304,7 +334,8 @@ def main() -> None:
     print(json.dumps(load_downloaded(args.url, str(args.dir / "download"))))
     return
   if args.measure == "tunix_zoo":
-    print(json.dumps(load_tunix_zoo(str(args.dir), args.max_in_flight_mb)))
+    print(json.dumps(load_tunix_zoo(str(args.dir), args.max_in_flight_mb, args.block_mb,
+                                    args.scan_layers, args.quantization)))
     return
   if args.measure == "transformers":
     print(json.dumps(load_transformers(str(args.dir))))
@@ -312,7 +343,10 @@ def main() -> None:
   made = None
   if not (args.dir / "config.json").exists():
     start = time.perf_counter()
-    made = make_random_checkpoint(args.model, args.dir, num_layers=args.num_layers)
+    from tunix_zoo.config_overrides import parse_overrides
+
+    made = make_random_checkpoint(args.model, args.dir, args.dtype, num_layers=args.num_layers,
+                                  overrides=parse_overrides(args.set))
     made = dict(bytes=made, seconds=time.perf_counter() - start)
   report = dict(model=args.model, checkpoint=str(args.dir), made=made,
                 file_read_gb_per_s=read_throughput(args.dir))
@@ -321,12 +355,13 @@ def main() -> None:
     print(json.dumps(report, indent=1))
     return
   for library in args.libraries.split(","):
-    report[library] = run_in_subprocess(library, args.dir, args.max_in_flight_mb)
+    report[library] = run_in_subprocess(library, args.dir, args.max_in_flight_mb, args.block_mb,
+                                        args.scan_layers, args.quantization)
   if "tunix_zoo" in report and "transformers" in report:
     report["speedup_vs_transformers"] = (
         report["transformers"]["seconds"] / report["tunix_zoo"]["seconds"]
     )
-  print(json.dumps(report, indent=1))
+  print(json.dumps(report, indent=None if args.compact else 1))
 
 
 if __name__ == "__main__":

@@ -145,6 +145,22 @@ def test_gcs_stream_equals_the_local_folder(gcs_stream, folders, local_logits, t
   assert not (tmp_path / "zoo-cache").exists()
 
 
+def test_gcs_stream_in_blocks_equals_the_local_folder(gcs_stream, folders, local_logits,
+                                                     monkeypatch):
+  from tunix_zoo.checkpoint import loader  # pylint: disable=import-outside-toplevel
+
+  monkeypatch.setattr(loader, "BLOCKS_ON_CPU", True)  # as accelerators load large tensors
+  monkeypatch.setattr(loader, "BLOCK_BYTES", 256)  # the embedding, LM head and MLP: 4 blocks
+  model, _ = stream_gcs("single", mesh_of("explicit"))
+  assert np.abs(logits(model) - local_logits("single", "explicit")).max() <= MAX_ABS
+  # Each block's rows are fetched on their own: more ranges than one per tensor, and
+  # still every byte once.
+  with CheckpointFiles(folders["single"]) as ckpt:
+    tensors, total = len(ckpt.keys()), ckpt.total_bytes
+  assert data_requests(gcs_stream, ".safetensors?") > 2 + tensors
+  assert total <= gcs_stream.bytes_sent(".safetensors?") <= safetensors_bytes(folders["single"])
+
+
 def test_read_of_a_column_slice_fetches_its_covering_rows(gcs_stream, folders):
   with open_stream(None, source="gcs", model_path=url("single"), token="anon") as remote, \
       CheckpointFiles(folders["single"]) as local:

@@ -4,7 +4,10 @@ For every parameter of the abstract model (built with ``nnx.eval_shape``, so no
 memory), the family's key map names the checkpoint tensor, the sharding rules give its
 ``NamedSharding`` on the caller's mesh, and ``jax.make_array_from_callback`` asks for
 each addressable device's slice, read straight from the checkpoint. Host memory stays
-bounded by the slices in flight; a process reads only the slices its devices hold.
+bounded by the slices in flight; a process reads only the slices its devices hold. On
+accelerators a tensor whose slices pass ``BLOCK_BYTES`` travels in blocks of rows written
+into the array on the devices (:mod:`~tunix_zoo.checkpoint.device_blocks`), so the host
+never holds the whole of a large tensor.
 
 The checkpoint is any :class:`CheckpointReader`: a safetensors folder
 (:class:`~tunix_zoo.checkpoint.reader.CheckpointFiles`, opened from a path) or
@@ -34,7 +37,7 @@ from jax.sharding import Mesh
 
 from tunix_zoo import sharding
 from tunix_zoo.build import module_path, parameter_shardings
-from tunix_zoo.checkpoint import quantize, row_blocks
+from tunix_zoo.checkpoint import device_blocks, quantize, row_blocks
 from tunix_zoo.checkpoint.keymap import KeyMap
 from tunix_zoo.checkpoint.reader import CheckpointFiles
 from tunix_zoo.errors import CheckpointError
@@ -48,6 +51,12 @@ READ_THREADS = min(8, os.cpu_count() or 1)
 # on an H100 host this bound cut the 8B load from 3.3 s to 2.8 s and its peak
 # anonymous memory from 2.2 to 1.9 GB (benchmarks/README.md).
 MAX_BYTES_IN_FLIGHT = 256 << 20
+# A tensor whose slices on this host pass this many bytes goes to accelerators in blocks
+# of at most this many host bytes (device_blocks), so the host never holds a whole 1.24 GB
+# embedding; None sends whole slices. CPU devices adopt a whole slice's host buffer as
+# their own (no copy), so they take whole slices unless BLOCKS_ON_CPU.
+BLOCK_BYTES: int | None = 32 << 20
+BLOCKS_ON_CPU = False
 
 
 class CheckpointReader(Protocol):
@@ -168,12 +177,23 @@ def load_checkpoint(
           out[n] = gather(keys[row], index[1:], shape[1:])
         return out
 
-      read_once = _OncePerBlock(read)
       if path in staging:
-        array = resharder.load(path, shape, staging[path], shardings[name], read_once)
+        padded = (row_blocks.padded_rows(shape[0], staging[path]),) + shape[1:]
+        if device_blocks.uses_blocks(padded, dtype, staging[path], BLOCK_BYTES, BLOCKS_ON_CPU):
+          array = resharder.load(path, shape, staging[path], shardings[name], read,
+                                 BLOCK_BYTES, dtype)
+        else:
+          read_once = _OncePerBlock(read)
+          array = resharder.load(path, shape, staging[path], shardings[name], read_once)
+          transfers.add(array, read_once.nbytes)
+      elif device_blocks.uses_blocks(shape, dtype, shardings[name], BLOCK_BYTES,
+                                     BLOCKS_ON_CPU):
+        array = device_blocks.load_in_blocks(shape, dtype, shardings[name], read,
+                                             BLOCK_BYTES)
       else:
+        read_once = _OncePerBlock(read)
         array = jax.make_array_from_callback(shape, shardings[name], read_once)
-      transfers.add(array, read_once.nbytes)
+        transfers.add(array, read_once.nbytes)
       if progress is not None:
         progress(int(np.prod(var.shape)) * np.dtype(dtype).itemsize)
       return [(path, array)]
@@ -183,7 +203,7 @@ def load_checkpoint(
       values, scales, nbytes = quantize.load_quantized(
           ckpt, wanted[module_path(path)], var.get_metadata()["quantization"],
           np.dtype(variables[scale_path].dtype), shardings[module_path(path)],
-          shardings[module_path(scale_path)])
+          shardings[module_path(scale_path)], BLOCK_BYTES, BLOCKS_ON_CPU)
       transfers.add(values, nbytes)
       transfers.add(scales, 0)
       if progress is not None:

@@ -6,7 +6,8 @@ it reads the rows of the float tensor that device's slice covers (whole rows, si
 scale may span all inputs), quantizes them on the host in blocks of rows, and hands over
 that device's columns. A row range is read and quantized once for both arrays and every
 device holding it; host memory holds one weight's quantized rows, never a float copy of
-the model. :func:`check_not_prequantized` refuses checkpoints quantized by other tools.
+the model, and on accelerators (:mod:`~tunix_zoo.checkpoint.device_blocks`) a large
+weight's two arrays fill in step, block by block, so it holds one block's rows. :func:`check_not_prequantized` refuses checkpoints quantized by other tools.
 
 Example::
 
@@ -23,6 +24,7 @@ from typing import Any, Iterable
 import jax
 import numpy as np
 
+from tunix_zoo.checkpoint import device_blocks
 from tunix_zoo.errors import CheckpointError
 from tunix_zoo.layers.quantized import Quantization
 
@@ -100,16 +102,59 @@ class _RowQuantizer:
 
 
 def load_quantized(ckpt: Any, key: str, quantization: Quantization, scale_dtype: Any,
-                   values_sharding: jax.sharding.Sharding,
-                   scales_sharding: jax.sharding.Sharding) -> tuple[jax.Array, jax.Array, int]:
-  """``(values, scales, host bytes quantized)`` of checkpoint tensor ``key``
+                   values_sharding: jax.sharding.NamedSharding,
+                   scales_sharding: jax.sharding.NamedSharding,
+                   block_bytes: int | None = None,
+                   blocks_on_cpu: bool = False) -> tuple[jax.Array, jax.Array, int]:
+  """``(values, scales, host bytes still held)`` of checkpoint tensor ``key``
   (``[out, in]``), quantized slice by slice into the two shardings (see the module's
-  example)."""
+  example). Where :func:`device_blocks.uses_blocks` says so for ``block_bytes``, both
+  arrays are filled in step, in blocks of the same rows, each row range quantized once
+  per block (the host then holds one block's quantized rows, not the slices')."""
   shape = tuple(ckpt.shape(key))
   values_shape, scales_shape = quantization.shapes(*shape)
+  if (device_blocks.uses_blocks(values_shape, quantization.storage_dtype, values_sharding,
+                                block_bytes, blocks_on_cpu)
+      and _same_rows(values_shape, values_sharding, scales_shape, scales_sharding)):
+    return _load_in_blocks(ckpt, key, quantization, scale_dtype, values_sharding,
+                           scales_sharding, block_bytes)
   rows = _RowQuantizer(ckpt, key, quantization, scale_dtype, shape)
   values = jax.make_array_from_callback(
       values_shape, values_sharding, lambda index: rows.rows(index[0])[0][:, index[1]])
   scales = jax.make_array_from_callback(
       scales_shape, scales_sharding, lambda index: rows.rows(index[0])[1][:, index[1]])
   return values, scales, rows.nbytes
+
+
+def _same_rows(values_shape: tuple[int, int], values_sharding: jax.sharding.NamedSharding,
+               scales_shape: tuple[int, int],
+               scales_sharding: jax.sharding.NamedSharding) -> bool:
+  """Whether every device holds the same rows of the values as of the scales."""
+  rows = lambda shape, sharding: {d: index[0].indices(shape[0]) for d, index in
+                                  sharding.addressable_devices_indices_map(shape).items()}
+  return rows(values_shape, values_sharding) == rows(scales_shape, scales_sharding)
+
+
+def _load_in_blocks(ckpt: Any, key: str, quantization: Quantization, scale_dtype: Any,
+                    values_sharding: jax.sharding.NamedSharding,
+                    scales_sharding: jax.sharding.NamedSharding,
+                    block_bytes: int) -> tuple[jax.Array, jax.Array, int]:
+  shape = tuple(ckpt.shape(key))
+  values_shape, scales_shape = quantization.shapes(*shape)
+  row_ranges = len({index[0].indices(shape[0]) for index in
+                    values_sharding.addressable_devices_indices_map(values_shape).values()})
+  row_bytes = row_ranges * (values_shape[1] * quantization.storage_dtype.itemsize
+                            + scales_shape[1] * np.dtype(scale_dtype).itemsize)
+  local_rows = values_sharding.shard_shape(values_shape)[0]
+  blocks = -(-local_rows // max(1, min(local_rows, block_bytes // row_bytes)))
+  rows = -(-local_rows // blocks)
+  values = device_blocks.BlockFill(values_shape, quantization.storage_dtype, values_sharding,
+                                   block_bytes, rows=rows)
+  scales = device_blocks.BlockFill(scales_shape, scale_dtype, scales_sharding, block_bytes,
+                                   rows=rows)
+  for corner in values.corners():
+    # This block's rows, quantized once for both arrays, then dropped.
+    block_rows = _RowQuantizer(ckpt, key, quantization, scale_dtype, shape)
+    values.write(corner, lambda index, q=block_rows: q.rows(index[0])[0][:, index[1]])
+    scales.write(corner, lambda index, q=block_rows: q.rows(index[0])[1][:, index[1]])
+  return values.array, scales.array, 0

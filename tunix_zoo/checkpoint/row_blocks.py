@@ -37,6 +37,7 @@ import jax
 import numpy as np
 from jax.sharding import AxisType, NamedSharding, PartitionSpec
 
+from tunix_zoo.checkpoint import device_blocks
 from tunix_zoo.errors import CheckpointError
 
 
@@ -169,12 +170,14 @@ class OrderedResharder:
       self._peers.agree("done", "the load", error)
 
   def load(self, key: Hashable, shape: tuple[int, ...], staging: NamedSharding,
-           target: NamedSharding, read: Callable[[tuple[slice, ...]], np.ndarray]
-           ) -> jax.Array:
+           target: NamedSharding, read: Callable[[tuple[slice, ...]], np.ndarray],
+           block_bytes: int | None = None, dtype: Any = None) -> jax.Array:
     """``read`` (called with row-only indices) into ``staging``, resharded to ``target``.
 
-    Waits for the reshards of the keys before ``key`` in the order, so that every process
-    launches them in the same sequence.
+    With ``block_bytes``, the staging array is filled in blocks of rows of ``dtype``
+    (:mod:`~tunix_zoo.checkpoint.device_blocks`), each read on its own; otherwise each
+    run of this process's rows is read at once. Waits for the reshards of the keys before
+    ``key`` in the order, so that every process launches them in the same sequence.
     """
     rows = shape[0]
     padded = padded_rows(rows, staging)
@@ -192,7 +195,8 @@ class OrderedResharder:
     def read_block(index: tuple[slice, ...]) -> np.ndarray:
       start, stop, _ = index[0].indices(padded)
       real_start, real_stop = min(start, rows), min(stop, rows)
-      run = next((r for r in runs if r[0] <= real_start and real_stop <= r[1]), None)
+      run = None if block_bytes is not None else next(
+          (r for r in runs if r[0] <= real_start and real_stop <= r[1]), None)
       real = (read((slice(real_start, real_stop),)) if run is None else
               read((slice(*run),))[real_start - run[0]:real_stop - run[0]])
       if stop <= rows:
@@ -204,7 +208,10 @@ class OrderedResharder:
     try:
       if self._failed:
         raise CheckpointError("Not read: reading an earlier tensor failed.")
-      staged = jax.make_array_from_callback(padded_shape, staging, read_block)
+      staged = (jax.make_array_from_callback(padded_shape, staging, read_block)
+                if block_bytes is None else
+                device_blocks.load_in_blocks(padded_shape, dtype, staging, read_block,
+                                             block_bytes, whole_rows=True))
     except Exception as e:  # pylint: disable=broad-except
       error = e  # raised in this key's turn, which must still pass to the next key
     with self._cond:
