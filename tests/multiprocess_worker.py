@@ -88,14 +88,18 @@ def held_blocks(model: nnx.Module) -> dict[str, dict[str, Any]]:
   return out
 
 
+# One jitted function: models of one structure on one mesh (a streamed load and the local
+# load it is compared with) share its compiled program.
+_forward = nnx.jit(lambda m, t, k: m(t, attention_mask=k))
+
+
 def global_logits(model: nnx.Module, mesh: jax.sharding.Mesh, tokens: np.ndarray,
                   mask: np.ndarray) -> np.ndarray:
   """The jitted forward on global inputs, gathered to every process as numpy."""
   replicated = NamedSharding(mesh, PartitionSpec())
   as_global = lambda x: jax.make_array_from_callback(  # noqa: E731
       x.shape, replicated, lambda index: x[index])
-  logits, _ = nnx.jit(lambda m, t, k: m(t, attention_mask=k))(
-      model, as_global(tokens), as_global(mask))
+  logits, _ = _forward(model, as_global(tokens), as_global(mask))
   return np.asarray(multihost_utils.process_allgather(logits, tiled=True))
 
 

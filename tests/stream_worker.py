@@ -4,9 +4,10 @@ It joins a ``jax.distributed`` cluster on 127.0.0.1 and, for each run named in
 ``--runs`` (JSON: name, source, model id or gs:// path, local folder, axis type), streams
 the checkpoint onto the global ``(2, 4)`` ``("fsdp", "tp")`` mesh with
 :func:`tunix_zoo.sources.open_stream` (STORAGE_EMULATOR_HOST and HF_ENDPOINT point at this
-process's own counting servers), loads the local folder onto the same mesh, and writes
-both global logits and the reader's own byte and request counts into ``--out``. A run
-with ``expect_error`` records the load's exception (type and message) instead.
+process's own counting servers), loads the local folder onto the same mesh (once per
+folder and axis type), and writes both global logits and the reader's own byte and
+request counts into ``--out``. A run with ``expect_error`` records the load's exception
+(type and message) instead.
 
 Run as ``python -m tests.stream_worker --process-id 0 --port 12345 ...`` with
 ``XLA_FLAGS=--xla_force_host_platform_device_count=4`` in the environment.
@@ -46,6 +47,7 @@ def main() -> None:
   inputs = np.load(args.inputs)
   out = pathlib.Path(args.out)
   result = {}
+  local_logits = {}  # (folder, axis type) -> the local load's logits, shared by runs
   for run in json.loads(args.runs):
     kind = AxisType.Explicit if run["axis_type"] == "explicit" else AxisType.Auto
     mesh = jax.make_mesh((2, 4), ("fsdp", "tp"), axis_types=(kind, kind))
@@ -64,9 +66,13 @@ def main() -> None:
     model = load_stream(reader, mesh)
     result[run["name"]] = {"bytes_fetched": reader.bytes_fetched, "requests": reader.requests,
                            "total_bytes": reader.total_bytes}
-    for label, loaded in (("stream", model), ("local", load_folder(run["local"], mesh))):
-      np.save(out / f"logits_{run['name']}_{label}_{args.process_id}.npy",
-              global_logits(loaded, mesh, inputs["tokens"], inputs["mask"]))
+    np.save(out / f"logits_{run['name']}_stream_{args.process_id}.npy",
+            global_logits(model, mesh, inputs["tokens"], inputs["mask"]))
+    key = (run["local"], run["axis_type"])
+    if key not in local_logits:
+      local_logits[key] = global_logits(load_folder(run["local"], mesh), mesh,
+                                        inputs["tokens"], inputs["mask"])
+    np.save(out / f"logits_{run['name']}_local_{args.process_id}.npy", local_logits[key])
   (out / f"result_{args.process_id}.json").write_text(json.dumps(result))
   jax.distributed.shutdown()
 

@@ -52,10 +52,13 @@ def test_kaggle_download_path_has_no_half_file_after_a_kill(kaggle, checkpoint, 
   servers.assert_fetched(folder, checkpoint)
 
 
+# The session's persistent compilation cache (TUNIX_ZOO_COMPILATION_CACHE, inherited):
+# the export run after the kill reads the programs the killed one compiled.
 _EXPORT = """
 import dataclasses, sys
 import jax
-from tunix_zoo import AutoModel, registry
+from tunix_zoo import AutoModel, compilation_cache, registry
+compilation_cache.enable()
 from tunix_zoo.checkpoint.export import save_pretrained
 config = dataclasses.replace(registry.get_config("qwen3_0p6b"), num_layers=2, vocab_size=32768)
 model = AutoModel.from_config(config, jax.make_mesh((1, 1), ("fsdp", "tp")))

@@ -155,14 +155,17 @@ def test_gcs_two_processes_into_one_folder_both_succeed(gcs, checkpoint, tmp_pat
 
 
 @pytest.mark.slow
-def test_gcs_500_forever_gives_up_within_60s(gcs, tmp_path):
-  """gcsfs's listing retries 500s itself (about 31 s) in paths its ``retries`` does not
-  reach; tunix_zoo adds no layer beyond the deadline."""
+def test_gcs_500_forever_gives_up_within_60s(gcs, tmp_path, monkeypatch):
+  """gcsfs retries the listing's 500s itself (about 31 s of backoff); the retry policy's
+  deadline (60 s by default, 3 s here) ends those retries too."""
+  assert _download.RetryPolicy().deadline_s == 60
+  monkeypatch.setenv("TUNIX_ZOO_RETRY_DEADLINE_S", "3")
   gcs.faults.status(500, match="/o", times=10**6)
   start = time.monotonic()
-  with pytest.raises(SourceError, match="could not reach GCS"):
+  with pytest.raises(SourceError, match=r"could not reach GCS.*\(3 s;"):
     _gcs(model_download_path=str(tmp_path / "dl"))
-  assert time.monotonic() - start < 60
+  assert time.monotonic() - start < 3 + 2
+  assert gcs.faults.count("/o") >= 2  # gcsfs's own retries ran, until the deadline
   assert not (tmp_path / "dl" / "model.safetensors").exists()
 
 

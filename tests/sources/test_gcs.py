@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import time
+
 import pytest
 
 from tests.sources import servers
@@ -123,8 +125,12 @@ def test_malformed_urls_are_rejected_before_any_request(gcs, url):
 
 @pytest.mark.slow
 def test_unreachable_endpoint_is_a_clear_error(gcs, monkeypatch):
-  # gcsfs retries a refused connection 5 times with backoff (~30 s) before giving up.
+  # gcsfs retries a refused connection 5 times with backoff (~30 s); the retry policy's
+  # deadline (3 s here) ends that.
+  monkeypatch.setenv("TUNIX_ZOO_RETRY_DEADLINE_S", "3")
   monkeypatch.setenv("STORAGE_EMULATOR_HOST", f"http://{servers.LOCALHOST}:{servers.free_port()}")
+  start = time.monotonic()
   with pytest.raises(SourceError, match=r"could not reach GCS at http://127\.0\.0\.1.*"
-                     r"local_files_only=True"):
+                     r"\(3 s;.*local_files_only=True"):
     gcs_fetch()
+  assert time.monotonic() - start < 3 + 2

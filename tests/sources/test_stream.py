@@ -274,6 +274,11 @@ MP_RUNS = [("gcs_single", "gcs", "single", "explicit"),
            ("hub_single", "huggingface", "single", "explicit")]
 
 
+# The tests reading the two-process runs share one pytest-xdist worker, so that the runs
+# (most of this file's time) happen once, not once per worker.
+TWO_PROCESSES_GROUP = pytest.mark.xdist_group("stream_two_processes")
+
+
 @pytest.fixture(scope="module")
 def two_processes(gcs_emulator, tmp_path_factory):
   """Runs the two workers once, each behind its own counting GCS proxy and Hub server."""
@@ -357,6 +362,7 @@ def server_counts(two_processes, run: dict, process: int) -> tuple[int, int, int
 
 
 @pytest.mark.slow
+@TWO_PROCESSES_GROUP
 @pytest.mark.parametrize("name", [name for name, *_ in MP_RUNS])
 def test_each_process_fetches_about_half_in_few_requests(two_processes, name):
   run = next(r for r in two_processes["runs"] if r["name"] == name)
@@ -379,6 +385,7 @@ def test_each_process_fetches_about_half_in_few_requests(two_processes, name):
 
 
 @pytest.mark.slow
+@TWO_PROCESSES_GROUP
 @pytest.mark.parametrize("name", [name for name, *_ in MP_RUNS])
 def test_streamed_logits_equal_the_local_folder_load(two_processes, name):
   real = two_processes["mask"].astype(bool)
@@ -390,6 +397,7 @@ def test_streamed_logits_equal_the_local_folder_load(two_processes, name):
 
 
 @pytest.mark.slow
+@TWO_PROCESSES_GROUP
 def test_streaming_processes_write_nothing_to_disk(two_processes):
   for cache in two_processes["caches"]:
     assert not cache.exists() or not any(p.is_file() for p in cache.rglob("*"))

@@ -2,7 +2,11 @@
 
 Two processes fetching into one folder take turns (a lock file in it). Every request
 has the retry policy's connect and read timeouts (a server stalling mid-body is retried
-like a drop) and :func:`tunix_zoo.sources._download.retry` is the one retry layer.
+like a drop), and failures are retried under :func:`tunix_zoo.sources._download.retry`.
+gcsfs also retries each failing request itself (6 tries, about 31 s of backoff, whatever
+its ``retries`` attribute says); the listing is cut at the policy's deadline all the same
+(fsspec's ``timeout``), so that a bucket answering 5xx, or nothing, fails within
+``TUNIX_ZOO_RETRY_DEADLINE_S``.
 
 The prefix is listed, the safetensors, configs and tokenizer files are downloaded in
 parallel, each into a partial file that becomes the real one by an atomic rename once
@@ -31,6 +35,7 @@ import os
 import pathlib
 import re
 import threading
+import time
 from typing import Any
 
 import aiohttp
@@ -159,16 +164,25 @@ def _is_transient(exc: BaseException) -> bool:
 
 
 def _filesystem(token: Any) -> gcsfs.GCSFileSystem:
-  """A gcsfs client whose every request has the policy's timeouts, and no retries of
-  its own: :func:`_download.retry` is the one retry layer."""
+  """A gcsfs client whose every request has the policy's timeouts."""
   policy = _download.retry_policy()
   # A fresh instance: fsspec's instance and listing caches would hide changed objects.
   fs = gcsfs.GCSFileSystem(
       token=token, skip_instance_cache=True, use_listings_cache=False,
       requests_timeout=aiohttp.ClientTimeout(total=None, sock_connect=policy.connect_timeout_s,
                                              sock_read=policy.read_timeout_s))
-  fs.retries = 1
   return fs
+
+
+def _list(fs: gcsfs.GCSFileSystem, root: str, url: str) -> dict[str, Any]:
+  """``root``'s objects (path -> info), given up on within the retry policy's deadline,
+  gcsfs's own retries of each request included."""
+  policy = _download.retry_policy()
+  deadline = time.monotonic() + policy.deadline_s
+  # fsspec's ``timeout`` cancels the call (and gcsfs's backoff in it) when it runs out.
+  return _download.retry(
+      lambda: fs.find(root, detail=True, timeout=max(deadline - time.monotonic(), 0.01)),
+      is_transient=_is_transient, what=f"GCS listing of {url}", policy=policy)
 
 
 def _to_source_error(exc: BaseException, url: str,
@@ -207,7 +221,7 @@ def _to_source_error(exc: BaseException, url: str,
     endpoint = os.environ.get("STORAGE_EMULATOR_HOST") or "https://storage.googleapis.com"
     return _download.source_error(
         SOURCE, url, f"could not reach GCS at {endpoint} within the retry policy "
-        f"({type(exc).__name__}).",
+        f"({_download.retry_policy().deadline_s:g} s; {type(exc).__name__}).",
         "Check your network (and STORAGE_EMULATOR_HOST if set); if the files are already "
         "downloaded, pass local_files_only=True.")
   if status is not None:
@@ -255,8 +269,7 @@ def fetch(url: str, *, download_dir: str | os.PathLike[str] | None = None,
   root = f"{bucket}/{prefix}".rstrip("/")
   try:
     with _download.folder_lock(folder, source=SOURCE, ref=url):
-      listing = _download.retry(lambda: fs.find(root, detail=True), is_transient=_is_transient,
-                                what=f"GCS listing of {url}")
+      listing = _list(fs, root, url)
       objects = {path[len(root) + 1:]: info for path, info in listing.items()
                  if path.startswith(root + "/") and not path.endswith("/")}
       if not objects:
