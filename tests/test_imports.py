@@ -135,6 +135,22 @@ def test_naming_registry_and_family_tables_import_no_jax():
   assert result.returncode == 0, result.stderr
 
 
+
+def test_the_cli_reports_a_mistyped_model_id_without_importing_jax():
+  """A typo should fail in well under a second: parsing the command line (whose defaults
+  argparse converts too) and resolving the id must not import jax."""
+  code = (
+      "import sys\n"
+      "from tunix_zoo import cli\n"
+      "code = cli.main(['info', 'Qwen/Qwen4-8B', '--dtype', 'bfloat16'])\n"
+      "assert code == 2, code\n"
+      "heavy = sorted(m for m in ('jax', 'flax') if m in sys.modules)\n"
+      "assert not heavy, heavy\n"
+  )
+  result = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True)
+  assert result.returncode == 0, result.stderr
+  assert "Did you mean 'qwen3'" in result.stderr
+
 def test_no_public_name_is_also_a_submodule():
   """``from tunix_zoo import generate`` must give the function even after some other code
   imported a submodule: importing ``tunix_zoo.<x>`` rebinds the package attribute ``x``

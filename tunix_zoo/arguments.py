@@ -36,7 +36,7 @@ def float_dtype(value: Any, name: str) -> np.dtype | None:
   if not jnp.issubdtype(dtype, jnp.floating):
     raise ArgumentError(
         f"{name}={dtype.name} is not a floating dtype: weights cast to it would lose their "
-        f"values. {_DTYPE_FIX} To quantise, load in a float dtype and quantise with qwix.")
+        f"values. {_DTYPE_FIX} To quantize the weights, pass quantization='int8' (or 'int4', 'nf4', 'fp8').")
   return dtype
 
 

@@ -76,6 +76,8 @@ def probability(text: str) -> float:
 
 def float_dtype_name(text: str) -> str:
   """argparse type: the name of a floating dtype (``bfloat16``, ``float32`` ...)."""
+  if text in ("bfloat16", "float16", "float32", "float64"):
+    return text  # argparse converts every default too: the common names need no jax
   from tunix_zoo.arguments import float_dtype
   from tunix_zoo.errors import ArgumentError
 
@@ -439,13 +441,12 @@ def add_model_arguments(p: argparse.ArgumentParser, *, mesh: bool = True) -> Non
 
 
 def add_training_arguments(p: argparse.ArgumentParser) -> None:
-  from tunix_zoo.layers.decoder import REMAT_MODES
-  from tunix_zoo.lora import DEFAULT_MODULE_PATH
+  from tunix_zoo.config import DEFAULT_LORA_MODULE_PATH, REMAT_MODES
 
   p.add_argument("--remat", choices=REMAT_MODES, default="none",
                  help="recompute each decoder layer / attention block in the backward pass")
   p.add_argument("--lora-rank", type=positive_int, help="train LoRA adapters of this rank only")
-  p.add_argument("--lora-module-path", default=DEFAULT_MODULE_PATH,
+  p.add_argument("--lora-module-path", default=DEFAULT_LORA_MODULE_PATH,
                  help="regex over module paths (layers.3.attn.q_proj) that get adapters "
                  "(default: every attention and MLP projection)")
 

@@ -30,6 +30,10 @@ from tunix_zoo.errors import ConfigError, ConfigMismatchError
 FULL_ATTENTION = "full_attention"
 SLIDING_ATTENTION = "sliding_attention"
 ROPE_KINDS = ("default", "linear", "llama3")
+# Training vocabulary that the CLI's parser reads before anything imports jax.
+REMAT_MODES = ("none", "layer", "attention")  # what the backward pass recomputes
+# Module paths (``re.fullmatch``) that get LoRA adapters by default: every projection.
+DEFAULT_LORA_MODULE_PATH = ".*q_proj|.*k_proj|.*v_proj|.*o_proj|.*gate_proj|.*up_proj|.*down_proj"
 # Array dimensions beyond int32 are no model's; far fewer layers than this were ever
 # published (126), and a layer count is walked per layer before any weight is read.
 MAX_DIM = 2**31 - 1

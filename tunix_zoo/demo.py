@@ -18,10 +18,6 @@ import json
 import pathlib
 import tempfile
 
-import jax
-import numpy as np
-import optax
-
 DEMO_ID = "tiny-demo"
 DEMO_PROMPT = "JAX is"
 DEMO_TEXT = """\
@@ -82,6 +78,12 @@ def _train_tokenizer(folder: pathlib.Path):
 
 def build_demo_checkpoint(folder: pathlib.Path) -> pathlib.Path:
   """Trains the tiny tokenizer and model and writes them to ``folder`` (atomically)."""
+  # jax is imported here, not at the top: the CLI reads DEMO_ID to resolve any model id,
+  # and a mistyped id should fail in a second, not after importing jax.
+  import jax
+  import numpy as np
+  import optax
+
   from tunix_zoo.automodel import AutoModel
   from tunix_zoo.checkpoint.export import save_pretrained
   from tunix_zoo.models.qwen3.config import Qwen3Config

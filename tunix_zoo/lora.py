@@ -39,6 +39,7 @@ from tunix_zoo.checkpoint.export import (discard_staging, host_copy, layer_slice
                                          move_into_place, new_staging_folder, unrolled_order)
 from tunix_zoo.checkpoint.push import check_push_arguments, push_folder
 from tunix_zoo.checkpoint.writer import write_safetensors
+from tunix_zoo.config import DEFAULT_LORA_MODULE_PATH as DEFAULT_MODULE_PATH
 from tunix_zoo.errors import LoraError
 from tunix_zoo.layers.basic import Linear
 from tunix_zoo.layers.lora import LoRALinear
@@ -50,7 +51,6 @@ __all__ = ["DEFAULT_MODULE_PATH", "TUNIX_ALIASES", "apply_lora", "merge_lora", "
            "save_lora_adapter"]
 
 # Every attention and MLP projection: what fine-tuning configs usually name.
-DEFAULT_MODULE_PATH = ".*q_proj|.*k_proj|.*v_proj|.*o_proj|.*gate_proj|.*up_proj|.*down_proj"
 
 # Tunix's module names (its Gemma recipes' default regex names them) of our projections:
 # a path matches when it, or it with the last name replaced by an alias, matches.

@@ -44,7 +44,7 @@ from flax import nnx
 from jax.sharding import AbstractMesh, Mesh, NamedSharding, PartitionSpec
 
 from tunix_zoo import sharding
-from tunix_zoo.config import DecoderConfig
+from tunix_zoo.config import REMAT_MODES, DecoderConfig
 from tunix_zoo.errors import RematError
 from tunix_zoo.layers.attention import Attention, LayerCache, attention_masks
 from tunix_zoo.layers.basic import Embedding, Linear, RMSNorm
@@ -53,7 +53,6 @@ from tunix_zoo.layers.moe import MoE
 from tunix_zoo.layers.stacked import LAYER_NUMBER, STACKED_LAYERS
 
 Cache = dict[str, Any]
-REMAT_MODES = ("none", "layer", "attention")
 
 
 def check_remat(mode: str) -> str:
