@@ -26,6 +26,7 @@ from __future__ import annotations
 
 import asyncio
 import os
+import time
 from typing import Any
 
 import aiohttp
@@ -82,8 +83,10 @@ class GcsFetcher:
 
   def _list(self) -> dict[str, dict[str, Any]]:
     """Top-level objects of the prefix: name -> {"size", "generation"}."""
+    # fsspec's ``timeout`` also ends gcsfs's own retries (about 31 s of backoff).
     try:
-      listing = self._fs.ls(self._root, detail=True)
+      listing = self._fs.ls(self._root, detail=True,
+                            timeout=_download.retry_policy().deadline_s)
     except Exception as e:  # pylint: disable=broad-except
       raise self._error(e) from e
     out = {}
@@ -101,9 +104,11 @@ class GcsFetcher:
     generation = self._objects[name]["generation"]
     url = self._fs.url(f"{self._root}/{name}", generation=generation or None)
     what = f"{self.location}/{name}"
+    deadline = time.monotonic() + _download.retry_policy().deadline_s
 
     def get() -> bytes:
-      headers, data = self._fs.call("GET", url, headers=_range_header(start, end))
+      headers, data = self._fs.call("GET", url, headers=_range_header(start, end),
+                                    timeout=max(deadline - time.monotonic(), 0.01))
       served = headers.get("x-goog-generation")
       if served and generation and served != generation:
         raise self._replaced(name, f"generation {served} was served, not {generation}")
