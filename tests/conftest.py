@@ -65,6 +65,32 @@ def reference_checkpoints(tmp_path_factory):
 
 
 @pytest.fixture(scope="session")
+def reference_models(reference_checkpoints):
+  """case -> our model of :func:`reference_checkpoints`' folder on one device, loaded once
+  per session on first use. Read-only: tests must not change it."""
+  from tests import reference
+  from tunix_zoo.automodel import load_folder
+
+  made = {}
+
+  def model(case):
+    if case not in made:
+      made[case] = load_folder(reference_checkpoints[case][0], reference.one_device_mesh())
+    return made[case]
+
+  return model
+
+
+@pytest.fixture(scope="session")
+def moe_checkpoints(tmp_path_factory):
+  """case -> (folder, transformers model) of :data:`tests.moe_reference.CASES`, made once
+  per session on first use. Read-only: copy a folder before changing it."""
+  from tests import moe_reference
+
+  return moe_reference.Checkpoints(tmp_path_factory)
+
+
+@pytest.fixture(scope="session")
 def demo_folder(tmp_path_factory):
   """The tiny-demo checkpoint folder, trained once per session (training it is most of a
   first ``tunix-zoo run tiny-demo``). Read-only: tests copy it into the

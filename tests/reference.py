@@ -99,23 +99,26 @@ class Checkpoints(Mapping):
   tests read these folders and must copy them before changing anything.
   """
 
+  cases: Mapping[str, Any] = CASES
+  make = staticmethod(make_checkpoint)
+
   def __init__(self, tmp_path_factory):
     self._tmp_path_factory = tmp_path_factory
     self._made: dict[str, tuple[pathlib.Path, Any]] = {}
 
   def __getitem__(self, case: str) -> tuple[pathlib.Path, Any]:
-    if case not in CASES:
+    if case not in self.cases:
       raise KeyError(case)
     if case not in self._made:
       folder = self._tmp_path_factory.mktemp(case)
-      self._made[case] = folder, make_checkpoint(case, folder)
+      self._made[case] = folder, self.make(case, folder)
     return self._made[case]
 
   def __iter__(self):
-    return iter(sorted(CASES))
+    return iter(sorted(self.cases))
 
   def __len__(self) -> int:
-    return len(CASES)
+    return len(self.cases)
 
 
 def to_hub_spelling(folder: pathlib.Path) -> None:

@@ -32,26 +32,12 @@ def real(mask):
   return mask.astype(bool)
 
 
-@pytest.fixture(scope="module")
-def models(reference_checkpoints):
-  """case -> our model of the case's reference checkpoint on one device, loaded once.
-  Read-only: tests must not change it."""
-  made = {}
-
-  def model(case):
-    if case not in made:
-      made[case] = load_folder(reference_checkpoints[case][0], one_device_mesh())
-    return made[case]
-
-  return model
-
-
 @pytest.mark.parametrize("case", CASES)
-def test_logits_match_transformers(reference_checkpoints, models, case):
+def test_logits_match_transformers(reference_checkpoints, reference_models, case):
   _, torch_model = reference_checkpoints[case]
   tokens, mask, positions = reference.left_padded_batch()
   expected = reference.reference_logits(torch_model, tokens, mask, positions)
-  model = models(case)
+  model = reference_models(case)
   logits, cache = _forward(model, jnp.asarray(tokens), jnp.asarray(mask))
   assert cache is None
   diff = np.abs(np.asarray(logits) - expected)[real(mask)].max()
@@ -62,16 +48,16 @@ def test_logits_match_transformers(reference_checkpoints, models, case):
 
 
 @pytest.mark.parametrize("case", CASES)
-def test_greedy_decode_matches_generate(reference_checkpoints, models, case):
+def test_greedy_decode_matches_generate(reference_checkpoints, reference_models, case):
   _, torch_model = reference_checkpoints[case]
   tokens, mask, _ = reference.left_padded_batch(seed=1)
   expected = reference.reference_greedy(torch_model, tokens, mask, NEW_TOKENS)
-  np.testing.assert_array_equal(greedy(models(case), tokens, mask, NEW_TOKENS), expected)
+  np.testing.assert_array_equal(greedy(reference_models(case), tokens, mask, NEW_TOKENS), expected)
 
 
 @pytest.mark.parametrize("case", CASES)
-def test_prefill_then_steps_reproduce_full_sequence(models, case):
-  model = models(case)
+def test_prefill_then_steps_reproduce_full_sequence(reference_models, case):
+  model = reference_models(case)
   tokens, mask, _ = reference.left_padded_batch(seed=2)
   full, _ = _forward(model, jnp.asarray(tokens), jnp.asarray(mask))
   cache = model.init_cache(tokens.shape[0], 16)
