@@ -75,13 +75,20 @@ def tiny_moe_config():
   )
 
 
-def make_checkpoint(case: str, folder: pathlib.Path, *, seed: int = 0, **save_kwargs: Any):
-  """Saves a random transformers model of ``case`` into ``folder``; returns the model."""
+def make_checkpoint(case: str, folder: pathlib.Path, *, seed: int = 0, layers: int | None = None,
+                    **save_kwargs: Any):
+  """Saves a random transformers model of ``case`` into ``folder``; returns the model.
+  ``layers`` keeps the case's first ``layers`` layers (and their layer types)."""
   import torch
   import transformers
 
   config_cls, model_cls, kwargs = CASES[case]
-  config = getattr(transformers, config_cls)(**{**BASE, **kwargs})
+  kwargs = {**BASE, **kwargs}
+  if layers is not None:
+    kwargs["num_hidden_layers"] = layers
+    if "layer_types" in kwargs:
+      kwargs["layer_types"] = kwargs["layer_types"][:layers]
+  config = getattr(transformers, config_cls)(**kwargs)
   torch.manual_seed(seed)
   model = getattr(transformers, model_cls)(config).eval()
   with torch.no_grad():
