@@ -65,22 +65,59 @@ def reference_checkpoints(tmp_path_factory):
 
 
 @pytest.fixture(scope="session")
+def reference_models(reference_checkpoints):
+  """case -> our model of :func:`reference_checkpoints`' folder on one device, loaded once
+  per session on first use. Read-only: tests must not change it."""
+  from tests import reference
+  from tunix_zoo.automodel import load_folder
+
+  made = {}
+
+  def model(case):
+    if case not in made:
+      made[case] = load_folder(reference_checkpoints[case][0], reference.one_device_mesh())
+    return made[case]
+
+  return model
+
+
+@pytest.fixture(scope="session")
+def moe_checkpoints(tmp_path_factory):
+  """case -> (folder, transformers model) of :data:`tests.moe_reference.CASES`, made once
+  per session on first use. Read-only: copy a folder before changing it."""
+  from tests import moe_reference
+
+  return moe_reference.Checkpoints(tmp_path_factory)
+
+
+@pytest.fixture(scope="session")
 def demo_folder(tmp_path_factory):
   """The tiny-demo checkpoint folder, trained once per session (training it is most of a
   first ``tunix-zoo run tiny-demo``). Read-only: tests copy it into the
   ``$TUNIX_ZOO_CACHE`` folder they give a subprocess, as ``tiny-demo``."""
+  import fcntl
   import subprocess
   import sys
 
   from tunix_zoo.demo import DEMO_ID
 
-  folder = tmp_path_factory.mktemp("demo") / DEMO_ID
-  # Running its 300 steps, not compiling them, dominates: at XLA's default optimisation
-  # level, in a process of its own, it takes a quarter less time than at the suite's.
-  fast_compile = _TEST_XLA_FLAGS[1:]
-  flags = " ".join(f for f in os.environ["XLA_FLAGS"].split() if f not in fast_compile)
-  subprocess.run(
-      [sys.executable, "-c", "import pathlib, sys; from tunix_zoo.demo import "
-       "build_demo_checkpoint; build_demo_checkpoint(pathlib.Path(sys.argv[1]))", str(folder)],
-      env={**os.environ, "XLA_FLAGS": flags}, check=True, timeout=600)
+  # pytest-xdist's workers share their temporary folders' parent: the first to get here
+  # trains the model, the other waits for it rather than training a second copy.
+  root = tmp_path_factory.getbasetemp()
+  if os.environ.get("PYTEST_XDIST_WORKER"):
+    root = root.parent
+  folder = root / "demo" / DEMO_ID
+  folder.parent.mkdir(exist_ok=True)
+  with open(root / "demo.lock", "w") as lock:
+    fcntl.flock(lock, fcntl.LOCK_EX)
+    if not folder.exists():  # build_demo_checkpoint writes it atomically
+      # Running its 300 steps, not compiling them, dominates: at XLA's default optimisation
+      # level, in a process of its own, it takes a quarter less time than at the suite's.
+      fast_compile = _TEST_XLA_FLAGS[1:]
+      flags = " ".join(f for f in os.environ["XLA_FLAGS"].split() if f not in fast_compile)
+      subprocess.run(
+          [sys.executable, "-c", "import pathlib, sys; from tunix_zoo.demo import "
+           "build_demo_checkpoint; build_demo_checkpoint(pathlib.Path(sys.argv[1]))",
+           str(folder)],
+          env={**os.environ, "XLA_FLAGS": flags}, check=True, timeout=600)
   return folder

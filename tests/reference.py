@@ -75,13 +75,20 @@ def tiny_moe_config():
   )
 
 
-def make_checkpoint(case: str, folder: pathlib.Path, *, seed: int = 0, **save_kwargs: Any):
-  """Saves a random transformers model of ``case`` into ``folder``; returns the model."""
+def make_checkpoint(case: str, folder: pathlib.Path, *, seed: int = 0, layers: int | None = None,
+                    **save_kwargs: Any):
+  """Saves a random transformers model of ``case`` into ``folder``; returns the model.
+  ``layers`` keeps the case's first ``layers`` layers (and their layer types)."""
   import torch
   import transformers
 
   config_cls, model_cls, kwargs = CASES[case]
-  config = getattr(transformers, config_cls)(**{**BASE, **kwargs})
+  kwargs = {**BASE, **kwargs}
+  if layers is not None:
+    kwargs["num_hidden_layers"] = layers
+    if "layer_types" in kwargs:
+      kwargs["layer_types"] = kwargs["layer_types"][:layers]
+  config = getattr(transformers, config_cls)(**kwargs)
   torch.manual_seed(seed)
   model = getattr(transformers, model_cls)(config).eval()
   with torch.no_grad():
@@ -99,23 +106,26 @@ class Checkpoints(Mapping):
   tests read these folders and must copy them before changing anything.
   """
 
+  cases: Mapping[str, Any] = CASES
+  make = staticmethod(make_checkpoint)
+
   def __init__(self, tmp_path_factory):
     self._tmp_path_factory = tmp_path_factory
     self._made: dict[str, tuple[pathlib.Path, Any]] = {}
 
   def __getitem__(self, case: str) -> tuple[pathlib.Path, Any]:
-    if case not in CASES:
+    if case not in self.cases:
       raise KeyError(case)
     if case not in self._made:
       folder = self._tmp_path_factory.mktemp(case)
-      self._made[case] = folder, make_checkpoint(case, folder)
+      self._made[case] = folder, self.make(case, folder)
     return self._made[case]
 
   def __iter__(self):
-    return iter(sorted(CASES))
+    return iter(sorted(self.cases))
 
   def __len__(self) -> int:
-    return len(CASES)
+    return len(self.cases)
 
 
 def to_hub_spelling(folder: pathlib.Path) -> None:

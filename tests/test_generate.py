@@ -26,19 +26,6 @@ NEW_TOKENS = 32
 CASES = sorted(reference.CASES)
 
 
-@pytest.fixture(scope="module")
-def models(reference_checkpoints):
-  """case -> one-device model, loaded on first use."""
-  loaded = {}
-
-  def get(case):
-    if case not in loaded:
-      loaded[case] = load_folder(reference_checkpoints[case][0], one_device_mesh())
-    return loaded[case]
-
-  return get
-
-
 def unpadded(tokens: np.ndarray, mask: np.ndarray) -> list[list[int]]:
   return [row[m.astype(bool)].tolist() for row, m in zip(tokens, mask)]
 
@@ -71,16 +58,17 @@ class CharTokenizer:
 
 
 @pytest.mark.parametrize("case", CASES)
-def test_greedy_matches_transformers(reference_checkpoints, models, case):
+def test_greedy_matches_transformers(reference_checkpoints, reference_models, case):
   _, torch_model = reference_checkpoints[case]
   tokens, mask, _ = reference.left_padded_batch(seed=1)
   expected = reference.reference_greedy(torch_model, tokens, mask, NEW_TOKENS)
-  out = generate(models(case), unpadded(tokens, mask), NEW_TOKENS)
+  out = generate(reference_models(case), unpadded(tokens, mask), NEW_TOKENS)
   np.testing.assert_array_equal(out.tokens, expected)
   np.testing.assert_array_equal(out.lengths, [NEW_TOKENS] * 3)
 
 
-def test_eos_stops_each_row_as_transformers_does_and_ends_the_loop(reference_checkpoints, models):
+def test_eos_stops_each_row_as_transformers_does_and_ends_the_loop(reference_checkpoints,
+                                                                   reference_models):
   _, torch_model = reference_checkpoints["qwen3"]
   tokens, mask, _ = reference.left_padded_batch(seed=1)
   unstopped = reference.reference_greedy(torch_model, tokens, mask, NEW_TOKENS)
@@ -96,7 +84,7 @@ def test_eos_stops_each_row_as_transformers_does_and_ends_the_loop(reference_che
 
   received = []
   out = generate(
-      models("qwen3"), tokens, NEW_TOKENS, attention_mask=mask, eos_ids=eos_ids, pad_id=7,
+      reference_models("qwen3"), tokens, NEW_TOKENS, attention_mask=mask, eos_ids=eos_ids, pad_id=7,
       stream=lambda step, toks: received.append((step, toks)),
   )
   np.testing.assert_array_equal(out.tokens, expected)
@@ -124,11 +112,11 @@ def test_the_configs_eos_is_the_default_as_in_transformers(reference_checkpoints
   np.testing.assert_array_equal(never.tokens, unstopped)
 
 
-def test_second_call_reuses_compiled_programs_and_reports_timings(models):
+def test_second_call_reuses_compiled_programs_and_reports_timings(reference_models):
   tokens, mask, _ = reference.left_padded_batch(seed=1)
-  first = generate(models("llama3"), tokens, NEW_TOKENS, attention_mask=mask)
+  first = generate(reference_models("llama3"), tokens, NEW_TOKENS, attention_mask=mask)
   other_tokens, _, _ = reference.left_padded_batch(seed=5)
-  again = generate(models("llama3"), other_tokens, NEW_TOKENS, attention_mask=mask)
+  again = generate(reference_models("llama3"), other_tokens, NEW_TOKENS, attention_mask=mask)
   assert again.compile_seconds == 0.0
   assert not np.array_equal(first.tokens, again.tokens)
   for out in (first, again):
@@ -139,24 +127,25 @@ def test_second_call_reuses_compiled_programs_and_reports_timings(models):
     )
 
 
-def test_seeded_sampling_is_reproducible_and_differs_across_seeds(models):
+def test_seeded_sampling_is_reproducible_and_differs_across_seeds(reference_models):
   tokens, mask, _ = reference.left_padded_batch(seed=1)
   sample = lambda seed: generate(  # noqa: E731
-      models("gemma2"), tokens, NEW_TOKENS, attention_mask=mask, temperature=1.5, top_k=40,
-      top_p=0.95, seed=seed,
+      reference_models("gemma2"), tokens, NEW_TOKENS, attention_mask=mask, temperature=1.5,
+      top_k=40, top_p=0.95, seed=seed,
   ).tokens
   np.testing.assert_array_equal(sample(0), sample(0))
   assert not np.array_equal(sample(0), sample(1))
 
 
-def test_string_prompts_through_a_tokenizer(models):
+def test_string_prompts_through_a_tokenizer(reference_models):
   tokenizer = CharTokenizer()
   # The padded shape of the greedy test, whose compiled programs this reuses.
   prompts = ["Hello there!", "Hi, you", "Hey"]
   eos = tokenizer.eos_ids[0]
-  out = generate(models("llama3"), prompts, NEW_TOKENS, tokenizer=tokenizer)  # its eos_ids
+  # The tokenizer's eos_ids.
+  out = generate(reference_models("llama3"), prompts, NEW_TOKENS, tokenizer=tokenizer)
   by_ids = generate(
-      models("llama3"), [tokenizer.encode(p) for p in prompts], NEW_TOKENS, eos_ids=eos
+      reference_models("llama3"), [tokenizer.encode(p) for p in prompts], NEW_TOKENS, eos_ids=eos
   )
   np.testing.assert_array_equal(out.tokens, by_ids.tokens)
   assert out.lengths.min() < NEW_TOKENS  # The tokenizer's EOS id stopped a row.

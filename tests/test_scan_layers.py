@@ -17,8 +17,7 @@ import numpy as np
 import pytest
 from flax import nnx
 
-from tests import reference
-from tests.models import test_qwen3_moe
+from tests import moe_reference, reference
 from tunix_zoo import AutoModel
 from tunix_zoo.checkpoint.export import save_pretrained
 from tunix_zoo.errors import LoraError
@@ -33,20 +32,10 @@ EVERY_CASE = ["llama3", "qwen2p5", "qwen3", "gemma", "gemma2", "gemma3", MOE, "e
 
 
 @pytest.fixture(scope="module")
-def checkpoints(reference_checkpoints, tmp_path_factory):
+def checkpoints(reference_checkpoints, moe_checkpoints):
   """case -> (checkpoint folder, transformers model), made on first use."""
-  made = {}
-
-  def checkpoint(case):
-    if case not in made:
-      if case in test_qwen3_moe.CASES:
-        folder = tmp_path_factory.mktemp(case)
-        made[case] = folder, test_qwen3_moe.make_checkpoint(case, folder)
-      else:
-        made[case] = reference_checkpoints[case]
-    return made[case]
-
-  return checkpoint
+  return lambda case: (moe_checkpoints if case in moe_reference.CASES
+                       else reference_checkpoints)[case]
 
 
 @pytest.fixture(scope="module")
@@ -56,17 +45,18 @@ def folders(checkpoints):
 
 
 @pytest.fixture(scope="module")
-def pairs(folders):
-  """case -> (unrolled, scanned) models of the case's checkpoint on one device."""
+def pairs(folders, reference_models):
+  """case -> (unrolled, scanned) models of the case's checkpoint on one device; the
+  unrolled one of a dense case is the session's (read-only)."""
   made = {}
 
   def pair(case):
     if case not in made:
       mesh = reference.one_device_mesh()
-      made[case] = tuple(
-          AutoModel.from_pretrained(str(folders(case)), mesh, scan_layers=scan)[0]
-          for scan in (False, True)
-      )
+      unrolled = (AutoModel.from_pretrained(str(folders(case)), mesh)[0]
+                  if case in moe_reference.CASES else reference_models(case))
+      scanned = AutoModel.from_pretrained(str(folders(case)), mesh, scan_layers=True)[0]
+      made[case] = unrolled, scanned
     return made[case]
 
   return pair
@@ -82,7 +72,7 @@ def check_parity(unrolled, scanned, case, greedy=True, torch_model=None):
   unrolled model's greedy tokens."""
   tokens, mask, _ = reference.left_padded_batch()
   real = mask.astype(bool)
-  if case in test_qwen3_moe.CASES:
+  if case in moe_reference.CASES:
     (ours, _, router), (theirs, _, router_scanned) = (
         _forward_moe(m, jnp.asarray(tokens), jnp.asarray(mask)) for m in (unrolled, scanned)
     )

@@ -301,12 +301,13 @@ GRPO_CASES = [
 
 @pytest.mark.slow
 @pytest.mark.parametrize("placement,shape,axis_type", GRPO_CASES, ids=case_id)
-def test_grpo_two_steps(demo, placement, shape, axis_type):
+def test_grpo_two_steps(demo, shared_model, placement, shape, axis_type):
   folder, tokenizer = demo
   mesh = make_mesh(shape, axis_type)
   rollout_mesh = mesh if placement == "colocated" else make_mesh(shape, axis_type, 4)
   actor, _ = AutoModel.from_pretrained(folder, mesh)
-  reference, _ = AutoModel.from_pretrained(folder, mesh)
+  # The reference model is only read (its log-probabilities): the module's shared one.
+  reference = shared_model(shape, axis_type)
   apply_lora(actor, rank=4, alpha=8.0)
   meshes = {role: mesh for role in rl_cluster_lib.Role}
   meshes[rl_cluster_lib.Role.ROLLOUT] = rollout_mesh

@@ -1,17 +1,15 @@
 """Qwen3-MoE against transformers on tiny random checkpoints.
 
 Every case is a ``Qwen3MoeForCausalLM`` saved with ``save_pretrained`` (one tensor per
-expert) and loaded with ``load_folder``. Tolerances as tests/models/test_parity.py:
-float32 logits within 1e-4 over real tokens of a left-padded batch, greedy decoding
-token-identical to ``generate``; the auxiliary load-balancing loss equals transformers'
-``aux_loss``. The MoE layer on its own: tests/layers/test_moe.py.
+expert; tests/moe_reference.py) and loaded with ``load_folder``. Tolerances as
+tests/models/test_parity.py: float32 logits within 1e-4 over real tokens of a left-padded
+batch, greedy decoding token-identical to ``generate``; the auxiliary load-balancing loss
+equals transformers' ``aux_loss``. The MoE layer on its own: tests/layers/test_moe.py.
 """
 
 from __future__ import annotations
 
 import json
-import pathlib
-from typing import Any
 
 import jax
 import jax.numpy as jnp
@@ -21,6 +19,7 @@ from flax import nnx
 from jax.sharding import AxisType, PartitionSpec
 
 from tests import reference
+from tests.moe_reference import CASES, make_checkpoint
 from tests.reference import MAX_ABS, greedy, mesh_2x4, one_device_mesh
 from tunix_zoo.automodel import load_folder
 from tunix_zoo.checkpoint.reader import CheckpointFiles
@@ -29,64 +28,12 @@ from tunix_zoo.layers.moe import GATHER_MAX_COPIES_PER_EXPERT, MoE, load_balanci
 from tunix_zoo.models.qwen3.params import QWEN3_PARAMS
 
 NEW_TOKENS = 24
-# name -> Qwen3MoeConfig kwargs beyond reference.BASE.
-CASES: dict[str, dict[str, Any]] = {
-    # Layer 1 dense among sparse ones (mlp_only_layers), probabilities not renormalised.
-    "e6_k2_mlp_only": dict(
-        num_hidden_layers=3, num_experts=6, num_experts_per_tok=2, mlp_only_layers=[1],
-        norm_topk_prob=False,
-    ),
-    # Every second layer sparse (decoder_sparse_step=2), renormalised top-3 of 16.
-    "e16_k3_step2_norm": dict(
-        num_hidden_layers=4, num_experts=16, num_experts_per_tok=3, decoder_sparse_step=2,
-        norm_topk_prob=True,
-    ),
-    # An expert count the mesh's fsdp axis (2) does not divide; tied embeddings.
-    "e5_k4_tied": dict(
-        num_hidden_layers=2, num_experts=5, num_experts_per_tok=4, norm_topk_prob=True,
-        tie_word_embeddings=True,
-    ),
-}
-
-
-def make_checkpoint(case: str, folder: pathlib.Path, **save_kwargs: Any):
-  """Saves a random Qwen3-MoE of ``case`` into ``folder``; returns the torch model."""
-  import torch
-  import transformers
-
-  config = transformers.Qwen3MoeConfig(**{
-      **reference.BASE, "num_attention_heads": 4, "num_key_value_heads": 2,
-      "moe_intermediate_size": 24, "rope_theta": 1e6, "tie_word_embeddings": False,
-      "router_aux_loss_coef": 0.01, **CASES[case],
-  })
-  torch.manual_seed(0)
-  model = transformers.Qwen3MoeForCausalLM(config).eval()
-  with torch.no_grad():
-    for name, param in model.named_parameters():
-      if "norm" in name:
-        param.add_(torch.randn_like(param) * 0.2)
-      elif name.endswith("mlp.gate.weight"):
-        # Decisive routing: near-uniform router probabilities would make the top-k
-        # choice hinge on rounding.
-        param.mul_(5.0)
-  model.save_pretrained(folder, safe_serialization=True, **save_kwargs)
-  return model
 
 
 @pytest.fixture(scope="module")
-def checkpoints(tmp_path_factory):
-  """case -> (folder, torch model), made once for the module."""
-  made = {}
-  for case in CASES:
-    folder = tmp_path_factory.mktemp(case)
-    made[case] = folder, make_checkpoint(case, folder)
-  return made
-
-
-@pytest.fixture(scope="module")
-def models(checkpoints):
+def models(moe_checkpoints):
   """case -> our model of the case's checkpoint on one device, loaded once."""
-  return {case: load_folder(folder, one_device_mesh()) for case, (folder, _) in checkpoints.items()}
+  return {case: load_folder(moe_checkpoints[case][0], one_device_mesh()) for case in CASES}
 
 
 _jitted_forward = nnx.jit(lambda m, t, k: m.forward_with_router_logits(t, attention_mask=k))
@@ -106,10 +53,10 @@ def sparse_layers(model) -> list[int]:
 
 
 @pytest.mark.parametrize("case", sorted(CASES))
-def test_logits_and_aux_loss_match_transformers(checkpoints, models, case):
+def test_logits_and_aux_loss_match_transformers(moe_checkpoints, models, case):
   import torch
 
-  _, torch_model = checkpoints[case]
+  _, torch_model = moe_checkpoints[case]
   model = models[case]
   cfg = model.config
   assert sparse_layers(model) == [i for i in range(cfg.num_layers) if cfg.is_sparse_layer(i)]
@@ -142,15 +89,15 @@ def test_logits_and_aux_loss_match_transformers(checkpoints, models, case):
 
 
 @pytest.mark.parametrize("case", sorted(CASES))
-def test_greedy_decode_matches_generate(checkpoints, models, case):
-  _, torch_model = checkpoints[case]
+def test_greedy_decode_matches_generate(moe_checkpoints, models, case):
+  _, torch_model = moe_checkpoints[case]
   tokens, mask, _ = reference.left_padded_batch(seed=1)
   expected = reference.reference_greedy(torch_model, tokens, mask, NEW_TOKENS)
   np.testing.assert_array_equal(greedy(models[case], tokens, mask, NEW_TOKENS), expected)
 
 
-def test_one_row_decode_gathers_experts_and_matches_generate(checkpoints, models):
-  _, torch_model = checkpoints["e16_k3_step2_norm"]
+def test_one_row_decode_gathers_experts_and_matches_generate(moe_checkpoints, models):
+  _, torch_model = moe_checkpoints["e16_k3_step2_norm"]
   model = models["e16_k3_step2_norm"]
   cfg = model.config
   # One token's copies are few enough for Experts to gather their matrices.
@@ -160,9 +107,9 @@ def test_one_row_decode_gathers_experts_and_matches_generate(checkpoints, models
   np.testing.assert_array_equal(greedy(model, tokens, mask, NEW_TOKENS), expected)
 
 
-def test_expert_stacks_hold_the_checkpoint_tensors_bit_exactly(checkpoints, models):
+def test_expert_stacks_hold_the_checkpoint_tensors_bit_exactly(moe_checkpoints, models):
   """Each stack's slice ``e`` is the tensor that ``stacked_keys`` names, so export splits it."""
-  folder, _ = checkpoints["e6_k2_mlp_only"]
+  folder, _ = moe_checkpoints["e6_k2_mlp_only"]
   model = models["e6_k2_mlp_only"]
   with CheckpointFiles(folder) as ckpt:
     for i in sparse_layers(model):
@@ -192,12 +139,12 @@ def test_expert_stacks_hold_the_checkpoint_tensors_bit_exactly(checkpoints, mode
     ],
     ids=["e6_explicit", "e6_auto", "e5_explicit"],
 )
-def test_mesh_2x4_equals_one_device(checkpoints, case, axis_type):
+def test_mesh_2x4_equals_one_device(moe_checkpoints, case, axis_type):
   # Against transformers directly, which the one-device model matches (the tests above):
   # a second, unsharded run here would only add compiles.
   import torch
 
-  folder, torch_model = checkpoints[case]
+  folder, torch_model = moe_checkpoints[case]
   mesh = mesh_2x4(axis_type)
   sharded = load_folder(folder, mesh)
   moe = sharded.layers[sparse_layers(sharded)[0]].mlp
@@ -249,8 +196,9 @@ def test_sharded_checkpoint_in_hub_spelling(tmp_path):
     ],
     ids=["fewer_experts", "more_experts", "expert_width"],
 )
-def test_config_disagreeing_with_expert_tensors_is_refused(checkpoints, tmp_path, change, message):
-  folder, _ = checkpoints["e6_k2_mlp_only"]
+def test_config_disagreeing_with_expert_tensors_is_refused(moe_checkpoints, tmp_path, change,
+                                                           message):
+  folder, _ = moe_checkpoints["e6_k2_mlp_only"]
   for path in folder.iterdir():
     (tmp_path / path.name).symlink_to(path)
   config = json.loads((folder / "config.json").read_text())
