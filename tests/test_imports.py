@@ -165,3 +165,20 @@ def test_no_public_name_is_also_a_submodule():
           "assert callable(generate), generate\n")
   result = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True)
   assert result.returncode == 0, result.stderr
+
+
+def test_no_test_module_imports_another():
+  """Shared test code lives in helper modules (tests/reference.py, tests/moe_reference.py,
+  conftest fixtures): a test module imported by another runs its collection twice and
+  ties the two files' fixtures together."""
+  tests_root = PACKAGE.parent / "tests"
+  offenders = []
+  for path in sorted(tests_root.rglob("*.py")):
+    for node in ast.walk(ast.parse(path.read_text())):
+      names = ([a.name for a in node.names] if isinstance(node, ast.Import) else
+               [f"{node.module}.{a.name}" for a in node.names]
+               if isinstance(node, ast.ImportFrom) and node.module else [])
+      offenders += [f"{path.relative_to(tests_root)}: {name}" for name in names
+                    if name.startswith("tests.") and name.rsplit(".", 1)[-1].startswith("test_")
+                    or ".test_" in name.removeprefix("tests")]
+  assert not offenders, offenders

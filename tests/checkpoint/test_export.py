@@ -23,8 +23,7 @@ import transformers
 from flax import nnx
 from jax.sharding import AxisType
 
-from tests import reference
-from tests.models import test_qwen3_moe
+from tests import moe_reference, reference
 from tunix_zoo import registry
 from tunix_zoo.automodel import load_folder
 from tunix_zoo.checkpoint import export
@@ -296,10 +295,10 @@ def test_stacked_parameter_is_written_one_tensor_per_row(sources, tmp_path, monk
   assert_bit_equal(flat_params(load_folder(out, one_device_mesh())), flat_params(model))
 
 
-@pytest.mark.parametrize("case", sorted(test_qwen3_moe.CASES))
+@pytest.mark.parametrize("case", sorted(moe_reference.CASES))
 def test_qwen3_moe_exports_one_tensor_per_expert_from_a_2x4_mesh(tmp_path, case):
   source = tmp_path / "source"
-  test_qwen3_moe.make_checkpoint(case, source)
+  moe_reference.make_checkpoint(case, source)
   mesh = jax.make_mesh((2, 4), ("fsdp", "tp"), axis_types=(AxisType.Explicit,) * 2)
   model = load_folder(source, mesh)
   out = save_pretrained(model, tmp_path / "export", max_shard_size="40KB")
