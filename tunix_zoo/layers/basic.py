@@ -18,6 +18,8 @@ import jax
 import jax.numpy as jnp
 from flax import nnx
 
+from tunix_zoo.kernels.policy import KernelPolicy
+
 INIT_STDDEV = 0.02
 
 
@@ -76,6 +78,7 @@ class Linear(nnx.Module):
     )
     self.quantization = None
     self.weight_scale = nnx.data(None)  # a Param once quantized
+    self.kernel_policy = KernelPolicy()  # its quantized_matmul setting, once quantized
 
   @property
   def dense_shape(self) -> tuple[int, int]:
@@ -86,7 +89,8 @@ class Linear(nnx.Module):
     if self.quantization is None:
       y = jnp.einsum("...i,oi->...o", x.astype(self.dtype), self.weight[...].astype(self.dtype))
     else:
-      y = self.quantization.matmul(x, self.weight[...], self.weight_scale[...], self.dtype)
+      y = self.quantization.matmul(x, self.weight[...], self.weight_scale[...], self.dtype,
+                                   kernel=self.kernel_policy.quantized_matmul)
     if self.bias is not None:
       y = y + self.bias[...].astype(self.dtype)
     return y

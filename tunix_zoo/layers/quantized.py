@@ -28,6 +28,7 @@ Example::
 from __future__ import annotations
 
 import dataclasses
+import functools
 import re
 from typing import Any
 
@@ -37,6 +38,7 @@ import numpy as np
 from flax import nnx
 
 from tunix_zoo.errors import ConfigError
+from tunix_zoo.kernels import quantized_matmul
 from tunix_zoo.layers.basic import Linear
 
 KINDS = ("int8", "int4", "nf4", "fp8")
@@ -181,11 +183,23 @@ class Quantization:
         v = jnp.take(jnp.asarray(NF4_LEVELS, dtype), codes.astype(jnp.int32))
     return (v.astype(dtype) * scales.astype(dtype)[..., None]).reshape(out_features, -1)
 
-  def matmul(self, x: jax.Array, values: jax.Array, scales: jax.Array, dtype: Any) -> jax.Array:
+  def matmul(self, x: jax.Array, values: jax.Array, scales: jax.Array, dtype: Any,
+             kernel: str = "xla") -> jax.Array:
     """``x @ W.T`` for the quantized ``W``; with one scale per output channel (and
-    unpacked values) the scale multiplies the product, so the dot reads the stored bytes."""
-    x = x.astype(dtype)
+    unpacked values) the scale multiplies the product, so the dot reads the stored bytes.
 
+    ``kernel``: the ``KernelPolicy.quantized_matmul`` setting; where it runs the GEMV
+    kernel (:mod:`tunix_zoo.kernels.quantized_matmul`, a decode step's few rows) the
+    gradient with respect to ``x`` is this XLA path's.
+    """
+    x = x.astype(dtype)
+    levels = tuple(NF4_LEVELS.tolist()) if self.kind == "nf4" else None
+    if quantized_matmul.takes(x, values, scales, self.kind, setting=kernel):
+      return _kernel_product(self, levels, kernel == "interpret", x, values, scales)
+    return self._xla_matmul(x, values, scales, dtype)
+
+  def _xla_matmul(self, x: jax.Array, values: jax.Array, scales: jax.Array,
+                  dtype: Any) -> jax.Array:
     def product(x, values, scales):
       if scales.shape[1] == 1 and not self.packed:
         y = jnp.einsum("...i,oi->...o", x, values.astype(dtype))
@@ -197,6 +211,29 @@ class Quantization:
     # Rematerialised: the backward pass (QLoRA) recomputes the float weight rather than
     # keeping a float copy of every layer's weight alive until it runs.
     return jax.checkpoint(product, prevent_cse=False)(x, values, scales)
+
+
+@functools.partial(jax.custom_vjp, nondiff_argnums=(0, 1, 2))
+def _kernel_product(scheme: Quantization, levels, interpret: bool, x, values, scales):
+  """The GEMV kernel's ``x @ W.T``; its backward is XLA's (the values are frozen, so
+  only ``x`` gets a gradient), which recomputes the float weight as the XLA path does."""
+  return quantized_matmul.quantized_matmul(x, values, scales, scheme.kind, levels,
+                                           interpret=interpret)
+
+
+def _kernel_product_forward(scheme, levels, interpret, x, values, scales):
+  return _kernel_product(scheme, levels, interpret, x, values, scales), (values, scales)
+
+
+def _kernel_product_backward(scheme, levels, interpret, residuals, grad):
+  values, scales = residuals
+  weight = scheme.dequantize(values, scales, grad.dtype)
+  grad_x = jnp.einsum("...o,oi->...i", grad, weight)
+  return (grad_x, np.zeros(values.shape, jax.dtypes.float0) if not jnp.issubdtype(
+      values.dtype, jnp.floating) else jnp.zeros_like(values), jnp.zeros_like(scales))
+
+
+_kernel_product.defvjp(_kernel_product_forward, _kernel_product_backward)
 
 
 def is_quantized_weight(var: nnx.Variable) -> bool:
