@@ -12,6 +12,7 @@ import numpy as np
 import pytest
 from flax import nnx
 
+from tests import reference
 from tunix_zoo.errors import KernelError
 from tunix_zoo.kernels import KernelPolicy, quantized_matmul, set_kernel_policy
 from tunix_zoo.layers.basic import Linear
@@ -148,3 +149,47 @@ def test_a_tiling_triton_refuses_is_caught_by_the_lowering():
     _lowers_to_triton(fn, jax.ShapeDtypeStruct((1, 4096), jnp.bfloat16),
                       jax.ShapeDtypeStruct((1023, 2048), jnp.uint8),
                       jax.ShapeDtypeStruct((1023, 32), jnp.bfloat16))
+
+
+@pytest.fixture(scope="module")
+def tiny_int4_model():
+  """A two-layer Qwen3 of width 64 (MLP 128), int4 in groups of 32 (16 bytes per group)."""
+  from tunix_zoo import registry
+  from tunix_zoo.automodel import AutoModel
+
+  config = registry.get_config("qwen3_8b").replace(
+      vocab_size=256, hidden_size=64, intermediate_size=128, num_layers=2, num_heads=4,
+      num_kv_heads=2, head_dim=16)
+  config = config.replace(layer_types=config.layer_types[:2])
+  return AutoModel.from_config(config, reference.one_device_mesh(),
+                               quantization=Quantization("int4", group_size=32))
+
+
+def test_a_decode_step_runs_the_kernel_in_every_quantized_linear(tiny_int4_model):
+  model = tiny_int4_model
+  tokens = jnp.asarray([[5]])
+  step = lambda m, t: m(t)[0]
+  want = nnx.jit(step)(model, tokens)
+  set_kernel_policy(model, KernelPolicy(quantized_matmul="interpret"))
+  try:
+    program = str(jax.make_jaxpr(lambda t: step(model, t))(tokens))
+    got = nnx.jit(step)(model, tokens)
+    # The LM head stays in float (Quantization's default skip): 2 layers x 7 projections.
+    assert program.count("pallas_call") == 14
+    np.testing.assert_allclose(got, want, atol=TOLERANCE * float(jnp.abs(want).max()), rtol=0)
+    # A prefill's rows are XLA's, also under a forced kernel.
+    assert "pallas_call" not in str(jax.make_jaxpr(lambda t: step(model, t))(
+        jnp.ones((1, quantized_matmul.MAX_ROWS + 1), jnp.int32)))
+  finally:
+    set_kernel_policy(model, KernelPolicy())
+
+
+def test_a_weight_on_a_mesh_of_several_devices_is_xlas():
+  mesh = jax.make_mesh((2, 4), ("fsdp", "tp"), axis_types=(jax.sharding.AxisType.Auto,) * 2)
+  scheme, values, scales = stored("int4", 64)
+  x = jnp.ones((1, IN), jnp.float32)
+  why = quantized_matmul.why_unsupported(x, values, scales, "int4", mesh=mesh, interpret=True)
+  assert "mesh of 8 devices" in why
+  with pytest.raises(KernelError, match="quantized_matmul='interpret'.*mesh of 8 devices"):
+    quantized_matmul.takes(x, values, scales, "int4", setting="interpret", mesh=mesh)
+  assert not quantized_matmul.takes(x, values, scales, "int4", setting="auto", mesh=mesh)

@@ -27,6 +27,7 @@ from __future__ import annotations
 
 import dataclasses
 import functools
+import logging
 import math
 from typing import Sequence
 
@@ -34,8 +35,11 @@ import jax
 import jax.numpy as jnp
 from jax.experimental import pallas as pl
 from jax.experimental.pallas import triton as plgpu
+from jax.sharding import AbstractMesh, Mesh
 
 from tunix_zoo.kernels.policy import runs_kernel
+
+log = logging.getLogger(__name__)
 
 KINDS = ("int8", "fp8", "int4", "nf4")
 # Rows of ``x`` the kernel takes (every row re-reads the unpacked weight from registers;
@@ -43,6 +47,7 @@ KINDS = ("int8", "fp8", "int4", "nf4")
 MAX_ROWS = 16
 # Inputs per step of the loop when one scale serves a whole output channel.
 _CHANNEL_CHUNK = 256
+_logged: set[str] = set()  # why-nots already logged
 
 
 @dataclasses.dataclass(frozen=True)
@@ -81,12 +86,13 @@ def why_unsupported(
     kind: str,
     blocks: Blocks | None = None,
     *,
+    mesh: Mesh | AbstractMesh | None = None,
     interpret: bool = False,
 ) -> str | None:
   """Why :func:`quantized_matmul` cannot serve ``x`` ``[..., in]`` against ``values``
-  and ``scales`` of a ``kind`` weight (with ``blocks``, or the default tiling); None
-  when it can. ``interpret``: in Pallas's interpreter, which runs anywhere; the
-  compiled kernel needs a GPU."""
+  and ``scales`` of a ``kind`` weight (with ``blocks``, or the default tiling) on
+  ``mesh`` (the weight's); None when it can. ``interpret``: in Pallas's interpreter,
+  which runs anywhere; the compiled kernel needs a GPU."""
   if kind not in KINDS:
     return f"quantization {kind!r} (the kernel serves {', '.join(KINDS)})"
   rows = math.prod(x.shape[:-1])
@@ -108,6 +114,10 @@ def why_unsupported(
     return "float8 weights on a GPU without float8 (compute capability < 8.9)"
   if not interpret and jax.default_backend() != "gpu":
     return f"the {jax.default_backend()} backend (the compiled kernel needs a GPU)"
+  if mesh is not None and mesh.size > 1:
+    # Inside jit an Auto mesh does not say how the weight is split, so the kernel cannot
+    # be given its per-device block under shard_map.
+    return f"a weight on a mesh of {mesh.size} devices (the kernel takes one device's whole weight)"
   return None
 
 
@@ -118,10 +128,11 @@ def supports(
     kind: str,
     blocks: Blocks | None = None,
     *,
+    mesh: Mesh | AbstractMesh | None = None,
     interpret: bool = False,
 ) -> bool:
   """Whether :func:`quantized_matmul` serves these shapes (see :func:`why_unsupported`)."""
-  return why_unsupported(x, values, scales, kind, blocks, interpret=interpret) is None
+  return why_unsupported(x, values, scales, kind, blocks, mesh=mesh, interpret=interpret) is None
 
 
 def _has_fp8() -> bool:
@@ -141,17 +152,27 @@ def takes(
     kind: str,
     *,
     setting: str,
+    mesh: Mesh | AbstractMesh | None = None,
 ) -> bool:
   """Whether the policy's ``setting`` runs :func:`quantized_matmul` for this call (with
   ``interpret=setting == "interpret"``); False where XLA's path should serve.
 
   Calls of more than :data:`MAX_ROWS` rows (a prefill, a training batch) are XLA's
-  under every setting; for the others ``"auto"`` takes the kernel where it can run and
-  a forced ``"pallas"`` / ``"interpret"`` that cannot raises KernelError.
+  under every setting; for the others ``"auto"`` takes the kernel where it can run (on
+  a GPU where it cannot it logs why, once) and a forced ``"pallas"`` / ``"interpret"``
+  that cannot raises KernelError.
   """
   if setting == "xla" or math.prod(x.shape[:-1]) > MAX_ROWS:
     return False
-  why_not = why_unsupported(x, values, scales, kind, interpret=setting == "interpret")
+  why_not = why_unsupported(x, values, scales, kind, mesh=mesh,
+                            interpret=setting == "interpret")
+  if setting == "auto" and why_not is not None and jax.default_backend() == "gpu":
+    if why_not not in _logged:
+      _logged.add(why_not)
+      log.warning(
+          "Quantized Linear: the GEMV kernel cannot run for %s; XLA's product serves "
+          "(slower in a decode step). KernelPolicy(quantized_matmul='xla') chooses it "
+          "without this message.", why_not)
   return runs_kernel("quantized_matmul", setting, why_not)
 
 

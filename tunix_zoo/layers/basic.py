@@ -18,6 +18,7 @@ import jax
 import jax.numpy as jnp
 from flax import nnx
 
+from tunix_zoo import sharding
 from tunix_zoo.kernels.policy import KernelPolicy
 
 INIT_STDDEV = 0.02
@@ -89,8 +90,10 @@ class Linear(nnx.Module):
     if self.quantization is None:
       y = jnp.einsum("...i,oi->...o", x.astype(self.dtype), self.weight[...].astype(self.dtype))
     else:
-      y = self.quantization.matmul(x, self.weight[...], self.weight_scale[...], self.dtype,
-                                   kernel=self.kernel_policy.quantized_matmul)
+      values = self.weight.get_value()
+      y = self.quantization.matmul(x, values, self.weight_scale[...], self.dtype,
+                                   kernel=self.kernel_policy.quantized_matmul,
+                                   mesh=sharding.mesh_of(values))
     if self.bias is not None:
       y = y + self.bias[...].astype(self.dtype)
     return y

@@ -36,6 +36,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 from flax import nnx
+from jax.sharding import AbstractMesh, Mesh
 
 from tunix_zoo.errors import ConfigError
 from tunix_zoo.kernels import quantized_matmul
@@ -184,17 +185,17 @@ class Quantization:
     return (v.astype(dtype) * scales.astype(dtype)[..., None]).reshape(out_features, -1)
 
   def matmul(self, x: jax.Array, values: jax.Array, scales: jax.Array, dtype: Any,
-             kernel: str = "xla") -> jax.Array:
+             kernel: str = "xla", mesh: Mesh | AbstractMesh | None = None) -> jax.Array:
     """``x @ W.T`` for the quantized ``W``; with one scale per output channel (and
     unpacked values) the scale multiplies the product, so the dot reads the stored bytes.
 
-    ``kernel``: the ``KernelPolicy.quantized_matmul`` setting; where it runs the GEMV
-    kernel (:mod:`tunix_zoo.kernels.quantized_matmul`, a decode step's few rows) the
-    gradient with respect to ``x`` is this XLA path's.
+    ``kernel``: the ``KernelPolicy.quantized_matmul`` setting for the weight on ``mesh``;
+    where it runs the GEMV kernel (:mod:`tunix_zoo.kernels.quantized_matmul`: a decode
+    step's few rows, one device's weight) the gradient with respect to ``x`` is XLA's.
     """
     x = x.astype(dtype)
     levels = tuple(NF4_LEVELS.tolist()) if self.kind == "nf4" else None
-    if quantized_matmul.takes(x, values, scales, self.kind, setting=kernel):
+    if quantized_matmul.takes(x, values, scales, self.kind, setting=kernel, mesh=mesh):
       return _kernel_product(self, levels, kernel == "interpret", x, values, scales)
     return self._xla_matmul(x, values, scales, dtype)
 
