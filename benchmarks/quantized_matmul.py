@@ -13,7 +13,7 @@ high nibbles as two products; ``int4_halves_grouped``: per-group products scaled
 summed; ``int4_native`` and ``int4_native_grouped``: XLA's ``int4`` dtype).
 
 ``--sweep``: per kind, distinct shape and batch (1, 8), the kernel's tilings (block_out,
-groups_per_step, num_warps, num_stages) one product at a time over enough copies of the
+groups_per_step, num_warps, num_stages, mma) one product at a time over enough copies of the
 weight that L2 does not serve it: the best tiling's µs and TB/s of stored bytes, the
 default tiling's, and XLA's ``Quantization.matmul`` beside them.
 
@@ -178,18 +178,19 @@ def seconds_per_product(product, x, copies, steps: int) -> float:
 
 
 def tilings(default, group_bytes: int, groups: int, small: bool) -> list:
-  """The sweep's tilings, the default first: block_out x bytes per step x num_warps (3
-  stages; the best of these is then tried with 2 and 4)."""
+  """The sweep's first tilings, the default first: block_out x bytes per step, as vector
+  multiply-adds and as tensor-core dots (``mma``), 4 warps and 3 stages (the best is then
+  tried with 8 warps and with 2 and 4 stages)."""
   from tunix_zoo.kernels.quantized_matmul import Blocks
 
   found = [default]
-  for block_out, step_bytes, warps in itertools.product(
-      (2, 4) if small else (4, 8, 16, 32), (512,) if small else (2048, 4096, 8192),
-      (4,) if small else (4, 8)):
-    per_step = step_bytes // (block_out * group_bytes)
-    if 1 <= per_step <= groups and per_step & (per_step - 1) == 0 and groups % per_step == 0:
-      found.append(Blocks(block_out=block_out, groups_per_step=per_step, num_warps=warps,
-                          num_stages=3))
+  shapes = [(False, (2, 4), (512,))] if small else [
+      (False, (4, 8, 16), (2048, 4096, 8192)), (True, (16, 32), (4096, 8192))]
+  for mma, block_outs, step_bytes in shapes:
+    for block_out, size in itertools.product(block_outs, step_bytes):
+      per_step = size // (block_out * group_bytes)
+      if 1 <= per_step <= groups and groups % per_step == 0:
+        found.append(Blocks(block_out=block_out, groups_per_step=per_step, mma=mma))
   return list(dict.fromkeys(found))
 
 
@@ -237,7 +238,7 @@ def sweep(args) -> dict:
         failures.append(f"{blocks}: {type(e).__name__}: {str(e)[:160]}")
         return float("inf")
 
-    default = qm.default_blocks(kind, batch, out, group_bytes)
+    default = qm.default_blocks(kind, batch, out, group_bytes, x.dtype)
     results = []
     for blocks in tilings(default, group_bytes, groups, args.small):
       if time.perf_counter() > until and results:
@@ -246,18 +247,20 @@ def sweep(args) -> dict:
         results.append((kernel_seconds(blocks), blocks))
     default_s = results[0][0]
     best_s, best = min(results, key=lambda r: r[0])
-    for stages in (2, 4):
-      if time.perf_counter() < until:
-        blocks = dataclasses.replace(best, num_stages=stages)
+    for change in (dict(num_warps=12 - best.num_warps), dict(num_stages=2),
+                   dict(num_stages=4)):
+      blocks = dataclasses.replace(best, **change)
+      if time.perf_counter() < until and qm.supports(x, *stored, kind, blocks,
+                                                     interpret=args.interpret):
         results.append((kernel_seconds(blocks), blocks))
-    best_s, best = min(results, key=lambda r: r[0])
+      best_s, best = min(results, key=lambda r: r[0])
     row = dict(xla=rate(xla), default=rate(default_s), best=dict(rate(best_s), tiling=[
-        best.block_out, best.groups_per_step, best.num_warps, best.num_stages]),
+        best.block_out, best.groups_per_step, best.num_warps, best.num_stages, int(best.mma)]),
         tried=len(results))
     if failures:
       row.update(failed=len(failures), first_failure=failures[0])
     report[f"{kind}_{out}x{inputs}_b{batch}"] = row
-  report["tiling"] = "block_out, groups_per_step, num_warps, num_stages"
+  report["tiling"] = "block_out, groups_per_step, num_warps, num_stages, mma"
   return report
 
 

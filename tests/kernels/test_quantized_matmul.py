@@ -49,6 +49,23 @@ def test_the_kernel_matches_xla(kind, group_size, batch):
   np.testing.assert_allclose(got, want, atol=TOLERANCE * float(jnp.abs(want).max()), rtol=0)
 
 
+@pytest.mark.parametrize("kind,group_size", SCHEMES)
+def test_the_tensor_core_tiling_matches_xla(kind, group_size):
+  """bf16 inputs (Triton's dot takes 16-bit floats): the dequantized group is rounded to
+  bf16 as XLA's weight is, products are exact in float32; both round the output to bf16
+  (2^-8 relative), so 1% of the largest output."""
+  scheme, values, scales = stored(kind, group_size)
+  scales = scales.astype(jnp.bfloat16)
+  x = jax.random.normal(jax.random.key(4), (8, IN), jnp.bfloat16)
+  assert quantized_matmul.default_blocks(kind, 8, OUT, 32, x.dtype).mma
+  want = scheme.matmul(x, values, scales, jnp.bfloat16).astype(jnp.float32)
+  got = quantized_matmul.quantized_matmul(x, values, scales, kind, levels(kind),
+                                          interpret=True)
+  assert got.dtype == jnp.bfloat16
+  np.testing.assert_allclose(got.astype(jnp.float32), want,
+                             atol=1e-2 * float(jnp.abs(want).max()), rtol=0)
+
+
 def test_leading_axes_and_bf16_inputs():
   scheme, values, scales = stored("int4", 64)
   x = jax.random.normal(jax.random.key(0), (2, 3, IN), jnp.bfloat16)
@@ -126,14 +143,17 @@ def _lowers_to_triton(fn, *args) -> str:
   return exported.mlir_module()
 
 
-@pytest.mark.parametrize("batch", [1, 8])
+@pytest.mark.parametrize("batch,mma", [(1, None), (8, None), (3, True), (8, False)])
 @pytest.mark.parametrize("kind,group_size", SCHEMES)
-def test_the_kernel_lowers_to_triton(kind, group_size, batch):
+def test_the_kernel_lowers_to_triton(kind, group_size, batch, mma):
   """The Pallas -> Triton lowering at a Qwen3-8B down projection's shape ([4096, 12288]:
-  96 groups of 128, not a power of two); only Triton -> PTX is left for a GPU."""
+  96 groups of 128, not a power of two), at the default tilings (multiply-adds at batch
+  1, tensor-core dots at 8) and the other one; only Triton -> PTX is left for a GPU."""
   scheme = Quantization(kind, group_size=group_size)
   values_shape, scales_shape = scheme.shapes(4096, 12288)
-  fn = functools.partial(quantized_matmul.quantized_matmul, kind=kind, levels=levels(kind))
+  blocks = None if mma is None else quantized_matmul.Blocks(block_out=16, mma=mma)
+  fn = functools.partial(quantized_matmul.quantized_matmul, kind=kind, levels=levels(kind),
+                         blocks=blocks)
   module = _lowers_to_triton(
       fn, jax.ShapeDtypeStruct((batch, 12288), jnp.bfloat16),
       jax.ShapeDtypeStruct(values_shape, scheme.storage_dtype),

@@ -47,23 +47,36 @@ KINDS = ("int8", "fp8", "int4", "nf4")
 MAX_ROWS = 16
 # Inputs per step of the loop when one scale serves a whole output channel.
 _CHANNEL_CHUNK = 256
+_MMA_ROWS = 16  # Triton's dot: at least 16 rows
 _logged: set[str] = set()  # why-nots already logged
 
 
 @dataclasses.dataclass(frozen=True)
 class Blocks:
   """The kernel's tiling: ``block_out`` output rows per program, ``groups_per_step``
-  groups of inputs per step of its loop, Triton's ``num_warps`` and ``num_stages``."""
+  groups of inputs per step of its loop, Triton's ``num_warps`` and ``num_stages``, and
+  ``mma``: Triton dots (tensor cores) of the dequantized groups instead of vector
+  multiply-adds."""
 
   block_out: int = 8
   groups_per_step: int = 8
   num_warps: int = 4
   num_stages: int = 3
+  # Tensor-core products of the dequantized group (rows padded to 16) instead of
+  # multiply-adds; worth it from about 8 rows, where the adds outrun the bytes.
+  mma: bool = False
 
 
-def default_blocks(kind: str, rows: int, out_features: int, group_bytes: int) -> Blocks:
+def default_blocks(kind: str, rows: int, out_features: int, group_bytes: int,
+                   dtype: jnp.dtype = jnp.bfloat16) -> Blocks:
   """The tiling :func:`quantized_matmul` uses unless given one: about 4 KiB of stored
-  bytes per program and step, and enough programs to fill an H200's 132 SMs."""
+  bytes per program and step and enough programs to fill an H200's 132 SMs; from 8 rows
+  of 16-bit floats on, tensor-core dots (8 multiply-adds per weight would outrun the
+  bytes)."""
+  if rows >= 8 and jnp.dtype(dtype) in (jnp.bfloat16, jnp.float16) and out_features % 16 == 0:
+    block_out = 16
+    return Blocks(block_out=block_out, groups_per_step=max(1, 4096 // (block_out * group_bytes)),
+                  num_warps=4, num_stages=3, mma=True)
   block_out = 8 if out_features >= 1024 else 4
   groups = max(1, 4096 // (block_out * group_bytes))
   return Blocks(block_out=block_out, groups_per_step=groups, num_warps=4, num_stages=3)
@@ -103,9 +116,12 @@ def why_unsupported(
   if group_bytes < 16 or group_bytes & (group_bytes - 1):
     return (f"{group_bytes} stored bytes per group of inputs (Triton needs a power of two "
             "of at least 16)")
-  blocks = blocks or default_blocks(kind, rows, out_features, group_bytes)
+  blocks = blocks or default_blocks(kind, rows, out_features, group_bytes, x.dtype)
   if any(n < 1 or n & (n - 1) for n in (blocks.block_out, blocks.groups_per_step)):
     return f"{blocks} (Triton needs powers of two)"
+  if blocks.mma and (blocks.block_out < 16 or x.dtype not in (jnp.bfloat16, jnp.float16)):
+    return f"mma with block_out={blocks.block_out} and {x.dtype} inputs (Triton's dot "\
+        "needs at least 16 outputs and 16-bit floats)"
   if out_features % blocks.block_out:
     return f"{out_features} outputs, not a multiple of block_out={blocks.block_out}"
   if groups % _groups_per_step(groups, blocks):
@@ -222,6 +238,41 @@ def _kernel(*refs, kind, levels, rows, groups_per_step, per_channel, packed):
     out_ref[row, :] = total.astype(out_ref.dtype)
 
 
+def _mma_kernel(*refs, kind, levels, groups_per_step, per_channel, packed):
+  """One block of output rows as tensor-core dots: per group, ``x``'s (padded) rows
+  times the dequantized group, scaled, accumulated in float32."""
+  if packed:
+    x_low_ref, x_high_ref, values_ref, scales_ref, out_ref = refs
+    inputs = (x_low_ref, x_high_ref)
+  else:
+    x_ref, values_ref, scales_ref, out_ref = refs
+    inputs = (x_ref,)
+  block_out, groups, _ = values_ref.shape
+  dtype = inputs[0].dtype
+
+  def step(i, total):
+    for j in range(groups_per_step):
+      group = i * groups_per_step + j
+      stored = values_ref[:, group, :]  # [block_out, bytes per group]
+      if packed:
+        codes = stored.astype(jnp.int32)
+        weights = (_decode(codes & 15, kind, levels), _decode(codes >> 4, kind, levels))
+      else:
+        weights = (stored.astype(jnp.float32),)
+      partial = sum(plgpu.dot(ref[:, group, :], w.astype(dtype), trans_b=True)
+                    for w, ref in zip(weights, inputs))  # [rows, block_out] float32
+      if not per_channel:
+        partial = partial * scales_ref[:, group].astype(jnp.float32)[None, :]
+      total = total + partial
+    return total
+
+  init = jnp.zeros((inputs[0].shape[0], block_out), jnp.float32)
+  total = jax.lax.fori_loop(0, groups // groups_per_step, step, init)
+  if per_channel:
+    total = total * scales_ref[:, 0].astype(jnp.float32)[None, :]
+  out_ref[...] = total.astype(out_ref.dtype)
+
+
 def quantized_matmul(
     x: jax.Array,
     values: jax.Array,
@@ -245,30 +296,35 @@ def quantized_matmul(
   out_features = values.shape[0]
   packed = kind in ("int4", "nf4")
   groups, group_bytes, per_channel = _layout(values, scales, kind)
-  blocks = blocks or default_blocks(kind, rows, out_features, group_bytes)
+  blocks = blocks or default_blocks(kind, rows, out_features, group_bytes, x.dtype)
   groups_per_step = _groups_per_step(groups, blocks)
   values3 = values.reshape(out_features, groups, group_bytes)
   x2 = x.reshape(rows, in_features)
+  if blocks.mma:  # Triton's dot takes at least 16 rows.
+    x2 = jnp.pad(x2, ((0, _MMA_ROWS - rows), (0, 0)))
+  block_rows = x2.shape[0]
   if packed:  # The inputs the low and the high nibbles of each group multiply.
-    halves = x2.reshape(rows, groups, 2, group_bytes)
+    halves = x2.reshape(block_rows, groups, 2, group_bytes)
     inputs = (halves[:, :, 0], halves[:, :, 1])
   else:
-    inputs = (x2.reshape(rows, groups, group_bytes),)
-  kernel = functools.partial(
-      _kernel, kind=kind, levels=None if levels is None else tuple(map(float, levels)),
-      rows=rows, groups_per_step=groups_per_step, per_channel=per_channel, packed=packed)
+    inputs = (x2.reshape(block_rows, groups, group_bytes),)
+  common = dict(kind=kind, levels=None if levels is None else tuple(map(float, levels)),
+                groups_per_step=groups_per_step, per_channel=per_channel, packed=packed)
+  kernel = (functools.partial(_mma_kernel, **common) if blocks.mma
+            else functools.partial(_kernel, rows=rows, **common))
   block_out = blocks.block_out
   out = pl.pallas_call(
       kernel,
       grid=(out_features // block_out,),
-      in_specs=[pl.BlockSpec((rows, groups, group_bytes), lambda n: (0, 0, 0))] * len(inputs)
+      in_specs=[pl.BlockSpec((block_rows, groups, group_bytes), lambda n: (0, 0, 0))]
+      * len(inputs)
       + [pl.BlockSpec((block_out, groups, group_bytes), lambda n: (n, 0, 0)),
          pl.BlockSpec((block_out, scales.shape[1]), lambda n: (n, 0))],
-      out_specs=pl.BlockSpec((rows, block_out), lambda n: (0, n)),
-      out_shape=jax.ShapeDtypeStruct((rows, out_features), x.dtype),
+      out_specs=pl.BlockSpec((block_rows, block_out), lambda n: (0, n)),
+      out_shape=jax.ShapeDtypeStruct((block_rows, out_features), x.dtype),
       compiler_params=plgpu.CompilerParams(num_warps=blocks.num_warps,
                                            num_stages=blocks.num_stages),
       interpret=interpret,
       name=f"quantized_matmul_{kind}",
   )(*inputs, values3, scales)
-  return out.reshape(*lead, out_features)
+  return out[:rows].reshape(*lead, out_features)
