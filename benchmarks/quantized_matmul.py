@@ -215,8 +215,9 @@ def sweep(args) -> dict:
     w = jax.random.normal(jax.random.fold_in(key, out + inputs), (out, inputs)) * 0.02
     stored = scheme.quantize(w, jnp)
     nbytes = sum(a.nbytes for a in stored)
-    # Enough copies (>= 160 MB) that the H200's 50 MB L2 does not serve the weights.
-    count = 2 if args.small else max(2, -(-(160 << 20) // nbytes))
+    # Enough copies (>= 160 MB, at most 64 products per program) that the H200's 60 MB
+    # L2 does not serve the weights.
+    count = 2 if args.small else min(64, max(2, -(-(160 << 20) // nbytes)))
     copies = [jax.tree.map(jnp.copy, stored) for _ in range(count)]
     x = jax.random.normal(jax.random.fold_in(key, batch), (batch, inputs)).astype(jnp.bfloat16)
     steps = 2 if args.small else 20
