@@ -181,15 +181,18 @@ def main() -> None:
     if library == "tunix_zoo":
       for quantization in args.quantization.split(","):
         name = library if quantization == "none" else f"{library}_{quantization}"
-        report[name] = run_tunix_zoo(
-            args.model, args.batch, args.prompt, args.new_tokens, args.decode_kernel,
-            args.layers, None if quantization == "none" else quantization, args.scan_layers,
-            tuple(args.set), args.dtype, args.quant_kernel)
+        try:
+          report[name] = run_tunix_zoo(
+              args.model, args.batch, args.prompt, args.new_tokens, args.decode_kernel,
+              args.layers, None if quantization == "none" else quantization, args.scan_layers,
+              tuple(args.set), args.dtype, args.quant_kernel)
+        except Exception as e:  # e.g. a kernel that does not compile: the other formats run.
+          report[name] = dict(error=f"{type(e).__name__}: {str(e)[:400]}")
       formats = args.quantization.split(",")
-      if "none" in formats:
+      if "none" in formats and "error" not in report[library]:
         base = report[library]["decode_tokens_per_s"]
         for quantization in formats:
-          if quantization != "none":
+          if quantization != "none" and "error" not in report[f"{library}_{quantization}"]:
             report[f"{library}_{quantization}"]["speedup_vs_bf16"] = (
                 report[f"{library}_{quantization}"]["decode_tokens_per_s"] / base)
     elif library == "google_tunix":

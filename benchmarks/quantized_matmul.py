@@ -222,7 +222,9 @@ def sweep(args) -> dict:
     x = jax.random.normal(jax.random.fold_in(key, batch), (batch, inputs)).astype(jnp.bfloat16)
     steps = 2 if args.small else 20
     levels = tuple(NF4_LEVELS.tolist()) if kind == "nf4" else None
-    rate = lambda s: dict(us=r3(s * 1e6), tb_s=r3(nbytes / s / 1e12))
+    # None where no tiling compiled (strict JSON has no infinity).
+    rate = lambda s: (dict(us=r3(s * 1e6), tb_s=r3(nbytes / s / 1e12)) if s < float("inf")
+                      else dict(us=None, tb_s=None))
     xla = seconds_per_product(
         lambda x, v, s: scheme.matmul(x, v, s, jnp.bfloat16), x, copies, steps)
     groups, group_bytes, _ = qm._layout(*stored, kind)
