@@ -204,12 +204,46 @@ def test_a_decode_step_runs_the_kernel_in_every_quantized_linear(tiny_int4_model
     set_kernel_policy(model, KernelPolicy())
 
 
-def test_a_weight_on_a_mesh_of_several_devices_is_xlas():
+def test_a_weight_on_a_mesh_needs_its_axes_and_whole_blocks():
   mesh = jax.make_mesh((2, 4), ("fsdp", "tp"), axis_types=(jax.sharding.AxisType.Auto,) * 2)
-  scheme, values, scales = stored("int4", 64)
+  scheme, values, scales = stored("int4", 64)  # [64, 256] bytes, [64, 8] scales
   x = jnp.ones((1, IN), jnp.float32)
   why = quantized_matmul.why_unsupported(x, values, scales, "int4", mesh=mesh, interpret=True)
-  assert "mesh of 8 devices" in why
+  assert "mesh of 8 devices without its mesh axes" in why
   with pytest.raises(KernelError, match="quantized_matmul='interpret'.*mesh of 8 devices"):
     quantized_matmul.takes(x, values, scales, "int4", setting="interpret", mesh=mesh)
   assert not quantized_matmul.takes(x, values, scales, "int4", setting="auto", mesh=mesh)
+  split = (("tp", "fsdp"), ("tp", "fsdp"))
+  assert quantized_matmul.supports(x, values, scales, "int4", mesh=mesh, axes=split,
+                                   interpret=True)
+  why = quantized_matmul.why_unsupported(x, values, scales, "int4", mesh=mesh, interpret=True,
+                                         axes=(("tp", "fsdp"), ("tp", None)))
+  assert "scales split over ('tp', None) but their values over ('tp', 'fsdp')" in why
+  # Each device's block must tile: 64 / 8 = 8 outputs, not a multiple of block_out 16.
+  why = quantized_matmul.why_unsupported(
+      x, values, scales, "int4", quantized_matmul.Blocks(block_out=16), mesh=mesh,
+      interpret=True, axes=((("fsdp", "tp"), None), (("fsdp", "tp"), None)))
+  assert "8 outputs, not a multiple of block_out=16" in why
+
+
+@pytest.mark.parametrize("axis_type", [jax.sharding.AxisType.Auto, jax.sharding.AxisType.Explicit])
+def test_a_decode_step_on_a_2x4_mesh_runs_the_kernel_per_device(axis_type):
+  """Every projection's values and scales split over fsdp x tp (inputs over one, outputs
+  over the other): each device's block is a whole int4 weight, partial sums summed."""
+  from tunix_zoo import registry
+  from tunix_zoo.automodel import AutoModel
+
+  config = registry.get_config("qwen3_8b").replace(
+      vocab_size=256, hidden_size=256, intermediate_size=512, num_layers=1, num_heads=4,
+      num_kv_heads=4, head_dim=64)
+  config = config.replace(layer_types=config.layer_types[:1])
+  model = AutoModel.from_config(config, reference.mesh_2x4(axis_type),
+                                quantization=Quantization("int4", group_size=32))
+  tokens = jnp.asarray([[5], [7]])
+  step = lambda m, t: m(t)[0]
+  want = nnx.jit(step)(model, tokens)
+  set_kernel_policy(model, KernelPolicy(quantized_matmul="interpret"))
+  program = str(jax.make_jaxpr(lambda t: step(model, t))(tokens))
+  assert program.count("pallas_call") == 7 and "shard_map" in program
+  got = nnx.jit(step)(model, tokens)
+  np.testing.assert_allclose(got, want, atol=TOLERANCE * float(jnp.abs(want).max()), rtol=0)

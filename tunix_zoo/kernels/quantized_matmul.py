@@ -14,8 +14,10 @@ The layouts are those of :mod:`tunix_zoo.layers.quantized`: ``values`` ``[out, i
 ``G`` inputs the first half in the low nibbles, the second half in the high ones), and
 ``scales`` ``[out, in / G]``, where ``G == in`` means one scale per output channel.
 
-:func:`takes` is how ``Quantization.matmul`` decides: the kernel as the policy's
-``quantized_matmul`` setting says, XLA's path elsewhere.
+:func:`takes` is how ``Quantization.matmul`` decides (the kernel as the policy's
+``quantized_matmul`` setting says, XLA's path elsewhere) and :func:`per_device` how it
+runs the kernel: per device under ``shard_map`` on a mesh, where every device's block of
+the weight is a whole quantized weight of its own.
 
 Example::
 
@@ -29,15 +31,20 @@ import dataclasses
 import functools
 import logging
 import math
-from typing import Sequence
+from typing import Any, Sequence
 
 import jax
 import jax.numpy as jnp
 from jax.experimental import pallas as pl
 from jax.experimental.pallas import triton as plgpu
-from jax.sharding import AbstractMesh, Mesh
+from jax.sharding import AbstractMesh, Mesh, PartitionSpec
 
+from tunix_zoo import sharding
 from tunix_zoo.kernels.policy import runs_kernel
+
+# The mesh axes of a quantized weight's values and scales: ((out, in), (out, groups)),
+# each entry a PartitionSpec entry (the model's ``out_sharding`` metadata).
+WeightAxes = tuple[tuple[Any, Any], tuple[Any, Any]]
 
 log = logging.getLogger(__name__)
 
@@ -100,17 +107,28 @@ def why_unsupported(
     blocks: Blocks | None = None,
     *,
     mesh: Mesh | AbstractMesh | None = None,
+    axes: WeightAxes | None = None,
     interpret: bool = False,
 ) -> str | None:
   """Why :func:`quantized_matmul` cannot serve ``x`` ``[..., in]`` against ``values``
   and ``scales`` of a ``kind`` weight (with ``blocks``, or the default tiling) on
-  ``mesh`` (the weight's); None when it can. ``interpret``: in Pallas's interpreter,
+  ``mesh`` (the weight's), where ``axes`` are the mesh axes of the values' and the
+  scales' two dimensions; None when it can. ``interpret``: in Pallas's interpreter,
   which runs anywhere; the compiled kernel needs a GPU."""
   if kind not in KINDS:
     return f"quantization {kind!r} (the kernel serves {', '.join(KINDS)})"
   rows = math.prod(x.shape[:-1])
   if rows > MAX_ROWS:
     return f"{rows} rows (the kernel serves up to {MAX_ROWS}, a decode step)"
+  if mesh is not None and mesh.size > 1:
+    if axes is None:
+      return (f"a weight on a mesh of {mesh.size} devices without its mesh axes (the "
+              "kernel runs per device on the model's recorded out_sharding)")
+    why_not = _why_not_split(values, scales, kind, mesh, axes)
+    if why_not is not None:
+      return why_not
+    values, scales = (jax.ShapeDtypeStruct(_local(a.shape, spec, mesh), a.dtype)
+                      for a, spec in zip((values, scales), axes))
   out_features = values.shape[0]
   groups, group_bytes, _ = _layout(values, scales, kind)
   if group_bytes < 16 or group_bytes & (group_bytes - 1):
@@ -130,10 +148,29 @@ def why_unsupported(
     return "float8 weights on a GPU without float8 (compute capability < 8.9)"
   if not interpret and jax.default_backend() != "gpu":
     return f"the {jax.default_backend()} backend (the compiled kernel needs a GPU)"
-  if mesh is not None and mesh.size > 1:
-    # Inside jit an Auto mesh does not say how the weight is split, so the kernel cannot
-    # be given its per-device block under shard_map.
-    return f"a weight on a mesh of {mesh.size} devices (the kernel takes one device's whole weight)"
+  return None
+
+
+def _size(mesh: Mesh | AbstractMesh, entry: Any) -> int:
+  return math.prod(mesh.shape[a] for a in sharding.mesh_axes(entry))
+
+
+def _local(shape: tuple[int, ...], spec: Sequence[Any], mesh: Mesh | AbstractMesh):
+  return tuple(n // _size(mesh, entry) for n, entry in zip(shape, spec))
+
+
+def _why_not_split(values, scales, kind, mesh, axes) -> str | None:
+  """Why the per-device blocks of ``values`` and ``scales`` (split by ``axes``) are not
+  whole weights of their own; None when they are."""
+  (out_axes, in_axes), (scale_out_axes, scale_in_axes) = axes
+  for array, spec in zip((values, scales), axes):
+    if any(n % _size(mesh, entry) for n, entry in zip(array.shape, spec)):
+      return f"a {array.shape} array not divisible by its mesh axes {spec}"
+  per_channel = scales.shape[1] == 1 and kind not in ("int4", "nf4")
+  if scale_out_axes != out_axes or (
+      (scale_in_axes != in_axes) if not per_channel else _size(mesh, scale_in_axes) > 1):
+    return (f"scales split over {axes[1]} but their values over {axes[0]} (each device needs "
+            "the scales of its own block)")
   return None
 
 
@@ -145,10 +182,12 @@ def supports(
     blocks: Blocks | None = None,
     *,
     mesh: Mesh | AbstractMesh | None = None,
+    axes: WeightAxes | None = None,
     interpret: bool = False,
 ) -> bool:
   """Whether :func:`quantized_matmul` serves these shapes (see :func:`why_unsupported`)."""
-  return why_unsupported(x, values, scales, kind, blocks, mesh=mesh, interpret=interpret) is None
+  return why_unsupported(x, values, scales, kind, blocks, mesh=mesh, axes=axes,
+                         interpret=interpret) is None
 
 
 def _has_fp8() -> bool:
@@ -169,6 +208,7 @@ def takes(
     *,
     setting: str,
     mesh: Mesh | AbstractMesh | None = None,
+    axes: WeightAxes | None = None,
 ) -> bool:
   """Whether the policy's ``setting`` runs :func:`quantized_matmul` for this call (with
   ``interpret=setting == "interpret"``); False where XLA's path should serve.
@@ -180,7 +220,7 @@ def takes(
   """
   if setting == "xla" or math.prod(x.shape[:-1]) > MAX_ROWS:
     return False
-  why_not = why_unsupported(x, values, scales, kind, mesh=mesh,
+  why_not = why_unsupported(x, values, scales, kind, mesh=mesh, axes=axes,
                             interpret=setting == "interpret")
   if setting == "auto" and why_not is not None and jax.default_backend() == "gpu":
     if why_not not in _logged:
@@ -190,6 +230,42 @@ def takes(
           "(slower in a decode step). KernelPolicy(quantized_matmul='xla') chooses it "
           "without this message.", why_not)
   return runs_kernel("quantized_matmul", setting, why_not)
+
+
+def per_device(
+    x: jax.Array,
+    values: jax.Array,
+    scales: jax.Array,
+    kind: str,
+    levels: Sequence[float] | None = None,
+    *,
+    interpret: bool = False,
+    mesh: Mesh | AbstractMesh | None = None,
+    axes: WeightAxes | None = None,
+) -> jax.Array:
+  """:func:`quantized_matmul` on one device, or per device under ``shard_map`` on a mesh
+  of several: each device multiplies its block of the weight (split by ``axes``) by the
+  matching inputs; partial sums over split inputs are summed across devices."""
+  kernel = functools.partial(quantized_matmul, kind=kind, levels=levels, interpret=interpret)
+  if mesh is None or mesh.size == 1:
+    return kernel(x, values, scales)
+  (out_axes, in_axes), scale_axes = axes
+  lead = (None,) * (x.ndim - 1)
+  summed = sharding.mesh_axes(in_axes)
+
+  def local(x, values, scales):
+    y = kernel(x, values, scales)
+    return jax.lax.psum(y, summed) if summed else y
+
+  context = jax.sharding.get_abstract_mesh()
+  return jax.shard_map(
+      local,
+      mesh=mesh if context.empty else context,
+      in_specs=(PartitionSpec(*lead, in_axes), PartitionSpec(*axes[0]),
+                PartitionSpec(*scale_axes)),
+      out_specs=PartitionSpec(*lead, out_axes),
+      check_vma=False,
+  )(x, values, scales)
 
 
 def _decode(codes: jax.Array, kind: str, levels: Sequence[float] | None) -> jax.Array:

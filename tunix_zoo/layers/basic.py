@@ -91,9 +91,13 @@ class Linear(nnx.Module):
       y = jnp.einsum("...i,oi->...o", x.astype(self.dtype), self.weight[...].astype(self.dtype))
     else:
       values = self.weight.get_value()
+      # The model's record of the mesh axes (an Auto mesh's types inside jit have none).
+      axes = tuple(v.get_metadata().get("out_sharding") for v in (self.weight,
+                                                                   self.weight_scale))
       y = self.quantization.matmul(x, values, self.weight_scale[...], self.dtype,
                                    kernel=self.kernel_policy.quantized_matmul,
-                                   mesh=sharding.mesh_of(values))
+                                   mesh=sharding.mesh_of(values),
+                                   axes=None if None in axes else axes)
     if self.bias is not None:
       y = y + self.bias[...].astype(self.dtype)
     return y

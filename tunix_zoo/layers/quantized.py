@@ -185,18 +185,22 @@ class Quantization:
     return (v.astype(dtype) * scales.astype(dtype)[..., None]).reshape(out_features, -1)
 
   def matmul(self, x: jax.Array, values: jax.Array, scales: jax.Array, dtype: Any,
-             kernel: str = "xla", mesh: Mesh | AbstractMesh | None = None) -> jax.Array:
+             kernel: str = "xla", mesh: Mesh | AbstractMesh | None = None,
+             axes: quantized_matmul.WeightAxes | None = None) -> jax.Array:
     """``x @ W.T`` for the quantized ``W``; with one scale per output channel (and
     unpacked values) the scale multiplies the product, so the dot reads the stored bytes.
 
-    ``kernel``: the ``KernelPolicy.quantized_matmul`` setting for the weight on ``mesh``;
-    where it runs the GEMV kernel (:mod:`tunix_zoo.kernels.quantized_matmul`: a decode
-    step's few rows, one device's weight) the gradient with respect to ``x`` is XLA's.
+    ``kernel``: the ``KernelPolicy.quantized_matmul`` setting for the weight on ``mesh``
+    (``axes``: the mesh axes of the values' and the scales' dimensions); where it runs the
+    GEMV kernel (:mod:`tunix_zoo.kernels.quantized_matmul`: a decode step's few rows) the
+    gradient with respect to ``x`` is XLA's.
     """
     x = x.astype(dtype)
     levels = tuple(NF4_LEVELS.tolist()) if self.kind == "nf4" else None
-    if quantized_matmul.takes(x, values, scales, self.kind, setting=kernel, mesh=mesh):
-      return _kernel_product(self, levels, kernel == "interpret", x, values, scales)
+    if quantized_matmul.takes(x, values, scales, self.kind, setting=kernel, mesh=mesh,
+                              axes=axes):
+      placement = (mesh, axes) if mesh is not None and mesh.size > 1 else (None, None)
+      return _kernel_product(self, levels, kernel == "interpret", placement, x, values, scales)
     return self._xla_matmul(x, values, scales, dtype)
 
   def _xla_matmul(self, x: jax.Array, values: jax.Array, scales: jax.Array,
@@ -214,19 +218,23 @@ class Quantization:
     return jax.checkpoint(product, prevent_cse=False)(x, values, scales)
 
 
-@functools.partial(jax.custom_vjp, nondiff_argnums=(0, 1, 2))
-def _kernel_product(scheme: Quantization, levels, interpret: bool, x, values, scales):
-  """The GEMV kernel's ``x @ W.T``; its backward is XLA's (the values are frozen, so
-  only ``x`` gets a gradient), which recomputes the float weight as the XLA path does."""
-  return quantized_matmul.quantized_matmul(x, values, scales, scheme.kind, levels,
-                                           interpret=interpret)
+@functools.partial(jax.custom_vjp, nondiff_argnums=(0, 1, 2, 3))
+def _kernel_product(scheme: Quantization, levels, interpret: bool, placement, x, values,
+                    scales):
+  """The GEMV kernel's ``x @ W.T`` (per device on ``placement``'s ``(mesh, axes)``); its
+  backward is XLA's (the values are frozen, so only ``x`` gets a gradient), which
+  recomputes the float weight as the XLA path does."""
+  mesh, axes = placement
+  return quantized_matmul.per_device(x, values, scales, scheme.kind, levels,
+                                     interpret=interpret, mesh=mesh, axes=axes)
 
 
-def _kernel_product_forward(scheme, levels, interpret, x, values, scales):
-  return _kernel_product(scheme, levels, interpret, x, values, scales), (values, scales)
+def _kernel_product_forward(scheme, levels, interpret, placement, x, values, scales):
+  y = _kernel_product(scheme, levels, interpret, placement, x, values, scales)
+  return y, (values, scales)
 
 
-def _kernel_product_backward(scheme, levels, interpret, residuals, grad):
+def _kernel_product_backward(scheme, levels, interpret, placement, residuals, grad):
   values, scales = residuals
   weight = scheme.dequantize(values, scales, grad.dtype)
   grad_x = jnp.einsum("...o,oi->...i", grad, weight)
