@@ -219,6 +219,9 @@ def test_a_weight_on_a_mesh_needs_its_axes_and_whole_blocks():
   why = quantized_matmul.why_unsupported(x, values, scales, "int4", mesh=mesh, interpret=True,
                                          axes=(("tp", "fsdp"), ("tp", None)))
   assert "scales split over ('tp', None) but their values over ('tp', 'fsdp')" in why
+  why = quantized_matmul.why_unsupported(x, values, scales, "int4", mesh=mesh, interpret=True,
+                                         axes=(("model", None), ("model", None)))
+  assert "of which the mesh ('fsdp', 'tp') lacks some" in why
   # Each device's block must tile: 64 / 8 = 8 outputs, not a multiple of block_out 16.
   why = quantized_matmul.why_unsupported(
       x, values, scales, "int4", quantized_matmul.Blocks(block_out=16), mesh=mesh,

@@ -163,6 +163,10 @@ def _why_not_split(values, scales, kind, mesh, axes) -> str | None:
   """Why the per-device blocks of ``values`` and ``scales`` (split by ``axes``) are not
   whole weights of their own; None when they are."""
   (out_axes, in_axes), (scale_out_axes, scale_in_axes) = axes
+  named = {a for spec in axes for entry in spec for a in sharding.mesh_axes(entry)}
+  if not named <= set(mesh.axis_names):
+    # e.g. a model resharded onto another mesh than the one its metadata names.
+    return f"mesh axes {axes} of which the mesh {tuple(mesh.axis_names)} lacks some"
   for array, spec in zip((values, scales), axes):
     if any(n % _size(mesh, entry) for n, entry in zip(array.shape, spec)):
       return f"a {array.shape} array not divisible by its mesh axes {spec}"
