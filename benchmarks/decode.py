@@ -13,8 +13,8 @@ quantization=...)``; the weights' bytes are the quantized values plus scales);
 
     python benchmarks/decode.py --model qwen3_0p6b --batch 1 --new-tokens 256
     python benchmarks/decode.py --model qwen3_8b --libraries tunix_zoo --quantization none,int8,int4
-    python benchmarks/decode.py --model qwen3_8b --libraries tunix_zoo --quantization none,int8,int4 \
-        --quant-kernel pallas
+    python benchmarks/decode.py --model qwen3_8b --libraries tunix_zoo --quant-kernel pallas \
+        --quantization none,int8,int4
 """
 
 from __future__ import annotations

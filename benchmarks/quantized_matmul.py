@@ -56,8 +56,6 @@ def layer_stack(args) -> dict:
   import jax
   import jax.numpy as jnp
 
-  from tunix_zoo.kernels import quantized_matmul
-
   shapes = SMALL_SHAPES if args.small else QWEN3_8B_SHAPES
   bf16 = jnp.bfloat16
   key = jax.random.key(0)
