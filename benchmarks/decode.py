@@ -8,10 +8,13 @@ Roofline: per step every weight (but an untied input embedding, of which a step 
 only its tokens' rows) and the whole KV cache buffer are read once; the
 step's floor is those bytes over the measured device copy bandwidth. Prints JSON.
 ``--quantization none,int8,int4`` runs tunix_zoo once per weight format (``from_config(...,
-quantization=...)``; the weights' bytes are the quantized values plus scales).
+quantization=...)``; the weights' bytes are the quantized values plus scales);
+``--quant-kernel`` picks their decode products' kernel (``KernelPolicy.quantized_matmul``).
 
     python benchmarks/decode.py --model qwen3_0p6b --batch 1 --new-tokens 256
     python benchmarks/decode.py --model qwen3_8b --libraries tunix_zoo --quantization none,int8,int4
+    python benchmarks/decode.py --model qwen3_8b --libraries tunix_zoo --quant-kernel pallas \
+        --quantization none,int8,int4
 """
 
 from __future__ import annotations
@@ -56,7 +59,8 @@ def step_weight_bytes(config, dtype: str = "bfloat16", quantization: str | None 
 def run_tunix_zoo(config_id: str, batch: int, prompt: int, new_tokens: int,
                   decode_kernel: str = "auto", layers: int | None = None,
                   quantization: str | None = None, scan_layers: bool = False,
-                  overrides: tuple[str, ...] = (), dtype: str = "bfloat16") -> dict:
+                  overrides: tuple[str, ...] = (), dtype: str = "bfloat16",
+                  quant_kernel: str = "auto") -> dict:
   import jax
   import jax.numpy as jnp
   import numpy as np
@@ -74,7 +78,8 @@ def run_tunix_zoo(config_id: str, batch: int, prompt: int, new_tokens: int,
                        axis_types=(jax.sharding.AxisType.Auto,) * 2)
   model = AutoModel.from_config(config, mesh, dtype=dtype, param_dtype=dtype,
                                 quantization=quantization, scan_layers=scan_layers)
-  set_kernel_policy(model, KernelPolicy(decode_attention=decode_kernel))
+  set_kernel_policy(model, KernelPolicy(decode_attention=decode_kernel,
+                                        quantized_matmul=quant_kernel))
   tokens = np.random.default_rng(0).integers(3, config.vocab_size, (batch, prompt))
   start = time.perf_counter()
   first = generate(model, tokens, new_tokens)
@@ -97,6 +102,7 @@ def run_tunix_zoo(config_id: str, batch: int, prompt: int, new_tokens: int,
       first_call_seconds=first_call_seconds,
       prefill_tokens_per_s=out.prefill_tokens_per_second,
       weight_bytes=weight_bytes, device_bytes_in_use=device_bytes_in_use(),
+      quant_kernel=quant_kernel if quantization else None,
       device=jax.devices()[0].device_kind, jax=jax.__version__,
   )
 
@@ -169,6 +175,10 @@ def main() -> None:
   parser.add_argument("--dtype", default="bfloat16", help="tunix_zoo's parameter and compute dtype")
   parser.add_argument("--decode-kernel", default="auto", choices=("auto", "pallas", "xla"),
                       help="tunix_zoo's one-kernel decode attention (xla: XLA's kernels)")
+  parser.add_argument("--quant-kernel", default="auto",
+                      choices=("auto", "pallas", "interpret", "xla"),
+                      help="tunix_zoo's quantized products in a decode step: the GEMV kernel "
+                      "(pallas; interpret: Pallas's interpreter, a CPU smoke test) or XLA's")
   parser.add_argument("--quantization", default="none",
                       help="comma-separated weight formats for tunix_zoo: none, int8, int4, "
                       "nf4, fp8 (each a separate run; reported as tunix_zoo_<format>)")
@@ -180,15 +190,18 @@ def main() -> None:
     if library == "tunix_zoo":
       for quantization in args.quantization.split(","):
         name = library if quantization == "none" else f"{library}_{quantization}"
-        report[name] = run_tunix_zoo(
-            args.model, args.batch, args.prompt, args.new_tokens, args.decode_kernel,
-            args.layers, None if quantization == "none" else quantization, args.scan_layers,
-            tuple(args.set), args.dtype)
+        try:
+          report[name] = run_tunix_zoo(
+              args.model, args.batch, args.prompt, args.new_tokens, args.decode_kernel,
+              args.layers, None if quantization == "none" else quantization, args.scan_layers,
+              tuple(args.set), args.dtype, args.quant_kernel)
+        except Exception as e:  # e.g. a kernel that does not compile: the other formats run.
+          report[name] = dict(error=f"{type(e).__name__}: {str(e)[:400]}")
       formats = args.quantization.split(",")
-      if "none" in formats:
+      if "none" in formats and "error" not in report[library]:
         base = report[library]["decode_tokens_per_s"]
         for quantization in formats:
-          if quantization != "none":
+          if quantization != "none" and "error" not in report[f"{library}_{quantization}"]:
             report[f"{library}_{quantization}"]["speedup_vs_bf16"] = (
                 report[f"{library}_{quantization}"]["decode_tokens_per_s"] / base)
     elif library == "google_tunix":

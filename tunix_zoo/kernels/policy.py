@@ -1,7 +1,7 @@
 """Which kernel each layer runs: one frozen :class:`KernelPolicy`, held by the layers.
 
 The policy is a static attribute of the layers that dispatch (``Attention``,
-``Experts``), so it is part of the model's graph definition: ``nnx.jit`` and
+``Experts``, ``Linear``), so it is part of the model's graph definition: ``nnx.jit`` and
 ``generate`` compile again when it changes, and two models may hold different ones.
 
 Every field takes ``"auto"`` (the kernel where it can run and is the faster choice, XLA
@@ -29,6 +29,7 @@ SETTINGS: dict[str, tuple[str, ...]] = {
     "decode_attention": ("auto", "pallas", "interpret", "xla"),
     "flash_attention": ("auto", "cudnn", "xla"),
     "moe": ("auto", "mosaic_gpu", "xla"),
+    "quantized_matmul": ("auto", "pallas", "interpret", "xla"),
 }
 
 
@@ -45,6 +46,10 @@ class KernelPolicy:
   - ``moe``: the experts' grouped matmuls. ``"mosaic_gpu"`` (Hopper, 16-bit floats,
     expert matrices tiling by 128, per device under ``shard_map`` on a mesh); ``"auto"``
     runs it where it can and logs once on a GPU where it cannot.
+  - ``quantized_matmul``: the products of weight-only quantized Linears (int8, int4, nf4,
+    fp8) with a few rows (a decode step). ``"pallas"`` (a Triton GEMV that dequantizes in
+    registers, GPU), ``"interpret"`` (Pallas's interpreter, any device); ``"auto"`` runs
+    it on GPUs where the shapes tile. Calls of more rows (a prefill) are XLA's always.
 
   Example::
 
@@ -54,6 +59,7 @@ class KernelPolicy:
   decode_attention: str = "auto"
   flash_attention: str = "auto"
   moe: str = "auto"
+  quantized_matmul: str = "auto"
 
   def __post_init__(self):
     for field, settings in SETTINGS.items():

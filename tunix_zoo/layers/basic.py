@@ -18,6 +18,9 @@ import jax
 import jax.numpy as jnp
 from flax import nnx
 
+from tunix_zoo import sharding
+from tunix_zoo.kernels.policy import KernelPolicy
+
 INIT_STDDEV = 0.02
 
 
@@ -76,6 +79,7 @@ class Linear(nnx.Module):
     )
     self.quantization = None
     self.weight_scale = nnx.data(None)  # a Param once quantized
+    self.kernel_policy = KernelPolicy()  # its quantized_matmul setting, once quantized
 
   @property
   def dense_shape(self) -> tuple[int, int]:
@@ -86,7 +90,14 @@ class Linear(nnx.Module):
     if self.quantization is None:
       y = jnp.einsum("...i,oi->...o", x.astype(self.dtype), self.weight[...].astype(self.dtype))
     else:
-      y = self.quantization.matmul(x, self.weight[...], self.weight_scale[...], self.dtype)
+      values = self.weight.get_value()
+      # The model's record of the mesh axes (an Auto mesh's types inside jit have none).
+      axes = tuple(v.get_metadata().get("out_sharding") for v in (self.weight,
+                                                                   self.weight_scale))
+      y = self.quantization.matmul(x, values, self.weight_scale[...], self.dtype,
+                                   kernel=self.kernel_policy.quantized_matmul,
+                                   mesh=sharding.mesh_of(values),
+                                   axes=None if None in axes else axes)
     if self.bias is not None:
       y = y + self.bias[...].astype(self.dtype)
     return y

@@ -106,6 +106,7 @@ class LoRALinear(Linear):
     self.bias = base.bias
     self.quantization = base.quantization
     self.weight_scale = nnx.data(base.weight_scale)  # frozen quantized weights: QLoRA
+    self.kernel_policy = base.kernel_policy
     self.rank = rank
     self.alpha = alpha
     *lead, out_features, in_features = base.dense_shape

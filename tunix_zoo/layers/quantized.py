@@ -28,6 +28,7 @@ Example::
 from __future__ import annotations
 
 import dataclasses
+import functools
 import re
 from typing import Any
 
@@ -35,8 +36,10 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 from flax import nnx
+from jax.sharding import AbstractMesh, Mesh
 
 from tunix_zoo.errors import ConfigError
+from tunix_zoo.kernels import quantized_matmul
 from tunix_zoo.layers.basic import Linear
 
 KINDS = ("int8", "int4", "nf4", "fp8")
@@ -181,11 +184,27 @@ class Quantization:
         v = jnp.take(jnp.asarray(NF4_LEVELS, dtype), codes.astype(jnp.int32))
     return (v.astype(dtype) * scales.astype(dtype)[..., None]).reshape(out_features, -1)
 
-  def matmul(self, x: jax.Array, values: jax.Array, scales: jax.Array, dtype: Any) -> jax.Array:
+  def matmul(self, x: jax.Array, values: jax.Array, scales: jax.Array, dtype: Any,
+             kernel: str = "xla", mesh: Mesh | AbstractMesh | None = None,
+             axes: quantized_matmul.WeightAxes | None = None) -> jax.Array:
     """``x @ W.T`` for the quantized ``W``; with one scale per output channel (and
-    unpacked values) the scale multiplies the product, so the dot reads the stored bytes."""
-    x = x.astype(dtype)
+    unpacked values) the scale multiplies the product, so the dot reads the stored bytes.
 
+    ``kernel``: the ``KernelPolicy.quantized_matmul`` setting for the weight on ``mesh``
+    (``axes``: the mesh axes of the values' and the scales' dimensions); where it runs the
+    GEMV kernel (:mod:`tunix_zoo.kernels.quantized_matmul`: a decode step's few rows) the
+    gradient with respect to ``x`` is XLA's.
+    """
+    x = x.astype(dtype)
+    levels = tuple(NF4_LEVELS.tolist()) if self.kind == "nf4" else None
+    if quantized_matmul.takes(x, values, scales, self.kind, setting=kernel, mesh=mesh,
+                              axes=axes):
+      placement = (mesh, axes) if mesh is not None and mesh.size > 1 else (None, None)
+      return _kernel_product(self, levels, kernel == "interpret", placement, x, values, scales)
+    return self._xla_matmul(x, values, scales, dtype)
+
+  def _xla_matmul(self, x: jax.Array, values: jax.Array, scales: jax.Array,
+                  dtype: Any) -> jax.Array:
     def product(x, values, scales):
       if scales.shape[1] == 1 and not self.packed:
         y = jnp.einsum("...i,oi->...o", x, values.astype(dtype))
@@ -197,6 +216,33 @@ class Quantization:
     # Rematerialised: the backward pass (QLoRA) recomputes the float weight rather than
     # keeping a float copy of every layer's weight alive until it runs.
     return jax.checkpoint(product, prevent_cse=False)(x, values, scales)
+
+
+@functools.partial(jax.custom_vjp, nondiff_argnums=(0, 1, 2, 3))
+def _kernel_product(scheme: Quantization, levels, interpret: bool, placement, x, values,
+                    scales):
+  """The GEMV kernel's ``x @ W.T`` (per device on ``placement``'s ``(mesh, axes)``); its
+  backward is XLA's (the values are frozen, so only ``x`` gets a gradient), which
+  recomputes the float weight as the XLA path does."""
+  mesh, axes = placement
+  return quantized_matmul.per_device(x, values, scales, scheme.kind, levels,
+                                     interpret=interpret, mesh=mesh, axes=axes)
+
+
+def _kernel_product_forward(scheme, levels, interpret, placement, x, values, scales):
+  y = _kernel_product(scheme, levels, interpret, placement, x, values, scales)
+  return y, (values, scales)
+
+
+def _kernel_product_backward(scheme, levels, interpret, placement, residuals, grad):
+  values, scales = residuals
+  weight = scheme.dequantize(values, scales, grad.dtype)
+  grad_x = jnp.einsum("...o,oi->...i", grad, weight)
+  return (grad_x, np.zeros(values.shape, jax.dtypes.float0) if not jnp.issubdtype(
+      values.dtype, jnp.floating) else jnp.zeros_like(values), jnp.zeros_like(scales))
+
+
+_kernel_product.defvjp(_kernel_product_forward, _kernel_product_backward)
 
 
 def is_quantized_weight(var: nnx.Variable) -> bool:
