@@ -273,3 +273,18 @@ def test_a_decode_step_on_a_2x4_mesh_runs_the_kernel_per_device(axis_type):
   assert program.count("pallas_call") == 7 and "shard_map" in program
   got = nnx.jit(step)(model, tokens)
   np.testing.assert_allclose(got, want, atol=TOLERANCE * float(jnp.abs(want).max()), rtol=0)
+
+
+def test_auto_gives_the_kernel_the_4bit_kinds_only(monkeypatch):
+  """Where the kernel could run (a GPU backend, here pretended: takes() compiles nothing),
+  "auto" takes it for int4 / nf4 and leaves int8 / fp8 to XLA's faster fused product."""
+  monkeypatch.setattr(quantized_matmul.jax, "default_backend", lambda: "gpu")
+  monkeypatch.setattr(quantized_matmul, "_has_fp8", lambda: True)
+  x = jnp.ones((1, IN), jnp.float32)
+  chosen = {}
+  for kind, group in (("int4", 128), ("nf4", 64), ("int8", None), ("fp8", None)):
+    _, values, scales = stored(kind, group)
+    assert quantized_matmul.why_unsupported(x, values, scales, kind) is None, kind
+    chosen[kind] = quantized_matmul.takes(x, values, scales, kind, setting="auto")
+    assert quantized_matmul.takes(x, values, scales, kind, setting="pallas")
+  assert chosen == {"int4": True, "nf4": True, "int8": False, "fp8": False}

@@ -49,7 +49,8 @@ class KernelPolicy:
   - ``quantized_matmul``: the products of weight-only quantized Linears (int8, int4, nf4,
     fp8) with a few rows (a decode step). ``"pallas"`` (a Triton GEMV that dequantizes in
     registers, GPU), ``"interpret"`` (Pallas's interpreter, any device); ``"auto"`` runs
-    it on GPUs where the shapes tile. Calls of more rows (a prefill) are XLA's always.
+    it for int4 and nf4 on GPUs where the shapes tile (XLA's int8 product is faster, see
+    ``quantized_matmul.AUTO_KINDS``). Calls of more rows (a prefill) are XLA's always.
 
   Example::
 

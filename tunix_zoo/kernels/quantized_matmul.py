@@ -52,6 +52,13 @@ KINDS = ("int8", "fp8", "int4", "nf4")
 # Rows of ``x`` the kernel takes (every row re-reads the unpacked weight from registers;
 # beyond this a matmul is XLA's, also when the kernel is forced: a prefill).
 MAX_ROWS = 16
+# The kinds "auto" gives the kernel. On the H200 (2026-12-02) XLA's own int8 product,
+# which fuses the int8 -> bf16 conversion into its matmul, read its bytes faster than this
+# kernel (12 Qwen3-8B layers at batch 1: 2.07 against 1.62 TB/s; Qwen3-8B decode 250
+# against 203 tok/s); for 4-bit codes XLA writes a dequantized copy first and the kernel
+# is 2.7x faster (1.03 against 0.39 TB/s; decode 246 against 105 tok/s). fp8 follows
+# int8 (its XLA path was not measured against the kernel's 1.78 TB/s).
+AUTO_KINDS = ("int4", "nf4")
 # Inputs per step of the loop when one scale serves a whole output channel.
 _CHANNEL_CHUNK = 256
 _MMA_ROWS = 16  # Triton's dot: at least 16 rows
@@ -76,17 +83,18 @@ class Blocks:
 
 def default_blocks(kind: str, rows: int, out_features: int, group_bytes: int,
                    dtype: jnp.dtype = jnp.bfloat16) -> Blocks:
-  """The tiling :func:`quantized_matmul` uses unless given one: about 4 KiB of stored
-  bytes per program and step and enough programs to fill an H200's 132 SMs; from 8 rows
+  """The tiling :func:`quantized_matmul` uses unless given one: 4 output rows and about
+  8 KiB of stored bytes per program and step (many programs per SM); from 8 rows
   of 16-bit floats on, tensor-core dots (8 multiply-adds per weight would outrun the
   bytes)."""
   if rows >= 8 and jnp.dtype(dtype) in (jnp.bfloat16, jnp.float16) and out_features % 16 == 0:
     block_out = 16
     return Blocks(block_out=block_out, groups_per_step=max(1, 4096 // (block_out * group_bytes)),
                   num_warps=4, num_stages=3, mma=True)
-  block_out = 8 if out_features >= 1024 else 4
-  groups = max(1, 4096 // (block_out * group_bytes))
-  return Blocks(block_out=block_out, groups_per_step=groups, num_warps=4, num_stages=3)
+  # 4 rows and ~8 KiB a step: the best or within 5% of the best tiling for every Qwen3-8B
+  # product at batch 1 in the H200 sweep (quantized_matmul.py --sweep, 2026-12-02).
+  groups = max(1, 8192 // (4 * group_bytes))
+  return Blocks(block_out=4, groups_per_step=groups, num_warps=4, num_stages=3)
 
 
 def _layout(values: jax.Array, scales: jax.Array, kind: str) -> tuple[int, int, bool]:
@@ -223,6 +231,8 @@ def takes(
   that cannot raises KernelError.
   """
   if setting == "xla" or math.prod(x.shape[:-1]) > MAX_ROWS:
+    return False
+  if setting == "auto" and kind not in AUTO_KINDS:
     return False
   why_not = why_unsupported(x, values, scales, kind, mesh=mesh, axes=axes,
                             interpret=setting == "interpret")
