@@ -19,6 +19,7 @@ import collections
 import json
 import os
 import pathlib
+import re
 import socket
 import subprocess
 import sys
@@ -33,7 +34,9 @@ from tests.workers import running_workers
 from tunix_zoo.automodel import load_folder
 from tunix_zoo.checkpoint.reader import CheckpointFiles
 
-pytestmark = pytest.mark.slow
+# Every test reads the module's two-process cluster, the file's most expensive part: one
+# pytest-xdist worker runs them all (`--dist loadgroup`), so the cluster starts once.
+pytestmark = [pytest.mark.slow, pytest.mark.xdist_group("multiprocess_cluster")]
 
 REPO_ROOT = pathlib.Path(__file__).resolve().parent.parent
 CASE = "qwen3"
@@ -62,7 +65,10 @@ def cluster(tmp_path_factory):
   exports.mkdir()
   env = {
       **os.environ,
-      "XLA_FLAGS": "--xla_force_host_platform_device_count=4",
+      # 4 devices each; the session's other XLA flags (its fast compile settings) too.
+      "XLA_FLAGS": re.sub(r"--xla_force_host_platform_device_count=\d+", "",
+                          os.environ.get("XLA_FLAGS", ""))
+                   + " --xla_force_host_platform_device_count=4",
       "JAX_PLATFORMS": "cpu",
       "PYTHONPATH": os.pathsep.join([str(REPO_ROOT), os.environ.get("PYTHONPATH", "")]),
   }
@@ -88,6 +94,15 @@ def single(cluster):
   """The checkpoint loaded in this process on one device."""
   mesh = jax.make_mesh((1, 1), ("fsdp", "tp"), devices=jax.devices()[:1])
   return load_folder(cluster["checkpoint"], mesh)
+
+
+@pytest.fixture(scope="module")
+def single_logits(cluster, single):
+  """The single-process model's logits of the cluster's inputs: one jitted forward rather
+  than one compile per eager op."""
+  logits, _ = nnx.jit(lambda m, t, k: m(t, attention_mask=k))(
+      single, jax.numpy.asarray(cluster["tokens"]), jax.numpy.asarray(cluster["mask"]))
+  return np.asarray(logits)
 
 
 def expected_reads(held: dict) -> collections.Counter:
@@ -131,14 +146,13 @@ def test_each_process_reads_exactly_its_blocks_once(cluster, axis_type):
 
 
 @pytest.mark.parametrize("axis_type", AXIS_TYPES)
-def test_global_forward_equals_single_process(cluster, single, axis_type):
-  tokens, mask = cluster["tokens"], cluster["mask"]
-  expected, _ = single(jax.numpy.asarray(tokens), attention_mask=jax.numpy.asarray(mask))
-  real = mask.astype(bool)
+def test_global_forward_equals_single_process(cluster, single_logits, axis_type):
+  expected = single_logits
+  real = cluster["mask"].astype(bool)
   for process in range(NUM_PROCESSES):
     got = np.load(cluster["root"] / f"logits_{axis_type}_{process}.npy")
     assert got.shape == expected.shape
-    diff = np.abs(got - np.asarray(expected))[real].max()
+    diff = np.abs(got - expected)[real].max()
     assert diff <= MAX_ABS, f"process {process}: max abs logit diff {diff}"
 
 

@@ -107,6 +107,12 @@ MEMORY_JOBS = [
 ]
 
 
+# The worker's compiles are the file's most expensive part: its tests run in one
+# pytest-xdist worker (`--dist loadgroup`), so that the module fixture runs once, not once
+# in each.
+memory_group = pytest.mark.xdist_group("train_memory_worker")
+
+
 @pytest.fixture(scope="module")
 def compiled_memory() -> list[dict]:
   """Memory analyses of the MEMORY_JOBS train steps, from tests/train_memory_worker.py."""
@@ -123,6 +129,7 @@ def compiled_memory() -> list[dict]:
 
 
 @pytest.mark.slow
+@memory_group
 def test_layer_remat_lowers_the_train_steps_peak_activation_memory(compiled_memory):
   none, layer = compiled_memory[0], compiled_memory[1]
   # Only each layer's input is kept instead of its attention scores and MLP activations.
@@ -131,6 +138,7 @@ def test_layer_remat_lowers_the_train_steps_peak_activation_memory(compiled_memo
 
 
 @pytest.mark.slow
+@memory_group
 @pytest.mark.parametrize("job", range(len(MEMORY_JOBS)), ids=lambda n: str(MEMORY_JOBS[n]))
 def test_training_plan_is_within_a_quarter_of_the_compiled_step(compiled_memory, job):
   mesh, remat, rank, batch, seq = MEMORY_JOBS[job]
