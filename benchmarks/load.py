@@ -39,7 +39,10 @@ def make_random_checkpoint(config_id: str, folder: pathlib.Path, dtype: str = "b
                            num_layers: int | None = None,
                            overrides: dict[str, str] | None = None) -> int:
   """Writes random weights of a preset's shapes (``num_layers`` of them, if given; config
-  fields changed by ``overrides``, as ``--set``), one tensor at a time; returns bytes."""
+  fields changed by ``overrides``, as ``--set``), one tensor at a time; returns bytes.
+  Each tensor is a slice, from a random offset, of one pool of 16M normal values: drawing
+  a 0.6B model's values one by one took three times the CPU of loading them, and no
+  loader looks at them."""
   import ml_dtypes
   from flax import nnx
 
@@ -55,6 +58,7 @@ def make_random_checkpoint(config_id: str, folder: pathlib.Path, dtype: str = "b
   spec = registry.family_for_config_class(type(config))
   np_dtype = np.dtype(ml_dtypes.bfloat16 if dtype == "bfloat16" else dtype)
   rng = np.random.default_rng(seed)
+  pool = (rng.standard_normal(1 << 24, np.float32) * 0.02).astype(np_dtype)
   folder.mkdir(parents=True, exist_ok=True)
   total = 0
   params = [(module_path(path), var)
@@ -62,7 +66,8 @@ def make_random_checkpoint(config_id: str, folder: pathlib.Path, dtype: str = "b
   plan = [(spec.param_table.checkpoint_key(name), var.shape, np_dtype) for name, var in params]
   with ShardedWriter(folder, max_shard_size=max_shard_size, plan=plan) as writer:
     for name, var in params:
-      values = (rng.standard_normal(var.shape, np.float32) * 0.02).astype(np_dtype)
+      # np.resize repeats the slice where a tensor outgrows it.
+      values = np.resize(pool[rng.integers(pool.size):], var.shape)
       if name.endswith("norm.weight"):
         values = np.ones(var.shape, np_dtype)
       writer.add(spec.param_table.checkpoint_key(name), values)
