@@ -93,7 +93,7 @@ def parameter_shardings(
   return out
 
 
-def _run_bound(shape: tuple[int, ...]) -> dict[str, Any] | None:
+def _initialiser_compiler_options(shape: tuple[int, ...]) -> dict[str, Any] | None:
   """Compiler options of an initialiser: one of a real model's weight keeps XLA's default
   backend optimisation (level 3) even in a process whose XLA_FLAGS lower it for fast
   compiles (as the test suite's do). Unoptimised, drawing gemma-3-270m's 268M values takes
@@ -109,7 +109,7 @@ def _initialiser(shape: tuple[int, ...], dtype: Any, fill: float | None, out_sha
       return jnp.full(shape, fill, dtype)
     return (INIT_STDDEV * jax.random.normal(key, shape, jnp.float32)).astype(dtype)
 
-  return jax.jit(init, out_shardings=out_sharding, compiler_options=_run_bound(shape))
+  return jax.jit(init, out_shardings=out_sharding, compiler_options=_initialiser_compiler_options(shape))
 
 
 def initialise(
@@ -159,4 +159,4 @@ def _quantized_initialiser(shape: tuple[int, ...], quantization: quantized.Quant
     weight = INIT_STDDEV * jax.random.normal(key, shape, jnp.float32)
     return quantization.quantize(weight, jnp, scale_dtype)
 
-  return jax.jit(init, out_shardings=out_shardings, compiler_options=_run_bound(shape))
+  return jax.jit(init, out_shardings=out_shardings, compiler_options=_initialiser_compiler_options(shape))
