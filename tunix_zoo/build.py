@@ -109,7 +109,8 @@ def _initialiser(shape: tuple[int, ...], dtype: Any, fill: float | None, out_sha
       return jnp.full(shape, fill, dtype)
     return (INIT_STDDEV * jax.random.normal(key, shape, jnp.float32)).astype(dtype)
 
-  return jax.jit(init, out_shardings=out_sharding, compiler_options=_initialiser_compiler_options(shape))
+  return jax.jit(init, out_shardings=out_sharding,
+                 compiler_options=_initialiser_compiler_options(shape))
 
 
 def initialise(
@@ -159,4 +160,5 @@ def _quantized_initialiser(shape: tuple[int, ...], quantization: quantized.Quant
     weight = INIT_STDDEV * jax.random.normal(key, shape, jnp.float32)
     return quantization.quantize(weight, jnp, scale_dtype)
 
-  return jax.jit(init, out_shardings=out_shardings, compiler_options=_initialiser_compiler_options(shape))
+  return jax.jit(init, out_shardings=out_shardings,
+                 compiler_options=_initialiser_compiler_options(shape))
