@@ -22,6 +22,18 @@ def run_isolated(script: str, library: str, argv: list[str]) -> dict:
   return json.loads(lines[-1])
 
 
+
+def run_each(script: str, libraries: str, model: str, argv: list[str]) -> dict:
+  """``library -> result`` for the comma-separated ``libraries``, each from its own
+  process; google_tunix is skipped, with a reason, for models other than Qwen3."""
+  report = {}
+  for library in libraries.split(","):
+    if library == "google_tunix" and not model.startswith("qwen3_"):
+      report[library] = {"skipped": "Tunix's own model here is Qwen3 only"}
+      continue
+    report[library] = run_isolated(script, library, argv)
+  return report
+
 def rounded(tree):
   """Floats to 4 significant digits."""
   if isinstance(tree, dict):

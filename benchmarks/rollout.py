@@ -40,7 +40,7 @@ import sys
 import time
 
 from flops import PEAK_BF16_FLOPS, attention_flops, keys_attended, matmul_parameters
-from isolated import compact, run_isolated
+from isolated import compact, run_each
 
 LIBRARIES = ("tunix_zoo", "tunix_sampler", "google_tunix")
 PAD_ID = 0
@@ -249,11 +249,7 @@ def main() -> None:
   report = dict(model=args.model, batch=args.batch, prompt=args.prompt,
                 new_tokens=args.new_tokens, eos_every=args.eos_every, layers=args.layers,
                 overrides=args.set)
-  for library in args.libraries.split(","):
-    if library == "google_tunix" and not args.model.startswith("qwen3_"):
-      report[library] = {"skipped": "Tunix's own model here is Qwen3 only"}
-      continue
-    report[library] = run_isolated(__file__, library, sys.argv[1:])
+  report.update(run_each(__file__, args.libraries, args.model, sys.argv[1:]))
   ours = report.get("tunix_zoo", {})
   for peer in ("tunix_sampler", "google_tunix"):
     theirs = report.get(peer, {})

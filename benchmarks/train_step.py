@@ -39,7 +39,7 @@ import sys
 import time
 
 from flops import PEAK_BF16_FLOPS, attention_flops, matmul_parameters
-from isolated import compact, run_isolated
+from isolated import compact, run_each
 
 LIBRARIES = ("tunix_zoo", "transformers", "transformers_compile", "google_tunix")
 # Every attention and MLP projection, in each library's module names.
@@ -271,11 +271,7 @@ def main() -> None:
   report = dict(model=args.model, batch=args.batch, length=args.length, layers=args.layers,
                 scan_layers=args.scan_layers, remat=args.remat, lora_rank=args.lora_rank,
                 overrides=args.set)
-  for library in args.libraries.split(","):
-    if library == "google_tunix" and not args.model.startswith("qwen3_"):
-      report[library] = {"skipped": "Tunix's own model here is Qwen3 only"}
-      continue
-    report[library] = run_isolated(__file__, library, sys.argv[1:])
+  report.update(run_each(__file__, args.libraries, args.model, sys.argv[1:]))
   ours = report.get("tunix_zoo", {}).get("step_s")
   for peer in LIBRARIES[1:]:
     theirs = report.get(peer, {}).get("step_s")
