@@ -71,7 +71,7 @@ def tunix_fields(overrides: dict) -> dict:
   return {TUNIX_FIELDS[k]: v for k, v in overrides.items() if k in TUNIX_FIELDS}
 
 
-def build(config_id: str, num_layers: int | None = None, dtype: str = "bfloat16",
+def build(config_id: str, layers: int | None = None, dtype: str = "bfloat16",
           **fields):
   """A randomly initialised Tunix Qwen3 of the preset ``config_id`` (e.g. qwen3_8b), in
   ``dtype``; ``fields`` replace its config's (e.g. ``remat_config=RematConfig.BLOCK``)."""
@@ -80,8 +80,10 @@ def build(config_id: str, num_layers: int | None = None, dtype: str = "bfloat16"
 
   module = qwen3_module()
   config = getattr(module.ModelConfig, config_id)()
+  if layers:  # --layers wins over a --set num_layers=N among the fields
+    fields["num_layers"] = layers
   config = dataclasses.replace(config, dtype=jnp.dtype(dtype), param_dtype=jnp.dtype(dtype),
-                               num_layers=num_layers or config.num_layers, **fields)
+                               **fields)
   return module.Qwen3(config, rngs=nnx.Rngs(0)), config
 
 
