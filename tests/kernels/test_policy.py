@@ -41,3 +41,17 @@ def test_set_kernel_policy_reaches_every_dispatching_layer_and_the_graph_definit
 def test_set_kernel_policy_wants_a_policy():
   with pytest.raises(KernelError, match="must be a KernelPolicy, not str"):
     set_kernel_policy(nnx.Module(), "xla")
+
+
+def test_an_auto_fallback_on_a_gpu_is_logged_once_per_reason(monkeypatch, caplog):
+  from tunix_zoo.kernels import policy
+
+  monkeypatch.setattr(policy.jax, "default_backend", lambda: "gpu")
+  message = "test kernel cannot run for %s; XLA serves."
+  with caplog.at_level("WARNING", logger=policy.__name__):
+    for _ in range(3):
+      assert not policy.runs_kernel("moe", "auto", "a reason only this test gives",
+                                    fallback=message)
+    assert policy.runs_kernel("moe", "auto", None, fallback=message)
+  logged = [r.getMessage() for r in caplog.records]
+  assert logged == ["test kernel cannot run for a reason only this test gives; XLA serves."]

@@ -19,7 +19,6 @@ Example::
 
 from __future__ import annotations
 
-import logging
 import math
 from typing import Any, Callable
 
@@ -30,14 +29,12 @@ from jax.sharding import AbstractMesh, Mesh, PartitionSpec
 from tunix_zoo import sharding
 from tunix_zoo.kernels.policy import runs_kernel
 
-log = logging.getLogger(__name__)
 
 # Mosaic GPU tile sizes (block_m, block_n, block_k, max_concurrent_steps): the fastest of
 # a sweep on an H100 at 30B-A3B shapes (413 TFLOP/s forward, 449 for the weights' gradient).
 _TILES = (128, 128, 64, 6)
 _TRANSPOSED_TILES = (128, 128, 64, 4)
 TILE = 128
-_logged: set[str] = set()
 
 ExpertsFn = Callable[..., jax.Array]
 
@@ -141,15 +138,12 @@ def experts(
   if mesh is not None and mesh.size > 1:
     width //= math.prod(mesh.shape[a] for a in _width_axes(gate_proj, mesh, rules))
   why_not = why_unsupported(x.dtype, (experts_count, width, hidden))
-  if setting == "auto" and why_not is not None and jax.default_backend() == "gpu":
-    if why_not not in _logged:
-      _logged.add(why_not)
-      log.warning(
-          "MoE experts: the Mosaic GPU grouped matmul cannot run for %s; XLA's ragged_dot "
-          "serves, as a dense masked product over all experts (memory grows with tokens x "
-          "experts). KernelPolicy(moe='xla') chooses it without this message.", why_not,
-      )
-  if not runs_kernel("moe", setting, why_not):
+  if not runs_kernel(
+      "moe", setting, why_not,
+      fallback="MoE experts: the Mosaic GPU grouped matmul cannot run for %s; XLA's "
+               "ragged_dot serves, as a dense masked product over all experts (memory grows "
+               "with tokens x experts). KernelPolicy(moe='xla') chooses it without this "
+               "message."):
     return None
   return per_device(experts_fn, grouped_matmul, x, weights, chosen, gate_proj, up_proj,
                     down_proj, mesh=mesh, rules=rules)

@@ -19,7 +19,9 @@ Example::
 from __future__ import annotations
 
 import dataclasses
+import logging
 
+import jax
 from flax import nnx
 
 from tunix_zoo.errors import KernelError
@@ -88,16 +90,26 @@ def set_kernel_policy(model: nnx.Module, policy: KernelPolicy) -> nnx.Module:
   return model
 
 
-def runs_kernel(field: str, setting: str, why_not: str | None, preferred: bool = True) -> bool:
+log = logging.getLogger(__name__)
+_logged: set[tuple[str, str]] = set()  # (field, why-not) fallbacks already logged
+
+
+def runs_kernel(field: str, setting: str, why_not: str | None, preferred: bool = True,
+                fallback: str | None = None) -> bool:
   """Whether a call of the kernel's kind runs the kernel under ``setting``.
 
   ``why_not`` says why the kernel cannot serve the call (None: it can); ``preferred``
   whether ``"auto"`` should take it (e.g. 16-bit floats only). A forced setting that
-  cannot serve raises KernelError.
+  cannot serve raises KernelError. ``fallback``, a message with one ``%s`` for
+  ``why_not``, is logged once per reason when ``"auto"`` falls back on a GPU.
   """
   if setting == "xla":
     return False
   if setting == "auto":
+    if (why_not is not None and fallback and (field, why_not) not in _logged
+        and jax.default_backend() == "gpu"):
+      _logged.add((field, why_not))
+      log.warning(fallback, why_not)
     return why_not is None and preferred
   if why_not is not None:
     raise KernelError(

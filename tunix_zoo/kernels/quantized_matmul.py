@@ -29,7 +29,6 @@ from __future__ import annotations
 
 import dataclasses
 import functools
-import logging
 import math
 from typing import Any, Sequence
 
@@ -46,7 +45,6 @@ from tunix_zoo.kernels.policy import runs_kernel
 # each entry a PartitionSpec entry (the model's ``out_sharding`` metadata).
 WeightAxes = tuple[tuple[Any, Any], tuple[Any, Any]]
 
-log = logging.getLogger(__name__)
 
 KINDS = ("int8", "fp8", "int4", "nf4")
 # Rows of ``x`` the kernel takes (every row re-reads the unpacked weight from registers;
@@ -62,7 +60,6 @@ AUTO_KINDS = ("int4", "nf4")
 # Inputs per step of the loop when one scale serves a whole output channel.
 _CHANNEL_CHUNK = 256
 _MMA_ROWS = 16  # Triton's dot: at least 16 rows
-_logged: set[str] = set()  # why-nots already logged
 
 
 @dataclasses.dataclass(frozen=True)
@@ -236,14 +233,11 @@ def takes(
     return False
   why_not = why_unsupported(x, values, scales, kind, mesh=mesh, axes=axes,
                             interpret=setting == "interpret")
-  if setting == "auto" and why_not is not None and jax.default_backend() == "gpu":
-    if why_not not in _logged:
-      _logged.add(why_not)
-      log.warning(
-          "Quantized Linear: the GEMV kernel cannot run for %s; XLA's product serves "
-          "(slower in a decode step). KernelPolicy(quantized_matmul='xla') chooses it "
-          "without this message.", why_not)
-  return runs_kernel("quantized_matmul", setting, why_not)
+  return runs_kernel(
+      "quantized_matmul", setting, why_not,
+      fallback="Quantized Linear: the GEMV kernel cannot run for %s; XLA's product serves "
+               "(slower in a decode step). KernelPolicy(quantized_matmul='xla') chooses it "
+               "without this message.")
 
 
 def per_device(
