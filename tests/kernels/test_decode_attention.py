@@ -71,6 +71,19 @@ def test_splits_whose_keys_are_all_masked_add_nothing():
   np.testing.assert_allclose(out, xla_attention(q, k, v, mask, 0.1, None), atol=TOLERANCE)
 
 
+def test_blocks_after_a_rows_last_visible_key_are_not_read():
+  """A decoding step reads the cache only up to each row's position: NaN in the blocks
+  after a row's last visible key (which any read would spread: 0 * NaN) leaves the
+  output equal to XLA's on a clean cache."""
+  q, k, v, _ = random_inputs(3, 2, 8, 2, 64, 640)
+  last = [200, 70]  # row 0: blocks 4..9 unread; row 1: blocks 2..9
+  mask = jnp.arange(640)[None, None, :] < jnp.asarray(last)[:, None, None]
+  unread = jnp.arange(640)[None, :] >= (-(-jnp.asarray(last) // 64) * 64)[:, None]
+  poisoned = [jnp.where(unread[..., None, None], jnp.nan, x) for x in (k, v)]
+  out = kernel_attention(q, *poisoned, mask, 0.1, None)
+  np.testing.assert_allclose(out, xla_attention(q, k, v, mask, 0.1, None), atol=TOLERANCE)
+
+
 def test_a_row_with_no_visible_key_gives_zeros():
   q, k, v, mask = random_inputs(2, 2, 4, 2, 32, 64)
   mask = mask.at[1].set(False)
