@@ -315,6 +315,7 @@ def test_scanned_decoding_through_the_kernel_reads_the_stacked_cache_in_place(ch
             if shape == stacked]
 
   assert cache_slices(), "XLA's path slices each layer out of the stack"
+  shared_policy = scanned.layers.blocks[0].attn.kernel_policy  # the module's pair: restored
   set_kernel_policy(scanned, KernelPolicy(decode_attention="interpret"))
   try:
     assert not cache_slices()
@@ -323,4 +324,4 @@ def test_scanned_decoding_through_the_kernel_reads_the_stacked_cache_in_place(ch
         reference.greedy(scanned, tokens, mask, NEW_TOKENS),
         reference.reference_greedy(checkpoints(case)[1], tokens, mask, NEW_TOKENS))
   finally:
-    set_kernel_policy(scanned, KernelPolicy())
+    set_kernel_policy(scanned, shared_policy)
