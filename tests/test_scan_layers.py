@@ -278,3 +278,50 @@ def test_generate_compiles_scanned_models_for_gpus_with_dynamic_slice_fusion(pai
   program.compile(compiler_options=SCANNED_GPU_COMPILER_OPTIONS)
   with pytest.raises(Exception, match="No such compile option"):
     program.compile(compiler_options={"xla_gpu_enable_dynamic_slice_fusions": True})
+
+
+def _dynamic_slices(jaxpr) -> list:
+  """The shapes every ``dynamic_slice`` in ``jaxpr`` and its inner jaxprs (scan bodies,
+  shard_maps) takes its slice from."""
+  found = []
+  for eqn in jaxpr.eqns:
+    if eqn.primitive.name == "dynamic_slice":
+      found.append(eqn.invars[0].aval.shape)
+    for param in eqn.params.values():
+      for inner in param if isinstance(param, (tuple, list)) else (param,):
+        inner = getattr(inner, "jaxpr", inner)
+        if hasattr(inner, "eqns"):
+          found += _dynamic_slices(inner)
+  return found
+
+
+def test_scanned_decoding_through_the_kernel_reads_the_stacked_cache_in_place(checkpoints,
+                                                                             pairs):
+  """With the decode-attention kernel (Pallas's interpreter), a scanned model passes the
+  whole [B, L, S, K, H] cache and the layer number to it, scanned layers' traced numbers
+  and the leftover layer's fixed one: a decode step slices no layer out of the cache,
+  and greedy decoding gives transformers' tokens (which the unrolled model's equal)."""
+  from tunix_zoo.kernels import KernelPolicy, set_kernel_policy
+
+  case = "e6_k2_mlp_only"  # sparse, dense: scanned once; then a sparse layer left over
+  _, scanned = pairs(case)
+  stacked = scanned.init_cache(3, 64)["layers"]["k"].shape
+
+  def cache_slices():
+    graphdef, state = nnx.split(scanned)
+    step = lambda state: nnx.merge(graphdef, state)(  # noqa: E731
+        jnp.ones((3, 1), jnp.int32), cache=scanned.init_cache(3, 64))
+    return [shape for shape in _dynamic_slices(jax.make_jaxpr(step)(state).jaxpr)
+            if shape == stacked]
+
+  assert cache_slices(), "XLA's path slices each layer out of the stack"
+  shared_policy = scanned.layers.blocks[0].attn.kernel_policy  # the module's pair: restored
+  set_kernel_policy(scanned, KernelPolicy(decode_attention="interpret"))
+  try:
+    assert not cache_slices()
+    tokens, mask, _ = reference.left_padded_batch()
+    np.testing.assert_array_equal(
+        reference.greedy(scanned, tokens, mask, NEW_TOKENS),
+        reference.reference_greedy(checkpoints(case)[1], tokens, mask, NEW_TOKENS))
+  finally:
+    set_kernel_policy(scanned, shared_policy)

@@ -63,6 +63,30 @@ def test_kernel_equals_xla_attention(batch, heads, kv_heads, head_dim, length, s
   np.testing.assert_allclose(out, expected, atol=TOLERANCE, rtol=0)
 
 
+@pytest.mark.parametrize("devices", [1, 2], ids=["one_device", "kv_heads_split"])
+def test_the_kernel_reads_a_layer_of_a_stacked_cache_equal_to_xla_on_its_slice(devices):
+  """A scanned layer stack's [B, L, S, K, H] cache and a traced layer number (one compile
+  for every layer): the kernel reads that layer in place; on 2 devices per device under
+  shard_map, query and KV heads split over tp. Within TOLERANCE of XLA's path on the
+  layer's slice."""
+  batch, layers, length, kv_heads, head_dim = 2, 3, 128, 2, 32
+  q, k, v, mask = random_inputs(3, batch, 4, kv_heads, head_dim, layers * length)
+  # The same random values, laid out as a stack of three layers of 128 slots.
+  stack = lambda x: x.reshape(batch, layers, length, kv_heads, head_dim)  # noqa: E731
+  k, v, mask = stack(k), stack(v), mask[:, :, :length]
+  mesh = jax.make_mesh((1, devices), ("fsdp", "tp"), devices=jax.devices()[:devices],
+                       axis_types=(AxisType.Auto,) * 2)
+  attend = jax.jit(lambda q, k, v, mask, layer: decode_attention.attend(
+      q, k, v, mask, 0.2, 30.0, setting="interpret", mesh=mesh, layer=layer))
+  program = attend.trace(q, k, v, mask, jnp.int32(0))
+  assert ("shard_map" in str(program.jaxpr)) is (devices > 1)
+  program = program.lower().compile()
+  for layer in range(layers):
+    np.testing.assert_allclose(
+        program(q, k, v, mask, jnp.int32(layer)),
+        xla_attention(q, k[:, layer], v[:, layer], mask, 0.2, 30.0), atol=TOLERANCE, rtol=0)
+
+
 def test_splits_whose_keys_are_all_masked_add_nothing():
   # Only the last 3 keys of 384 are visible: five of the six splits see none.
   q, k, v, _ = random_inputs(1, 1, 16, 8, 128, 384)
@@ -119,6 +143,25 @@ def test_the_setting_runs_the_kernel_only_where_it_can_serve(setting, q_shape, k
     assert not decode_attention.supports(q, k, interpret=setting == "interpret")
   else:
     assert (attend() is not None) is runs
+
+
+def test_the_stacked_cache_kernel_lowers_to_triton_reading_the_whole_stack():
+  """The Pallas -> Triton lowering (for CUDA, on this CPU) of the stacked form at Qwen3-8B
+  widths, batch 32 and 36 layers: one Triton call takes both whole caches and the layer
+  number; nothing slices the layer out before it."""
+  cache = jax.ShapeDtypeStruct((32, 36, 384, 8, 128), jnp.bfloat16)
+  exported = jax.export.export(
+      jax.jit(lambda q, k, v, mask, layer: decode_attention.decode_attention(
+          q, k, v, mask, 128**-0.5, layer=layer)),
+      platforms=["cuda"],
+      disabled_checks=[jax.export.DisabledSafetyCheck.custom_call("__gpu$xla.gpu.triton")],
+  )(jax.ShapeDtypeStruct((32, 1, 32, 128), jnp.bfloat16), cache, cache,
+    jax.ShapeDtypeStruct((32, 1, 384), jnp.bool_), jax.ShapeDtypeStruct((), jnp.int32))
+  module = exported.mlir_module()
+  (call,) = [line for line in module.splitlines() if "__gpu$xla.gpu.triton" in line]
+  # The layer number, the queries, both caches (the program's own arguments), the mask.
+  assert "%arg1, %arg2" in call, call[:200]
+  assert "dynamic_slice" not in module
 
 
 @pytest.mark.parametrize("case", ["gemma2", "gemma3", "qwen3", "llama3_tied_mha"])

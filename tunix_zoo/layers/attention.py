@@ -151,10 +151,10 @@ class Attention(nnx.Module):
       q, k = self.q_norm(q), self.k_norm(k)
     inv_freq = inverse_frequencies(self.rope, self.head_dim)
     q, k = apply_rope(q, positions, inv_freq), apply_rope(k, positions, inv_freq)
+    # A scanned layer stack passes its whole [B, L, S, K, H] cache and the layer's number
+    # (see tunix_zoo.layers.decoder.LayerStack): only this layer's new slots are written.
+    layer = None if layer_cache is None else layer_cache.get("layer")
     if layer_cache is not None:
-      # A scanned layer stack passes its whole [B, L, S, K, H] cache and the layer's number
-      # (see tunix_zoo.layers.decoder.LayerStack): only this layer's new slots are written.
-      layer = layer_cache.get("layer")
       if layer is not None:
         k, v = k[:, None], v[:, None]
       start = (0, cache_index, 0, 0) if layer is None else (0, layer, cache_index, 0, 0)
@@ -164,18 +164,20 @@ class Attention(nnx.Module):
           for name, new in (("k", k), ("v", v))
       }
       k, v = layer_cache["k"], layer_cache["v"]
+    mask = masks[self.window]
+    out = self._kernel_attention(q, k, v, mask, mesh, layer)
+    if out is None:
       if layer is not None:
+        # XLA's path takes this layer's slice out of the stack (a copy of its K and V).
         k, v = (jax.lax.dynamic_index_in_dim(x, layer, 1, keepdims=False) for x in (k, v))
       k, v = k.astype(q.dtype), v.astype(q.dtype)
-    mask = masks[self.window]
-    out = self._kernel_attention(q, k, v, mask, mesh)
-    if out is None:
       out = dot_product_attention(q, k, v, mask, self.scale, self.softcap, self.window)
     return self.o_proj(out.reshape(*out.shape[:2], -1)), layer_cache
 
-  def _kernel_attention(self, q, k, v, mask, mesh) -> jax.Array | None:
+  def _kernel_attention(self, q, k, v, mask, mesh, layer) -> jax.Array | None:
     """The attention as the ``kernel_policy``'s kernel computes it; None where XLA's
-    :func:`dot_product_attention` serves."""
+    :func:`dot_product_attention` serves. With ``layer``, ``k`` and ``v`` are the layer
+    stack's whole cache, which the decode kernel reads in place."""
     policy = self.kernel_policy
     if mask is None:
       return flash_attention.attend(
@@ -183,5 +185,5 @@ class Attention(nnx.Module):
       )
     return decode_attention.attend(
         q, k, v, mask, self.scale, self.softcap, setting=policy.decode_attention, mesh=mesh,
-        rules=self.sharding_rules,
+        rules=self.sharding_rules, layer=layer,
     )
