@@ -49,6 +49,32 @@ def test_the_kernel_matches_xla(kind, group_size, batch):
   np.testing.assert_allclose(got, want, atol=TOLERANCE * float(jnp.abs(want).max()), rtol=0)
 
 
+@pytest.mark.parametrize("kind,group_size", [("int8", None), ("int4", 64), ("nf4", 64)])
+def test_every_stored_code_becomes_its_exact_weight(kind, group_size):
+  """One-hot rows of x pick single weights, so each output is one code's float times its
+  scale, which must equal the dequantized weight bit for bit, for every code (int8's
+  -128 and 127, both nibbles' 0 and 15, every nf4 level)."""
+  scheme = Quantization(kind, group_size=group_size)
+  rows, codes = quantized_matmul.MAX_ROWS, 256 if kind == "int8" else 16
+  out_codes = (np.arange(OUT)[:, None] + np.arange(IN)[None, :]) % codes
+  if kind == "int8":
+    values = (out_codes - 128).astype(np.int8)
+  else:  # each byte: a code in its low nibble and a different one in its high nibble
+    halves = out_codes.reshape(OUT, IN // group_size, 2, group_size // 2)
+    values = (halves[:, :, 0] | ((15 - halves[:, :, 1]) << 4)).reshape(OUT, IN // 2)
+    values = values.astype(np.uint8)
+  groups = 1 if group_size is None else IN // group_size
+  scales = jnp.asarray(np.random.default_rng(1).uniform(0.5, 2, (OUT, groups)), jnp.float32)
+  values = jnp.asarray(values)
+  weight = np.asarray(scheme.dequantize(values, scales, jnp.float32))
+  picked = np.arange(rows) * (IN // rows)  # their codes cover every code
+  x = jnp.asarray(np.eye(IN, dtype=np.float32)[picked])
+  got = quantized_matmul.quantized_matmul(x, values, scales, kind, levels(kind),
+                                          interpret=True)
+  np.testing.assert_array_equal(np.asarray(got), weight[:, picked].T)
+  assert len(np.unique(out_codes[:, picked])) == codes
+
+
 @pytest.mark.parametrize("kind,group_size", SCHEMES)
 def test_the_tensor_core_tiling_matches_xla(kind, group_size):
   """bf16 inputs (Triton's dot takes 16-bit floats): the dequantized group is rounded to
