@@ -153,7 +153,7 @@ def _sample(logits: jax.Array, key: jax.Array, knobs: dict[str, jax.Array], opts
 def _prefill(graphdef, opts: _Options, state, tokens, mask, cache, key, knobs):
   """Runs the prompt through the model and samples the first new token of each row."""
   model = nnx.merge(graphdef, state)
-  logits, cache = model(tokens, cache=cache, attention_mask=mask)
+  logits, cache = model(tokens, cache=cache, attention_mask=mask, logits_to_keep=1)
   key, step_key = jax.random.split(key)
   first = _sample(logits[:, -1], step_key, knobs, opts)
   done = jnp.isin(first, knobs["eos_ids"])
