@@ -231,17 +231,21 @@ class RopeConfig:
     def number(name: str, default: float) -> float:
       return read_positive_float(params.get(name, default), f"{key}.{name}")
 
-    return cls(
-        theta=number("rope_theta", theta),
-        kind=kind,
-        factor=number("factor", 1.0),
-        low_freq_factor=number("low_freq_factor", 1.0),
-        high_freq_factor=number("high_freq_factor", 4.0),
-        original_max_position_embeddings=read_positive_int(
-            params.get("original_max_position_embeddings", 8192),
-            f"{key}.original_max_position_embeddings",
-        ),
-    )
+    # Only the fields a kind uses are read, as transformers' rope functions read them: a
+    # "default" rope with a stray "factor" is unscaled there too (and exports as such).
+    scaling: dict[str, Any] = {}
+    if kind != "default":
+      scaling["factor"] = number("factor", 1.0)
+    if kind == "llama3":
+      scaling.update(
+          low_freq_factor=number("low_freq_factor", 1.0),
+          high_freq_factor=number("high_freq_factor", 4.0),
+          original_max_position_embeddings=read_positive_int(
+              params.get("original_max_position_embeddings", 8192),
+              f"{key}.original_max_position_embeddings",
+          ),
+      )
+    return cls(theta=number("rope_theta", theta), kind=kind, **scaling)
 
   def to_hf(self) -> dict[str, Any] | None:
     """The Hub spelling of ``rope_scaling`` (None when unscaled)."""

@@ -227,6 +227,18 @@ def test_tie_word_embeddings_is_read_by_meaning():
   assert parse(_with(QWEN3_0P6B, tie_word_embeddings=True)).tie_word_embeddings is True
 
 
+@pytest.mark.parametrize("rope", [{"factor": 2}, {"rope_type": "default", "factor": 2},
+                                  {"rope_type": "linear", "factor": 2, "low_freq_factor": 9}])
+def test_a_ropes_unused_scaling_fields_are_ignored_as_transformers_does(rope):
+  """Found by the fuzz test below: a "default" rope with a stray factor read as scaled by
+  2 in the config (though unscaled in the model) and exported unscaled, so the round trip
+  changed the config. Only the fields a rope kind uses are read."""
+  config = parse(_with(GEMMA2_2B, rope_parameters=rope))
+  assert config.rope.factor == (2.0 if rope.get("rope_type") == "linear" else 1.0)
+  assert config.rope.low_freq_factor == 1.0
+  assert type(config).from_hf_config(config.to_hf_config()) == config
+
+
 def test_whole_number_floats_read_as_their_int():
   assert parse(_with(QWEN3_0P6B, hidden_size=1024.0)).hidden_size == 1024
 
