@@ -21,8 +21,8 @@ from jax.sharding import AxisType
 
 from tests import reference
 from tests.reference import one_device_mesh
-from tunix_zoo.automodel import load_folder
 from tunix_zoo import generation
+from tunix_zoo.automodel import load_folder
 from tunix_zoo.errors import ArgumentError, GenerationError
 from tunix_zoo.generation import filter_logits, generate
 

@@ -45,9 +45,9 @@ import jax.numpy as jnp
 from flax import nnx
 from jax.sharding import AbstractMesh, Mesh, NamedSharding, PartitionSpec
 
-from tunix_zoo import sharding
+from tunix_zoo import arguments, sharding
 from tunix_zoo.config import REMAT_MODES, DecoderConfig
-from tunix_zoo.errors import ArgumentError, RematError
+from tunix_zoo.errors import RematError
 from tunix_zoo.layers.attention import Attention, LayerCache, attention_masks
 from tunix_zoo.layers.basic import Embedding, Linear, RMSNorm
 from tunix_zoo.layers.mlp import GatedMLP
@@ -413,10 +413,7 @@ class DecoderLM(nnx.Module):
     from the last position needs one: Qwen3-8B's logits of a 256 x 512 prompt batch
     would be 40 GB.
     """
-    if isinstance(logits_to_keep, bool) or not isinstance(logits_to_keep, int) or (
-        logits_to_keep < 0):
-      raise ArgumentError(f"logits_to_keep={logits_to_keep!r}: give a whole number >= 0 "
-                          "(0 keeps every position's logits)")
+    logits_to_keep = arguments.positive_int(logits_to_keep, "logits_to_keep", allow_zero=True)
     forward = functools.partial(DecoderLM._forward, logits_to_keep=logits_to_keep)
     mesh = self.mesh
     if not sharding.has_explicit_axes(mesh):
