@@ -295,6 +295,36 @@ def _dynamic_slices(jaxpr) -> list:
   return found
 
 
+def _primitives(jaxpr, inside_scan: bool = False) -> list[tuple[str, bool]]:
+  """Every primitive of ``jaxpr`` and its inner jaxprs, with whether it runs in a scan."""
+  found = []
+  for eqn in jaxpr.eqns:
+    found.append((eqn.primitive.name, inside_scan))
+    for param in eqn.params.values():
+      for inner in param if isinstance(param, (tuple, list)) else (param,):
+        inner = getattr(inner, "jaxpr", inner)
+        if hasattr(inner, "eqns"):
+          found += _primitives(inner, inside_scan or eqn.primitive.name == "scan")
+  return found
+
+
+@pytest.mark.parametrize("case", ["qwen3", "gemma3"])
+def test_scanned_layers_compute_rotary_angles_once_outside_the_loop(case, pairs):
+  """XLA does not hoist loop-invariant work out of the scan: RoPE's cos and sin computed
+  in the body ran again in every layer (two extra kernels a layer in a GPU decode step,
+  benchmarks/README.md). They are computed once per block position, before the loop."""
+  _, scanned = pairs(case)
+  graphdef, state = nnx.split(scanned)
+  step = lambda state: nnx.merge(graphdef, state)(  # noqa: E731
+      jnp.ones((2, 1), jnp.int32), cache=scanned.init_cache(2, 16))
+  found = _primitives(jax.make_jaxpr(step)(state).jaxpr)
+  assert ("scan", False) in found
+  assert not [name for name, looped in found if looped and name in ("cos", "sin")]
+  # Gemma 3's block of six has five local layers and a global one (two frequencies).
+  outside = [name for name, looped in found if not looped and name == "cos"]
+  assert len(outside) == scanned.layers.period + len(scanned.layers.rest)
+
+
 def test_scanned_decoding_through_the_kernel_reads_the_stacked_cache_in_place(checkpoints,
                                                                              pairs):
   """With the decode-attention kernel (Pallas's interpreter), a scanned model passes the

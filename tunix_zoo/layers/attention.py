@@ -25,7 +25,7 @@ from tunix_zoo.config import DecoderConfig
 from tunix_zoo.kernels import decode_attention, flash_attention
 from tunix_zoo.kernels.policy import KernelPolicy
 from tunix_zoo.layers.basic import Linear, RMSNorm
-from tunix_zoo.layers.rope import apply_rope, inverse_frequencies
+from tunix_zoo.layers.rope import RotaryAngles, apply_rope, inverse_frequencies, rotary_angles
 
 LayerCache = dict[str, jax.Array]
 
@@ -135,10 +135,20 @@ class Attention(nnx.Module):
         x, ("batch", None, logical, None), mesh, self.sharding_rules, {logical: num}
     )
 
+  def rotary_angles(self, positions: jax.Array) -> RotaryAngles:
+    """The cos and sin this layer rotates its queries and keys at ``positions`` ``[B, T]``
+    by; ``__call__`` takes them in place of the positions.
+
+    Example::
+
+        out, cache = attn(x, attn.rotary_angles(positions), masks, None, 0)
+    """
+    return rotary_angles(positions, inverse_frequencies(self.rope, self.head_dim))
+
   def __call__(
       self,
       x: jax.Array,
-      positions: jax.Array,
+      positions: jax.Array | RotaryAngles,
       masks: dict[int | None, jax.Array | None],
       layer_cache: LayerCache | None,
       cache_index: jax.Array | int,

@@ -52,6 +52,7 @@ from tunix_zoo.layers.attention import Attention, LayerCache, attention_masks
 from tunix_zoo.layers.basic import Embedding, Linear, RMSNorm
 from tunix_zoo.layers.mlp import GatedMLP
 from tunix_zoo.layers.moe import MoE
+from tunix_zoo.layers.rope import RotaryAngles
 from tunix_zoo.layers.stacked import LAYER_NUMBER, STACKED_LAYERS
 
 Cache = dict[str, Any]
@@ -67,7 +68,7 @@ def check_remat(mode: str) -> str:
 def rematerialised(
     block: nnx.Module,
     x: jax.Array,
-    positions: jax.Array,
+    positions: jax.Array | RotaryAngles,
     masks: dict[int | None, jax.Array],
     layer_cache: LayerCache | None,
     cache_index: jax.Array | int,
@@ -116,7 +117,7 @@ class DecoderLayer(nnx.Module):
   def __call__(
       self,
       x: jax.Array,
-      positions: jax.Array,
+      positions: jax.Array | RotaryAngles,
       masks: dict[int | None, jax.Array | None],
       layer_cache: LayerCache | None,
       cache_index: jax.Array | int,
@@ -217,7 +218,7 @@ class LayerStack(nnx.Module):
     """The stack's output, its updated ``{"k", "v"}`` ``[B, L, S, K, H]`` cache and the
     router logits of its mixture-of-experts layers in layer order."""
 
-    def run(layer, number, x, kv):
+    def run(layer, positions, number, x, kv):
       layer_cache = None if kv is None else {**kv, "layer": number}
       if remat == "layer":
         x, kv, logits = rematerialised(layer, x, positions, masks, layer_cache, cache_index)
@@ -227,13 +228,16 @@ class LayerStack(nnx.Module):
       return constrain(x), kv, logits
 
     graphdefs, states = zip(*(nnx.split(block) for block in self.blocks))
+    # Computed here, outside the loop: XLA would compute them again in every layer.
+    angles = [block.attn.rotary_angles(positions) for block in self.blocks]
 
     def body(carry, xs):
       x, kv = carry
       repeat, block_states = xs
       per_position = []
       for p, (graphdef, state) in enumerate(zip(graphdefs, block_states)):
-        x, kv, logits = run(nnx.merge(graphdef, state), repeat * self.period + p, x, kv)
+        x, kv, logits = run(nnx.merge(graphdef, state), angles[p], repeat * self.period + p,
+                            x, kv)
         per_position.append(logits)  # None for a dense layer
       return (x, kv), tuple(per_position)
 
@@ -243,7 +247,7 @@ class LayerStack(nnx.Module):
     router_logits = [logits[r] for r in range(self.repeats)
                      for logits in stacked_logits if logits is not None]
     for j, layer in enumerate(self.rest):
-      x, kv, logits = run(layer, self.repeats * self.period + j, x, kv)
+      x, kv, logits = run(layer, positions, self.repeats * self.period + j, x, kv)
       if logits is not None:
         router_logits.append(logits)
     return x, kv, tuple(router_logits)

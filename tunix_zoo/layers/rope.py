@@ -9,6 +9,7 @@ Example::
 from __future__ import annotations
 
 import math
+from typing import NamedTuple
 
 import jax
 import jax.numpy as jnp
@@ -42,12 +43,34 @@ def _llama3_scaled(inv_freq: np.ndarray, rope: RopeConfig) -> np.ndarray:
   return np.where(is_medium, smoothed, scaled).astype(np.float32)
 
 
-def apply_rope(x: jax.Array, positions: jax.Array, inv_freq: np.ndarray) -> jax.Array:
-  """Rotates ``x`` ``[B, T, N, H]`` by ``positions`` ``[B, T]`` (rotate-half layout)."""
+class RotaryAngles(NamedTuple):
+  """The float32 cos and sin ``[B, T, 1, H]`` of positions' rotary angles for one set of
+  frequencies. A scanned layer stack computes them once for all its layers, since XLA
+  does not hoist them out of the loop and would compute them again in every layer.
+
+  Example::
+
+      angles = rotary_angles(positions, inverse_frequencies(RopeConfig(theta=1e6), 128))
+      q = apply_rope(q, angles, inv_freq)  # the same as apply_rope(q, positions, inv_freq)
+  """
+
+  cos: jax.Array
+  sin: jax.Array
+
+
+def rotary_angles(positions: jax.Array, inv_freq: np.ndarray) -> RotaryAngles:
+  """The rotary angles' cos and sin of ``positions`` ``[B, T]`` at frequencies ``inv_freq``."""
   freqs = positions.astype(jnp.float32)[..., None] * jnp.asarray(inv_freq)  # [B, T, H/2]
   angles = jnp.concatenate([freqs, freqs], axis=-1)[:, :, None, :]
-  cos = jnp.cos(angles).astype(x.dtype)
-  sin = jnp.sin(angles).astype(x.dtype)
+  return RotaryAngles(jnp.cos(angles), jnp.sin(angles))
+
+
+def apply_rope(x: jax.Array, positions: jax.Array | RotaryAngles, inv_freq: np.ndarray
+               ) -> jax.Array:
+  """Rotates ``x`` ``[B, T, N, H]`` by ``positions`` ``[B, T]`` (rotate-half layout), or by
+  their :class:`RotaryAngles` computed beforehand at the same ``inv_freq``."""
+  angles = positions if isinstance(positions, RotaryAngles) else rotary_angles(positions, inv_freq)
+  cos, sin = angles.cos.astype(x.dtype), angles.sin.astype(x.dtype)
   half = x.shape[-1] // 2
   rotated = jnp.concatenate([-x[..., half:], x[..., :half]], axis=-1)
   return x * cos + rotated * sin
