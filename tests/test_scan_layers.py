@@ -280,6 +280,24 @@ def test_generate_compiles_scanned_models_for_gpus_with_dynamic_slice_fusion(pai
     program.compile(compiler_options={"xla_gpu_enable_dynamic_slice_fusions": True})
 
 
+def test_the_documented_xla_flags_are_generates_scanned_options():
+  """Code that jits a scanned model itself (Tunix's samplers and trainers) is told which
+  XLA_FLAGS give it what ``generate`` compiles with: the docs' flags are exactly those."""
+  import pathlib
+
+  from tunix_zoo.generation import SCANNED_GPU_COMPILER_OPTIONS
+
+  expected = {f"--{name}={str(value).lower()}" for name, value in
+              SCANNED_GPU_COMPILER_OPTIONS.items()}
+  root = pathlib.Path(__file__).resolve().parents[1]
+  for doc in ("README.md", "benchmarks/README.md"):
+    documented = re.findall(r'XLA_FLAGS="([^"]*--xla_gpu_enable_dynamic_slice_fusion[^"]*)"',
+                            (root / doc).read_text())
+    assert documented, doc
+    for flags in documented:
+      assert set(flags.split()) == expected, (doc, flags)
+
+
 def _dynamic_slices(jaxpr) -> list:
   """The shapes every ``dynamic_slice`` in ``jaxpr`` and its inner jaxprs (scan bodies,
   shard_maps) takes its slice from."""
