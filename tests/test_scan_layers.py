@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import filecmp
 import re
+from typing import Any
 
 import jax
 import jax.numpy as jnp
@@ -298,32 +299,24 @@ def test_the_documented_xla_flags_are_generates_scanned_options():
       assert set(flags.split()) == expected, (doc, flags)
 
 
+def _equations(jaxpr, inside_scan: bool = False) -> list[tuple[Any, bool]]:
+  """Every equation of ``jaxpr`` and its inner jaxprs (scan bodies, shard_maps), with
+  whether it runs inside a scan."""
+  found = []
+  for eqn in jaxpr.eqns:
+    found.append((eqn, inside_scan))
+    for param in eqn.params.values():
+      for inner in param if isinstance(param, (tuple, list)) else (param,):
+        inner = getattr(inner, "jaxpr", inner)
+        if hasattr(inner, "eqns"):
+          found += _equations(inner, inside_scan or eqn.primitive.name == "scan")
+  return found
+
+
 def _dynamic_slices(jaxpr) -> list:
-  """The shapes every ``dynamic_slice`` in ``jaxpr`` and its inner jaxprs (scan bodies,
-  shard_maps) takes its slice from."""
-  found = []
-  for eqn in jaxpr.eqns:
-    if eqn.primitive.name == "dynamic_slice":
-      found.append(eqn.invars[0].aval.shape)
-    for param in eqn.params.values():
-      for inner in param if isinstance(param, (tuple, list)) else (param,):
-        inner = getattr(inner, "jaxpr", inner)
-        if hasattr(inner, "eqns"):
-          found += _dynamic_slices(inner)
-  return found
-
-
-def _primitives(jaxpr, inside_scan: bool = False) -> list[tuple[str, bool]]:
-  """Every primitive of ``jaxpr`` and its inner jaxprs, with whether it runs in a scan."""
-  found = []
-  for eqn in jaxpr.eqns:
-    found.append((eqn.primitive.name, inside_scan))
-    for param in eqn.params.values():
-      for inner in param if isinstance(param, (tuple, list)) else (param,):
-        inner = getattr(inner, "jaxpr", inner)
-        if hasattr(inner, "eqns"):
-          found += _primitives(inner, inside_scan or eqn.primitive.name == "scan")
-  return found
+  """The shapes every ``dynamic_slice`` in ``jaxpr`` and its inner jaxprs takes its slice from."""
+  return [eqn.invars[0].aval.shape for eqn, _ in _equations(jaxpr)
+          if eqn.primitive.name == "dynamic_slice"]
 
 
 @pytest.mark.parametrize("case", ["qwen3", "gemma3"])
@@ -335,10 +328,11 @@ def test_scanned_layers_compute_rotary_angles_once_outside_the_loop(case, pairs)
   graphdef, state = nnx.split(scanned)
   step = lambda state: nnx.merge(graphdef, state)(  # noqa: E731
       jnp.ones((2, 1), jnp.int32), cache=scanned.init_cache(2, 16))
-  found = _primitives(jax.make_jaxpr(step)(state).jaxpr)
+  found = [(eqn.primitive.name, looped)
+           for eqn, looped in _equations(jax.make_jaxpr(step)(state).jaxpr)]
   assert ("scan", False) in found
   assert not [name for name, looped in found if looped and name in ("cos", "sin")]
-  # Gemma 3's block of six has five local layers and a global one (two frequencies).
+  # One per block position (Gemma 3's six: five local layers, one global) and leftover layer.
   outside = [name for name, looped in found if not looped and name == "cos"]
   assert len(outside) == scanned.layers.period + len(scanned.layers.rest)
 
