@@ -9,6 +9,7 @@ test_qwen3_moe.py): two decode programs fewer per family than decoding the unrol
 from __future__ import annotations
 
 import filecmp
+import pathlib
 import re
 from typing import Any
 
@@ -284,8 +285,6 @@ def test_generate_compiles_scanned_models_for_gpus_with_dynamic_slice_fusion(pai
 def test_the_documented_xla_flags_are_generates_scanned_options():
   """Code that jits a scanned model itself (Tunix's samplers and trainers) is told which
   XLA_FLAGS give it what ``generate`` compiles with: the docs' flags are exactly those."""
-  import pathlib
-
   from tunix_zoo.generation import SCANNED_GPU_COMPILER_OPTIONS
 
   expected = {f"--{name}={str(value).lower()}" for name, value in

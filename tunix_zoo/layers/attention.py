@@ -159,8 +159,8 @@ class Attention(nnx.Module):
     v = self._heads(self.v_proj(x), self.num_kv_heads, "kv_heads", mesh)
     if self.q_norm is not None:
       q, k = self.q_norm(q), self.k_norm(k)
-    inv_freq = inverse_frequencies(self.rope, self.head_dim)
-    q, k = apply_rope(q, positions, inv_freq), apply_rope(k, positions, inv_freq)
+    angles = positions if isinstance(positions, RotaryAngles) else self.rotary_angles(positions)
+    q, k = apply_rope(q, angles), apply_rope(k, angles)
     # A scanned layer stack passes its whole [B, L, S, K, H] cache and the layer's number
     # (see tunix_zoo.layers.decoder.LayerStack): only this layer's new slots are written.
     layer = None if layer_cache is None else layer_cache.get("layer")

@@ -51,7 +51,7 @@ class RotaryAngles(NamedTuple):
   Example::
 
       angles = rotary_angles(positions, inverse_frequencies(RopeConfig(theta=1e6), 128))
-      q = apply_rope(q, angles, inv_freq)  # the same as apply_rope(q, positions, inv_freq)
+      q = apply_rope(q, angles)  # the same as apply_rope(q, positions, inv_freq)
   """
 
   cos: jax.Array
@@ -65,10 +65,11 @@ def rotary_angles(positions: jax.Array, inv_freq: np.ndarray) -> RotaryAngles:
   return RotaryAngles(jnp.cos(angles), jnp.sin(angles))
 
 
-def apply_rope(x: jax.Array, positions: jax.Array | RotaryAngles, inv_freq: np.ndarray
-               ) -> jax.Array:
-  """Rotates ``x`` ``[B, T, N, H]`` by ``positions`` ``[B, T]`` (rotate-half layout), or by
-  their :class:`RotaryAngles` computed beforehand at the same ``inv_freq``."""
+def apply_rope(x: jax.Array, positions: jax.Array | RotaryAngles,
+               inv_freq: np.ndarray | None = None) -> jax.Array:
+  """Rotates ``x`` ``[B, T, N, H]`` by ``positions`` ``[B, T]`` at frequencies ``inv_freq``
+  (rotate-half layout), or by their :class:`RotaryAngles` computed beforehand (then
+  ``inv_freq`` is not needed)."""
   angles = positions if isinstance(positions, RotaryAngles) else rotary_angles(positions, inv_freq)
   cos, sin = angles.cos.astype(x.dtype), angles.sin.astype(x.dtype)
   half = x.shape[-1] // 2
