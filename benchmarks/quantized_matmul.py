@@ -32,7 +32,9 @@ import sys
 import time
 
 XLA_FORMATS = ("bf16", "int8", "int4", "int4_halves", "int4_halves_grouped", "int4_native",
-               "int4_native_grouped")
+               "int4_native_grouped", "bf16_reduce", "int8_reduce", "int4_reduce",
+               "int4_reduce_offset", "int4_native_reduce", "int8_reduce_bits",
+               "int4_reduce_bits")
 KERNEL_FORMATS = ("int8_kernel", "int4_kernel", "nf4_kernel", "fp8_kernel")
 QWEN3_8B_SHAPES = [(4096, 4096), (1024, 4096), (1024, 4096), (4096, 4096), (12288, 4096),
                    (12288, 4096), (4096, 12288)]  # [out, in] of q, k, v, o, gate, up, down
@@ -65,16 +67,18 @@ def layer_stack(args) -> dict:
     formats = tuple(args.formats.split(","))
 
   def stored(fmt, w):
-    if fmt == "bf16":
+    if fmt.startswith("bf16"):
       return (w.astype(bf16),)
     values, scales = scheme_of(fmt).quantize(w, jnp)
-    if fmt.startswith("int4_native"):
+    if fmt.startswith("int4_native"):  # XLA's int4, elements in order
       halves = values.reshape(values.shape[0], -1, GROUP // 2)
       codes = jnp.concatenate([halves & 15, halves >> 4], -1).astype(jnp.int8) - 8
       return codes.astype(jnp.int4).reshape(w.shape), scales
     return values, scales
 
   def product(fmt, x, p):
+    if "_reduce" in fmt:
+      return reduction(fmt, x, p)
     if fmt == "bf16":
       return x @ p[0].T
     if fmt in ("int8", "int4") or fmt in KERNEL_FORMATS:
@@ -102,12 +106,54 @@ def layer_stack(args) -> dict:
          + jnp.einsum("bgi,ogi->bog", xs[:, :, 1], high, preferred_element_type=jnp.float32))
     return (y * scales.astype(jnp.float32)[None]).sum(-1).astype(bf16)
 
+  def reduction(fmt, x, p):
+    # The product as a multiply and a sum over the inputs, float32 throughout: XLA emits
+    # a reduction kernel (what it does itself for small bf16 GEMVs) with the decode fused
+    # into its loads, instead of a GEMM fusion.
+    f32 = jnp.float32
+    x = x.astype(f32)
+    batch = x.shape[0]
+    if fmt == "bf16_reduce":
+      return jnp.sum(x[:, None, :] * p[0].astype(f32)[None], -1).astype(bf16)
+    values, scales = p
+    out, groups = scales.shape
+    s = scales.astype(f32)
+    if fmt == "int8_reduce_bits":
+      # 0x4B400000 + v read as a float32 is 1.5 * 2**23 + v: integer adds, not conversions.
+      v = jax.lax.bitcast_convert_type(values.astype(jnp.int32) + 0x4B400000, f32) - 12582912.0
+      return (jnp.sum(x[:, None, :] * v[None], -1) * s[:, 0]).astype(bf16)
+    if fmt == "int8_reduce":
+      return (jnp.sum(x[:, None, :] * values.astype(f32)[None], -1) * s[:, 0]).astype(bf16)
+    if fmt == "int4_native_reduce":
+      w = values.astype(f32).reshape(out, groups, GROUP) * s[..., None]
+      return jnp.sum(x.reshape(batch, 1, groups, GROUP) * w[None], (-2, -1)).astype(bf16)
+    packed = values.reshape(out, groups, GROUP // 2)
+    xs = x.reshape(batch, 1, groups, 2, GROUP // 2)
+    low, high = (packed & 15).astype(f32), (packed >> 4).astype(f32)
+    if fmt == "int4_reduce_bits":
+      # code | 0x4B000000 read as a float32 is 2**23 + code.
+      nibble = lambda c: jax.lax.bitcast_convert_type(c.astype(jnp.uint32) | 0x4B000000,
+                                                      f32) - 8388616.0
+      part = jnp.sum(xs[:, :, :, 0] * nibble(packed & 15) + xs[:, :, :, 1] * nibble(packed >> 4), -1)
+      return jnp.sum(part * s[None], -1).astype(bf16)
+    if fmt == "int4_reduce":
+      part = xs[:, :, :, 0] * (low - 8) + xs[:, :, :, 1] * (high - 8)
+      return jnp.sum(part * s[None, :, :, None], (-2, -1)).astype(bf16)
+    # int4_reduce_offset: the codes' +8 comes off as one per-group term,
+    # sum_g s[o, g] * (sum_j x * code - 8 * sum_j x).
+    part = jnp.sum(xs[:, :, :, 0] * low + xs[:, :, :, 1] * high, -1)
+    offset = 8 * jnp.sum(xs, (-2, -1))
+    return jnp.sum((part - offset) * s[None], -1).astype(bf16)
+
   def every_product(fmt):
     def run(params, inputs):
       total = jnp.zeros((), jnp.float32)
       for layer in params:
         for (_, width), p in zip(shapes, layer):
-          total += product(fmt, inputs[width], p).astype(jnp.float32).sum()
+          # The barrier keeps each product's output whole, as a decode step uses it,
+          # rather than letting XLA fold the sum into the product.
+          y = jax.lax.optimization_barrier(product(fmt, inputs[width], p))
+          total += y.astype(jnp.float32).sum()
       return total
     return jax.jit(run)
 
@@ -119,7 +165,7 @@ def layer_stack(args) -> dict:
     report = {}
     params = [[stored(fmt, w) for w in layer] for layer in weights]
     nbytes = sum(a.nbytes for layer in params for p in layer for a in p)
-    reference = int4 if fmt.startswith("int4") else (None if fmt == "bf16" else scheme_of(fmt))
+    reference = int4 if fmt.startswith("int4") else (None if fmt.startswith("bf16") else scheme_of(fmt))
     for batch in BATCHES:
       inputs = {width: jax.random.normal(jax.random.fold_in(key, width + batch), (batch, width),
                                          jnp.float32).astype(bf16)
