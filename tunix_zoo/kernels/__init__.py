@@ -11,6 +11,8 @@ tests compare every kernel against.
   attention.
 - :mod:`~tunix_zoo.kernels.grouped_matmul`: the mixture-of-experts grouped matmul as
   Mosaic GPU kernels (forward and gradients).
+- :mod:`~tunix_zoo.kernels.gemv`: one-row products (a batch-1 decode step) as a float32
+  multiply and sum, which XLA compiles to a faster reduction kernel than its GEMM.
 - :mod:`~tunix_zoo.kernels.quantized_matmul`: weight-only quantized products of a decode
   step's few rows, one Pallas (Triton) GEMV that dequantizes in registers.
 

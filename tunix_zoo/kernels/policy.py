@@ -32,6 +32,7 @@ SETTINGS: dict[str, tuple[str, ...]] = {
     "flash_attention": ("auto", "cudnn", "xla"),
     "moe": ("auto", "mosaic_gpu", "xla"),
     "quantized_matmul": ("auto", "pallas", "interpret", "xla"),
+    "gemv": ("auto", "reduction", "xla"),
 }
 
 
@@ -53,6 +54,12 @@ class KernelPolicy:
     registers, GPU), ``"interpret"`` (Pallas's interpreter, any device); ``"auto"`` runs
     it for int4 and nf4 on GPUs where the shapes tile (XLA's int8 product is faster, see
     ``quantized_matmul.AUTO_KINDS``). Calls of more rows (a prefill) are XLA's always.
+  - ``gemv``: one-row products of Linear layers and of a tied LM head (a batch-1 decode
+    step). ``"reduction"`` writes them as a float32 multiply and sum, which XLA compiles
+    to a reduction kernel that streams the weight faster than its GEMM (and decodes int8
+    / int4 weights in its loads); ``"auto"`` does so on GPUs for float and int8 weights
+    in products of 8M multiply-adds and more (:mod:`tunix_zoo.kernels.gemv`: Qwen3-8B
+    decodes 9% faster at batch 1, int8 13%), ahead of an ``"auto"`` ``quantized_matmul``.
 
   Example::
 
@@ -63,6 +70,7 @@ class KernelPolicy:
   flash_attention: str = "auto"
   moe: str = "auto"
   quantized_matmul: str = "auto"
+  gemv: str = "auto"
 
   def __post_init__(self):
     for field, settings in SETTINGS.items():

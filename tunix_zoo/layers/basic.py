@@ -19,6 +19,7 @@ import jax.numpy as jnp
 from flax import nnx
 
 from tunix_zoo import sharding
+from tunix_zoo.kernels import gemv
 from tunix_zoo.kernels.policy import KernelPolicy
 
 INIT_STDDEV = 0.02
@@ -79,7 +80,7 @@ class Linear(nnx.Module):
     )
     self.quantization = None
     self.weight_scale = nnx.data(None)  # a Param once quantized
-    self.kernel_policy = KernelPolicy()  # its quantized_matmul setting, once quantized
+    self.kernel_policy = KernelPolicy()  # its gemv and (once quantized) quantized_matmul
 
   @property
   def dense_shape(self) -> tuple[int, int]:
@@ -87,7 +88,13 @@ class Linear(nnx.Module):
     return tuple(self.weight.get_metadata().get("dense_shape") or self.weight.shape)
 
   def __call__(self, x: jax.Array) -> jax.Array:
-    if self.quantization is None:
+    kind = self.quantization and self.quantization.kind
+    out_features, in_features = self.dense_shape[-2:]
+    if gemv.takes(x, out_features, in_features, kind, self.kernel_policy):
+      scales = None if kind is None else self.weight_scale[...]
+      y = gemv.product(x.astype(self.dtype), self.weight[...], scales, kind=kind,
+                       dtype=self.dtype)
+    elif self.quantization is None:
       y = jnp.einsum("...i,oi->...o", x.astype(self.dtype), self.weight[...].astype(self.dtype))
     else:
       values = self.weight.get_value()
@@ -117,11 +124,14 @@ class Embedding(nnx.Module):
   ):
     self.dtype = dtype
     self.weight = param(rngs, (vocab_size, hidden_size), param_dtype, ("vocab", "embed"))
+    self.kernel_policy = KernelPolicy()  # its gemv setting, for attend
 
   def __call__(self, tokens: jax.Array) -> jax.Array:
     return jnp.take(self.weight[...], tokens, axis=0).astype(self.dtype)
 
   def attend(self, x: jax.Array) -> jax.Array:
+    if gemv.takes(x, *self.weight.shape, None, self.kernel_policy):
+      return gemv.product(x.astype(self.dtype), self.weight[...], dtype=self.dtype)
     return jnp.einsum("...e,ve->...v", x.astype(self.dtype), self.weight[...].astype(self.dtype))
 
 
