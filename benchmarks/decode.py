@@ -9,7 +9,9 @@ only its tokens' rows) and the whole KV cache buffer are read once; the
 step's floor is those bytes over the measured device copy bandwidth. Prints JSON.
 ``--quantization none,int8,int4`` runs tunix_zoo once per weight format (``from_config(...,
 quantization=...)``; the weights' bytes are the quantized values plus scales);
-``--quant-kernel`` picks their decode products' kernel (``KernelPolicy.quantized_matmul``).
+each format in its own process; ``--quant-kernel`` picks their decode products' kernel
+(``KernelPolicy.quantized_matmul``), ``--gemv`` the one-row products' formulation
+(``KernelPolicy.gemv``).
 
     python benchmarks/decode.py --model qwen3_0p6b --batch 1 --new-tokens 256
     python benchmarks/decode.py --model qwen3_8b --libraries tunix_zoo --quantization none,int8,int4
@@ -60,7 +62,7 @@ def run_tunix_zoo(config_id: str, batch: int, prompt: int, new_tokens: int,
                   decode_kernel: str = "auto", layers: int | None = None,
                   quantization: str | None = None, scan_layers: bool = False,
                   overrides: tuple[str, ...] = (), dtype: str = "bfloat16",
-                  quant_kernel: str = "auto") -> dict:
+                  quant_kernel: str = "auto", gemv: str = "auto") -> dict:
   import jax
   import jax.numpy as jnp
   import numpy as np
@@ -79,7 +81,7 @@ def run_tunix_zoo(config_id: str, batch: int, prompt: int, new_tokens: int,
   model = AutoModel.from_config(config, mesh, dtype=dtype, param_dtype=dtype,
                                 quantization=quantization, scan_layers=scan_layers)
   set_kernel_policy(model, KernelPolicy(decode_attention=decode_kernel,
-                                        quantized_matmul=quant_kernel))
+                                        quantized_matmul=quant_kernel, gemv=gemv))
   tokens = np.random.default_rng(0).integers(3, config.vocab_size, (batch, prompt))
   start = time.perf_counter()
   first = generate(model, tokens, new_tokens)
@@ -102,7 +104,7 @@ def run_tunix_zoo(config_id: str, batch: int, prompt: int, new_tokens: int,
       first_call_seconds=first_call_seconds,
       prefill_tokens_per_s=out.prefill_tokens_per_second,
       weight_bytes=weight_bytes, device_bytes_in_use=device_bytes_in_use(),
-      quant_kernel=quant_kernel if quantization else None,
+      quant_kernel=quant_kernel if quantization else None, gemv=gemv,
       device=jax.devices()[0].device_kind, jax=jax.__version__,
   )
 
@@ -160,6 +162,32 @@ def run_google_tunix(config_id: str, batch: int, prompt: int, new_tokens: int) -
   return dict(decode_tokens_per_s=batch / step, step_ms=1e3 * step, jax=jax.__version__)
 
 
+def run_format_in_child(quantization: str) -> dict:
+  """This benchmark for tunix_zoo and one weight format, in a new process: a process that
+  builds a second 8B model after freeing the first stopped in XLA's BFC allocator
+  (``central_gap_ == kInvalidChunkHandle``, jax 0.11.2)."""
+  import subprocess
+
+  argv, skip = [], False
+  for arg in sys.argv[1:]:
+    if skip:
+      skip = False
+    elif arg in ("--quantization", "--libraries"):
+      skip = True
+    elif not arg.startswith(("--quantization=", "--libraries=")):
+      argv.append(arg)
+  child = subprocess.run(
+      [sys.executable, __file__, *argv, "--libraries", "tunix_zoo", "--quantization",
+       quantization], capture_output=True, text=True)
+  text = child.stdout
+  start = 0 if text.startswith("{") else text.rfind("\n{\n") + 1
+  try:
+    report = json.loads(text[start:])
+  except ValueError:
+    return dict(error=f"exit {child.returncode}: {child.stderr[-400:]}")
+  return report["tunix_zoo" if quantization == "none" else f"tunix_zoo_{quantization}"]
+
+
 def main() -> None:
   parser = argparse.ArgumentParser(description=__doc__)
   parser.add_argument("--model", default="qwen3_0p6b")
@@ -179,6 +207,9 @@ def main() -> None:
                       choices=("auto", "pallas", "interpret", "xla"),
                       help="tunix_zoo's quantized products in a decode step: the GEMV kernel "
                       "(pallas; interpret: Pallas's interpreter, a CPU smoke test) or XLA's")
+  parser.add_argument("--gemv", default="auto", choices=("auto", "reduction", "xla"),
+                      help="tunix_zoo's one-row products (KernelPolicy.gemv): a reduction "
+                      "kernel or XLA's dot")
   parser.add_argument("--quantization", default="none",
                       help="comma-separated weight formats for tunix_zoo: none, int8, int4, "
                       "nf4, fp8 (each a separate run; reported as tunix_zoo_<format>)")
@@ -188,16 +219,19 @@ def main() -> None:
                 overrides=args.set)
   for library in args.libraries.split(","):
     if library == "tunix_zoo":
-      for quantization in args.quantization.split(","):
+      formats = args.quantization.split(",")
+      for quantization in formats:
         name = library if quantization == "none" else f"{library}_{quantization}"
+        if len(formats) > 1:
+          report[name] = run_format_in_child(quantization)
+          continue
         try:
           report[name] = run_tunix_zoo(
               args.model, args.batch, args.prompt, args.new_tokens, args.decode_kernel,
               args.layers, None if quantization == "none" else quantization, args.scan_layers,
-              tuple(args.set), args.dtype, args.quant_kernel)
+              tuple(args.set), args.dtype, args.quant_kernel, args.gemv)
         except Exception as e:  # e.g. a kernel that does not compile: the other formats run.
           report[name] = dict(error=f"{type(e).__name__}: {str(e)[:400]}")
-      formats = args.quantization.split(",")
       if "none" in formats and "error" not in report[library]:
         base = report[library]["decode_tokens_per_s"]
         for quantization in formats:
