@@ -10,7 +10,11 @@ formulation: ``bf16``; ``int8`` and ``int4`` as XLA computes
 :mod:`tunix_zoo.kernels.quantized_matmul` at its default tiling; and, for int4, the XLA
 alternatives measured in benchmarks/README.md (``int4_halves``: the packed bytes' low and
 high nibbles as two products; ``int4_halves_grouped``: per-group products scaled and
-summed; ``int4_native`` and ``int4_native_grouped``: XLA's ``int4`` dtype).
+summed; ``int4_native`` and ``int4_native_grouped``: XLA's ``int4`` dtype, which the GPU
+stores a byte per value) and the one-row reductions of :mod:`tunix_zoo.kernels.gemv`
+(``bf16_reduce``, ``int8_reduce``, ``int4_reduce``, ``int4_reduce_offset``: the codes' +8
+taken once per group as gemv does; ``*_reduce_bits``: codes decoded through float32
+exponent bits; ``int4_native_reduce``).
 
 ``--sweep``: per kind, distinct shape and batch (1, 8), the kernel's tilings (block_out,
 groups_per_step, num_warps, num_stages, mma) one product at a time over enough copies of the
